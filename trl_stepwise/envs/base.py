@@ -1,0 +1,107 @@
+"""State types shared by environments, the rollout engine and the trainer.
+
+The environment works on text only: token counts arrive from the caller, and nothing here knows about models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from trl_stepwise.grading import Verdict
+
+
+class EndReason(str, Enum):
+    """Why an episode ended; `str` so it logs and compares as plain text."""
+
+    ANSWER = "answer"
+    EOS = "eos"
+    MAX_STEPS = "max_steps"
+    TOKEN_BUDGET = "token_budget"
+
+
+@dataclass
+class Segment:
+    """A piece of a step; calculator-inserted text has `from_policy=False` so the loss can skip it."""
+
+    text: str
+    from_policy: bool
+
+
+@dataclass
+class StepRecord:
+    """One step as the policy (plus any calculator inserts) wrote it."""
+
+    text: str
+    segments: list[Segment]
+    num_tokens: int | None = None
+    reward: float = 0.0
+    calc_calls: int = 0
+    calc_errors: int = 0
+
+
+@dataclass
+class Observation:
+    """What the policy sees before writing its next step."""
+
+    question: str
+    steps: list[str]
+    done: bool = False
+
+
+@dataclass
+class Episode:
+    """The record of one episode: what the trainer trains on and evaluation reports."""
+
+    episode_id: int
+    group_id: int | None
+    row: dict[str, Any]
+    steps: list[StepRecord] = field(default_factory=list)
+    end_reason: EndReason | None = None
+    final_answer: str | None = None
+    verdict: Verdict | None = None
+    final_reward: float = 0.0
+    reward_components: dict[str, float] = field(default_factory=dict)
+    num_tokens: int = 0
+
+    @property
+    def completion(self) -> str:
+        """The full solution text, exactly as the steps concatenate."""
+        return "".join(step.text for step in self.steps)
+
+    @property
+    def step_rewards(self) -> list[float]:
+        """Per-step (process) rewards; the final reward is kept apart in `final_reward`."""
+        return [step.reward for step in self.steps]
+
+    @property
+    def done(self) -> bool:
+        return self.end_reason is not None
+
+
+@runtime_checkable
+class StepwiseEnv(Protocol):
+    """What the rollout engine needs from an environment; `StepwiseMathEnv` is the reference implementation."""
+
+    step_delimiter: str
+
+    def reset(self, question: str, answer: str, **row: Any) -> Observation: ...
+
+    def step(
+        self,
+        step_text: str,
+        *,
+        eos: bool = False,
+        num_tokens: int | None = None,
+        segments: list[Segment] | None = None,
+    ) -> tuple[Observation, float, bool, dict[str, Any]]: ...
+
+    def calculator_insert(self, partial_step: str) -> str | None: ...
+
+    @property
+    def episode(self) -> Episode: ...
+
+    @property
+    def done(self) -> bool: ...
