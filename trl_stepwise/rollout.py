@@ -5,6 +5,8 @@ One decoding loop advances every active episode by one token per model call:
 * the shared few-shot prefix is encoded once and its key/value cache is shared by all episodes of a chunk;
 * each episode keeps its own cache for the steps already written, so a new step never re-encodes the prompt;
 * a step ends at the step delimiter (or EOS, or ``max_step_tokens``) and is handed to the environment at once;
+  with ``step_delimiter=None`` ("direct" mode) nothing is split: the whole solution is one step that ends at EOS,
+  ``max_step_tokens``, or the end of the line that gives the final answer;
   the episode then goes on writing its next step in the same loop, or leaves the batch when it is done, so
   finished episodes cost nothing;
 * when a step opens a calculation (``<<expr=``), the environment's calculator result is fed as forced tokens,
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from trl_stepwise import grading
 from trl_stepwise.envs import EnvBatch, Episode, Segment, StepAction, StepwiseMathEnv
 from trl_stepwise.prompting import PromptBuilder
 
@@ -97,7 +100,7 @@ class StepwiseRollout:
         tokenizer: PreTrainedTokenizerBase,
         prompt_builder: PromptBuilder,
         sampling: SamplingConfig | None = None,
-        step_delimiter: str = "\n",
+        step_delimiter: str | None = "\n",
         calculator: bool = True,
     ) -> None:
         self.model = model
@@ -218,7 +221,7 @@ class StepwiseRollout:
             return True
         eos = from_policy and token in self.eos_ids
         text = self._decode(row.step_ids)
-        if not eos and self.step_delimiter not in text:
+        if not eos and not self._step_ended(text):
             if self.calculator and from_policy:
                 inserted = envs.calculator_insert(row.index, text)
                 if inserted:
@@ -233,6 +236,12 @@ class StepwiseRollout:
         row.step_ids, row.step_policy = [], []
         row.step_number += 1
         return not done
+
+    def _step_ended(self, text: str) -> bool:
+        if self.step_delimiter is not None:
+            return self.step_delimiter in text
+        # Direct mode: stop once a finished line holds the final answer, so the model cannot run on past it.
+        return text.endswith("\n") and grading.extract_final_answer(text) is not None
 
     def _segments(self, ids: list[int], policy: list[bool]) -> list[Segment]:
         segments: list[Segment] = []

@@ -41,6 +41,7 @@ def register_flavour(flavour: Flavour, *, overwrite: bool = False) -> Flavour:
 
 
 register_flavour(Flavour("gsm8k", answer_patterns=(ANSWER_IS_PATTERN,), max_steps=10, calculator=True))
+register_flavour(Flavour("arithmetic", answer_patterns=(ANSWER_IS_PATTERN,), max_steps=6, calculator=True))
 register_flavour(Flavour("math", answer_patterns=(BOXED_PATTERN, ANSWER_IS_PATTERN), max_steps=15, calculator=False))
 
 StepRewardFn = Callable[[str, list[str], str], float]

@@ -1,0 +1,111 @@
+"""Tensors from trajectories, and memory-bounded log-probabilities of completion tokens.
+
+Sequences are laid out ``[pad | prompt | completion | pad]`` so every completion starts at the same column; the
+model is then asked for logits of the completion columns only (``logits_to_keep``), and log-probabilities are
+``logit[token] - logsumexp(logits)`` in float32, which never stores a second vocabulary-sized tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from trl_stepwise.rollout import Trajectory
+
+
+def pad_trajectories(
+    trajectories: Sequence[Trajectory],
+    pad_id: int | None,
+    device: torch.device | str | None = None,
+    advantages: Sequence[Sequence[float]] | None = None,
+    old_logps: Sequence[Sequence[float]] | None = None,
+    ref_logps: Sequence[Sequence[float]] | None = None,
+) -> dict[str, torch.Tensor | int]:
+    """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
+    pad_id = 0 if pad_id is None else pad_id
+    prompt_width = max(len(t.prompt_ids) for t in trajectories)
+    completion_width = max(max(len(t.completion_ids) for t in trajectories), 1)
+    rows, masks, completion_masks = [], [], []
+    for t in trajectories:
+        left = prompt_width - len(t.prompt_ids)
+        right = completion_width - len(t.completion_ids)
+        rows.append([pad_id] * left + t.prompt_ids + t.completion_ids + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(t.prompt_ids) + len(t.completion_ids)) + [0] * right)
+        completion_masks.append([bool(m) for m in t.policy_mask] + [False] * right)
+    attention_mask = torch.tensor(masks, dtype=torch.long)
+    batch: dict[str, torch.Tensor | int] = {
+        "input_ids": torch.tensor(rows, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "completion_mask": torch.tensor(completion_masks, dtype=torch.bool),
+        "completion_width": completion_width,
+    }
+    for name, values in (("advantages", advantages), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if values is not None:
+            batch[name] = _pad_floats(values, completion_width)
+    if device is not None:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def micro_batches(
+    trajectories: Sequence[Trajectory],
+    advantages: Sequence[Sequence[float]],
+    num_micro_batches: int,
+    pad_id: int | None,
+    old_logps: Sequence[Sequence[float]] | None = None,
+    ref_logps: Sequence[Sequence[float]] | None = None,
+) -> list[dict[str, torch.Tensor | int]]:
+    """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
+    order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids))
+    num_micro_batches = max(1, min(num_micro_batches, len(order)))
+    size = -(-len(order) // num_micro_batches)
+    batches = []
+    for start in range(0, len(order), size):
+        index = order[start : start + size]
+        batches.append(
+            pad_trajectories(
+                [trajectories[i] for i in index],
+                pad_id,
+                advantages=[advantages[i] for i in index],
+                old_logps=[old_logps[i] for i in index] if old_logps is not None else None,
+                ref_logps=[ref_logps[i] for i in index] if ref_logps is not None else None,
+            )
+        )
+    return batches
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor | int],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad)."""
+    width = int(batch["completion_width"])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=width + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1, :].float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    targets = batch["input_ids"][:, -width:]
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        entropy = torch.zeros_like(logps)
+        for b in range(logits.shape[0]):  # one row at a time: softmax needs a vocabulary-sized temporary
+            row = logits[b]
+            log_probs = row - torch.logsumexp(row, dim=-1, keepdim=True)
+            entropy[b] = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy
+
+
+def _pad_floats(values: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    return torch.tensor([list(v) + [0.0] * (width - len(v)) for v in values], dtype=torch.float32)

@@ -1,0 +1,172 @@
+"""``StepwiseReinforceConfig``: every knob of stepwise REINFORCE, on top of TRL's trainer configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
+from trl_stepwise.trainer._trl import BaseConfig
+
+
+@dataclass
+class StepwiseReinforceConfig(BaseConfig):
+    """Configuration of ``StepwiseReinforceTrainer``.
+
+    Batch sizes follow TRL's GRPO convention: ``per_device_train_batch_size`` counts episodes (completions), and
+    must be a multiple of ``num_generations``; the episodes of ``gradient_accumulation_steps`` micro-batches are
+    generated together in one rollout before the optimizer step that uses them.
+    """
+
+    # ---- rollouts
+    num_generations: int = field(default=8, metadata={"help": "Episodes per problem (G): the group for the baseline."})
+    max_episode_steps: int | None = field(
+        default=None, metadata={"help": "Most reasoning steps per episode (default: the environment flavour's)."}
+    )
+    max_step_tokens: int = field(default=96, metadata={"help": "Most tokens the policy may write in one step."})
+    max_episode_tokens: int = field(default=384, metadata={"help": "Token budget of one episode (policy tokens)."})
+    step_delimiter: str = field(default="\n", metadata={"help": "Text that ends a step. Use single-step mode with --max_episode_steps 1."})
+    calculator: bool = field(default=True, metadata={"help": "Fill `<<expr=` calculations with the safe calculator."})
+    env_flavour: str | None = field(
+        default=None, metadata={"help": "Environment flavour: gsm8k, math or arithmetic (default: from the dataset)."}
+    )
+    n_few_shot: int = field(default=4, metadata={"help": "Solved examples in each prompt."})
+    few_shot_seed: int = field(default=0, metadata={"help": "Seed that draws the few-shot examples."})
+    max_example_chars: int | None = field(
+        default=None, metadata={"help": "Only use few-shot examples shorter than this (keeps prompts short on CPU)."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt: a bundled name (gsm8k, math, arithmetic) or a file path."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of training rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of training rollouts (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of training rollouts (0 = off)."})
+    rollout_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together in one batch."})
+    rollout_bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast during generation."})
+
+    # ---- objective
+    algorithm: str = field(
+        default="reinforce_stable",
+        metadata={"help": "Registered algorithm: reinforce_stable, reinforce, rloo, or one you register."},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount of per-step returns."})
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "leave_one_out, batch_mean, moving_average or none (default: the algorithm's)."},
+    )
+    scale_advantages: bool = field(default=False, metadata={"help": "Divide advantages by the batch return std."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL to the reference model (0 = no reference)."})
+    kl_estimator: str | None = field(default=None, metadata={"help": "k1 or k3 (default: the algorithm's, else k3)."})
+    kl_in_reward: bool | None = field(
+        default=None, metadata={"help": "Apply the KL as a per-step reward penalty instead of a loss term."}
+    )
+    ref_sync_steps: int = field(
+        default=0, metadata={"help": "Refresh the reference from the policy every N optimizer steps (0 = never)."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps per batch of rollouts (> 1 uses the clipped importance ratio)."}
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Clip range of the importance ratio."})
+    loss_normalization: str = field(
+        default="token", metadata={"help": "token: mean over all policy tokens; sequence: mean of episode means."}
+    )
+    moving_average_decay: float = field(default=0.9, metadata={"help": "Decay of the moving-average baseline."})
+    logprob_batch_tokens: int = field(
+        default=4096, metadata={"help": "Tokens per forward pass when scoring rollouts (bounds memory)."}
+    )
+
+    # ---- rewards
+    format_reward_weight: float = field(default=0.0, metadata={"help": "Weight of the well-formed-answer reward."})
+    step_penalty: float = field(default=0.0, metadata={"help": "Reward subtracted per step taken."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the extra reward_funcs passed to the trainer (default 1 each)."}
+    )
+
+    # ---- evaluation and logging
+    eval_num_problems: int = field(default=100, metadata={"help": "Problems of eval_dataset used by each evaluation."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together during evaluation."})
+    log_rollouts: bool = field(default=True, metadata={"help": "Append every rollout to output_dir/rollouts.jsonl."})
+    num_completions_to_print: int = field(default=1, metadata={"help": "Sample transcripts printed at each log."})
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "Extra from_pretrained kwargs when the trainer loads the model by name."}
+    )
+    model_dtype: str = field(default="float32", metadata={"help": "dtype to load the model in (float32, bfloat16, auto)."})
+
+    # ---- TRL-convention overrides
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate of AdamW."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory (recomputes activations in backward)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision for training (default: on where CUDA supports it)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the environment needs every dataset column."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
+        super().__post_init__()
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"algorithm={self.algorithm!r} is not registered; choose one of {', '.join(sorted(ALGORITHMS))} "
+                "or register yours with trl_stepwise.algorithms.register_algorithm."
+            )
+        defaults = ALGORITHMS[self.algorithm].defaults
+        if self.baseline is None:
+            self.baseline = defaults.get("baseline", "leave_one_out")
+        if self.kl_estimator is None:
+            self.kl_estimator = defaults.get("kl_estimator", "k3")
+        if self.kl_in_reward is None:
+            self.kl_in_reward = defaults.get("kl_in_reward", False)
+        self._check()
+
+    def _check(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r}; choose one of {', '.join(BASELINES)}.")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose k1 or k3.")
+        if self.loss_normalization not in ("token", "sequence"):
+            raise ValueError(f"loss_normalization={self.loss_normalization!r}; choose token or sequence.")
+        if self.num_generations < 1:
+            raise ValueError("num_generations must be at least 1.")
+        if self.baseline == "leave_one_out" and self.num_generations < 2:
+            raise ValueError(
+                "The leave_one_out baseline needs num_generations >= 2 (it compares each episode with the others of "
+                "its problem). Raise --num_generations, or pick --baseline batch_mean / moving_average / none."
+            )
+        if self.per_device_train_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts episodes and must be a "
+                f"multiple of num_generations ({self.num_generations}) so that each problem's group stays together. "
+                f"Try per_device_train_batch_size={self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)}."
+            )
+        if self.kl_coef < 0 or self.ref_sync_steps < 0:
+            raise ValueError("kl_coef and ref_sync_steps must be >= 0.")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy).")
+        if self.num_iterations < 1:
+            raise ValueError("num_iterations must be >= 1.")
+        if self.max_step_tokens < 1 or self.max_episode_tokens < 1:
+            raise ValueError("max_step_tokens and max_episode_tokens must be >= 1.")
+
+    @property
+    def problems_per_batch(self) -> int:
+        """Problems behind one micro-batch of episodes."""
+        return self.per_device_train_batch_size // self.num_generations
+
+    def algorithm_settings(self) -> AlgorithmSettings:
+        return AlgorithmSettings(
+            gamma=self.gamma,
+            baseline=self.baseline,
+            scale_advantages=self.scale_advantages,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            kl_in_reward=bool(self.kl_in_reward),
+            epsilon=self.epsilon,
+            loss_normalization=self.loss_normalization,
+            moving_average_decay=self.moving_average_decay,
+        )

@@ -1,0 +1,558 @@
+"""``StepwiseReinforceTrainer``: stepwise rollouts + pluggable REINFORCE objectives on TRL's base trainer.
+
+One optimizer step works like TRL's GRPO: the problems of ``gradient_accumulation_steps`` micro-batches are rolled
+out together (``num_generations`` episodes each), scored, turned into per-token advantages, and then consumed one
+micro-batch per ``training_step`` by the ``transformers.Trainer`` loop, which keeps gradient accumulation,
+mixed precision, distributed sync, logging, checkpoints and callbacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset
+from torch.utils.data import DataLoader, RandomSampler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
+from trl_stepwise.data import load_math_dataset, normalise_columns
+from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
+from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
+from trl_stepwise.trainer._trl import BaseTrainer
+from trl_stepwise.trainer.batching import completion_logprobs, micro_batches, pad_trajectories
+from trl_stepwise.trainer.config import StepwiseReinforceConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "stepwise_state.json"
+REFERENCE_FILE = "reference_model.pt"
+REFERENCE_ADAPTER = "reference"
+
+
+class StepwiseReinforceTrainer(BaseTrainer):
+    """Stepwise REINFORCE with a baseline and a periodically refreshed reference model.
+
+    Drop-in for TRL users: ``StepwiseReinforceTrainer(model="...", args=StepwiseReinforceConfig(...),
+    train_dataset=ds).train()``. The dataset needs ``question`` and ``answer`` columns (other names are mapped by
+    ``trl_stepwise.data.normalise_columns``).
+    """
+
+    _tag_names = ["trl", "trl-stepwise", "reinforce"]
+    _name = "StepwiseReinforce"
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        args: StepwiseReinforceConfig | None = None,
+        train_dataset: Dataset | str | None = None,
+        eval_dataset: Dataset | str | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_funcs: Sequence[Callable] | None = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        few_shot_dataset: Dataset | None = None,
+        algorithm: Algorithm | None = None,
+        curriculum: Any = None,
+    ) -> None:
+        args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
+        if model is None or isinstance(model, str):
+            model_name = model
+            quantization = (args.model_init_kwargs or {}).get("quantization_config")
+            model = load_model(model_name, dtype=args.model_dtype, quantization_config=quantization)
+        else:
+            model_name = _model_id(model)
+        if processing_class is None:
+            processing_class = load_tokenizer(model_name)
+        model = _attach_peft(model, peft_config)
+        self.curriculum = curriculum
+        train_dataset = _as_problems(train_dataset, "train") if train_dataset is not None else None
+        eval_dataset = _as_problems(eval_dataset, "test") if eval_dataset is not None else None
+        if train_dataset is None and curriculum is None:
+            raise ValueError("StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name like 'gsm8k').")
+        if train_dataset is None:
+            train_dataset = curriculum.placeholder_dataset()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=_identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.reward_funcs = list(reward_funcs or [])
+        self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
+        flavour = args.env_flavour or "gsm8k"
+        self.flavour = flavour
+        examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
+        self.prompt_builder = PromptBuilder(
+            processing_class,
+            list(examples),
+            k=args.n_few_shot,
+            system_prompt=load_system_prompt(args.system_prompt, flavour),
+            flavour=flavour,
+            seed=args.few_shot_seed,
+            max_example_chars=args.max_example_chars,
+        )
+        self.ref_model: PreTrainedModel | None = None
+        self._has_ref_adapter = False
+        if args.kl_coef > 0 and not is_peft_model(self.model):
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._samples: list[dict] = []
+        self._buffer: list[dict] = []
+        self._buffer_uses = 0
+        self._ref_syncs = 0
+        self._last_rollout_end: float | None = None
+
+    # ------------------------------------------------------------------ environment and rollout
+    def make_env(self) -> StepwiseMathEnv:
+        """A fresh environment for one episode, configured from the trainer's arguments."""
+        args = self.args
+        return StepwiseMathEnv(
+            flavour=self.flavour,
+            step_delimiter=args.step_delimiter,
+            max_steps=args.max_episode_steps,
+            max_episode_tokens=args.max_episode_tokens,
+            calculator=args.calculator,
+            reward_funcs=self.reward_funcs or None,
+            reward_weights=args.reward_weights,
+            format_reward_weight=args.format_reward_weight,
+            step_penalty=args.step_penalty,
+        )
+
+    def rollout_engine(self, sampling: SamplingConfig | None = None) -> StepwiseRollout:
+        args = self.args
+        sampling = sampling or SamplingConfig(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_step_tokens=args.max_step_tokens,
+            batch_size=args.rollout_batch_size,
+            bf16=args.rollout_bf16,
+        )
+        return StepwiseRollout(
+            self.accelerator.unwrap_model(self.model),
+            self.processing_class,
+            self.prompt_builder,
+            sampling,
+            step_delimiter=args.step_delimiter,
+            calculator=args.calculator,
+        )
+
+    # ------------------------------------------------------------------ data
+    def get_train_dataloader(self) -> DataLoader:
+        """Batches of problems (not episodes): each problem becomes ``num_generations`` episodes in the rollout."""
+        generator = torch.Generator().manual_seed(self.args.seed)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=self.args.problems_per_batch,
+            sampler=RandomSampler(self.train_dataset, generator=generator),
+            collate_fn=_identity,
+            drop_last=True,
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: Any = None):
+        """Roll out the problems of a whole accumulation cycle at once and split the episodes into micro-batches."""
+        if self._buffer and self._buffer_uses < self.args.num_iterations:
+            self._buffer_uses += 1
+            return self._buffer, None
+        problems: list[dict] = []
+        pulled = 0
+        for _ in range(num_batches):
+            try:
+                problems.extend(next(epoch_iterator))
+                pulled += 1
+            except StopIteration:
+                break
+        if not problems:
+            return [], None
+        if self.curriculum is not None:
+            problems = self.curriculum.sample(len(problems))
+        self._buffer = self._generate_and_score(problems, pulled)
+        self._buffer_uses = 1
+        return self._buffer, None
+
+    def _generate_and_score(self, problems: list[dict], num_micro_batches: int) -> list[dict]:
+        args = self.args
+        started = time.perf_counter()
+        optimisation_seconds = started - self._last_rollout_end if self._last_rollout_end else 0.0
+        self._maybe_sync_reference()
+        rank = self.accelerator.process_index
+        rows, group_ids = [], []
+        for p, problem in enumerate(problems):
+            for _ in range(args.num_generations):
+                rows.append(dict(problem))
+                group_ids.append(rank * 1_000_000 + p)
+        engine = self.rollout_engine()
+        trajectories = engine.run(self.make_env, rows, group_ids=group_ids)
+        generation_seconds = time.perf_counter() - started
+        policy_logps, ref_logps = self._score(trajectories)
+        scores = []
+        for i, trajectory in enumerate(trajectories):
+            step_kl = [0.0] * len(trajectory.episode.steps)
+            if ref_logps is not None and policy_logps is not None:
+                for token, (lp, rp) in enumerate(zip(policy_logps[i], ref_logps[i], strict=True)):
+                    if trajectory.policy_mask[token] and trajectory.step_index[token] < len(step_kl):
+                        step_kl[trajectory.step_index[token]] += lp - rp
+            scores.append(EpisodeScores(trajectory.episode.group_id, trajectory.episode.step_rewards, step_kl))
+        step_advantages = self.algorithm.advantages(scores)
+        token_advantages = [
+            [adv[min(s, len(adv) - 1)] if adv else 0.0 for s in trajectory.step_index]
+            for trajectory, adv in zip(trajectories, step_advantages, strict=True)
+        ]
+        num_tokens = float(sum(t.num_policy_tokens for t in trajectories))
+        batches = micro_batches(
+            trajectories,
+            token_advantages,
+            num_micro_batches,
+            pad_id=self.processing_class.pad_token_id,
+            old_logps=policy_logps,
+            ref_logps=ref_logps,
+        )
+        for batch in batches:
+            batch["num_tokens"] = num_tokens
+            batch["num_sequences"] = float(len(trajectories))
+        self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds)
+        self._last_rollout_end = time.perf_counter()
+        return batches
+
+    @torch.no_grad()
+    def _score(self, trajectories: list[Trajectory]) -> tuple[list[list[float]] | None, list[list[float]] | None]:
+        """Log-probs of the sampled tokens under the rollout policy (when needed) and under the reference."""
+        args = self.args
+        need_policy = args.num_iterations > 1 or (args.kl_coef > 0 and bool(args.kl_in_reward))
+        need_ref = args.kl_coef > 0
+        model = self.accelerator.unwrap_model(self.model)
+        policy = self._logps(model, trajectories) if need_policy else None
+        ref = None
+        if need_ref:
+            if self.ref_model is not None:
+                ref = self._logps(self.ref_model, trajectories)
+            elif self._has_ref_adapter:
+                model.set_adapter(REFERENCE_ADAPTER)
+                try:
+                    ref = self._logps(model, trajectories)
+                finally:
+                    model.set_adapter("default")
+            else:
+                with model.disable_adapter():
+                    ref = self._logps(model, trajectories)
+        return policy, ref
+
+    def _logps(self, model: PreTrainedModel, trajectories: list[Trajectory]) -> list[list[float]]:
+        was_training = model.training
+        model.eval()
+        out: list[list[float]] = []
+        try:
+            for chunk in _chunks_by_tokens(trajectories, self.args.logprob_batch_tokens):
+                batch = pad_trajectories(chunk, pad_id=self.processing_class.pad_token_id, device=model.device)
+                logps = completion_logprobs(model, batch, temperature=self.args.temperature)
+                for row, trajectory in zip(logps.tolist(), chunk, strict=True):
+                    out.append(row[: len(trajectory.completion_ids)])
+        finally:
+            if was_training:
+                model.train()
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        logps, entropy = completion_logprobs(model, inputs, temperature=self.args.temperature, with_entropy=True)
+        mask = inputs["completion_mask"]
+        old = inputs.get("old_logps")
+        old = logps.detach() if old is None else old
+        ref = inputs.get("ref_logps")
+        token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"])
+        loss = self.algorithm.reduce(token_losses, mask, inputs["num_tokens"], inputs["num_sequences"])
+        with torch.no_grad():
+            m = mask.float()
+            denominator = m.sum().clamp(min=1.0)
+            self._metrics["entropy"].append(float((entropy * m).sum() / denominator))
+            if ref is not None:
+                self._metrics["kl"].append(float((self.algorithm.kl(logps, ref) * m).sum() / denominator))
+            ratio = torch.exp(logps - old)
+            clipped = ((ratio - 1.0).abs() > self.args.epsilon).float()
+            self._metrics["clip_ratio"].append(float((clipped * m).sum() / denominator))
+        return loss
+
+    # ------------------------------------------------------------------ reference model
+    def _maybe_sync_reference(self) -> None:
+        steps = self.args.ref_sync_steps
+        step = self.state.global_step
+        if self.args.kl_coef <= 0 or steps <= 0 or step == 0 or step % steps != 0 or step == self._ref_syncs:
+            return
+        self.sync_reference()
+        self._ref_syncs = step
+
+    def sync_reference(self) -> None:
+        """Copy the current policy into the reference (for peft: into a frozen second adapter, adapter-sized)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(model.state_dict())
+            return
+        if not self._has_ref_adapter:
+            model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config["default"]))
+            self._has_ref_adapter = True
+            model.set_adapter("default")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, param in params.items():
+                if f".{REFERENCE_ADAPTER}." in name:
+                    param.copy_(params[name.replace(f".{REFERENCE_ADAPTER}.", ".default.")])
+                    param.requires_grad_(False)
+        self._metrics["ref_syncs"].append(1.0)
+
+    # ------------------------------------------------------------------ metrics and logging
+    def _record_rollout_metrics(self, trajectories, engine, generation_seconds, optimisation_seconds) -> None:
+        episodes = [t.episode for t in trajectories]
+        local = {
+            "reward": [e.final_reward + sum(s.reward for s in e.steps) for e in episodes],
+            "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in episodes],
+            "steps_per_episode": [float(len(e.steps)) for e in episodes],
+            "tokens_per_episode": [float(t.num_policy_tokens) for t in trajectories],
+            "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in episodes],
+        }
+        for reason in ("answer", "eos", "max_steps", "token_budget"):
+            local[f"end/{reason}"] = [float(_reason(e) == reason) for e in episodes]
+        gathered = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        for key in local:
+            values = [v for part in gathered for v in part[key]]
+            self._metrics[key].append(sum(values) / max(len(values), 1))
+        rewards = [v for part in gathered for v in part["reward"]]
+        mean = sum(rewards) / max(len(rewards), 1)
+        self._metrics["reward_std"].append((sum((r - mean) ** 2 for r in rewards) / max(len(rewards), 1)) ** 0.5)
+        self._metrics["rollout_tokens_per_second"].append(engine.stats.tokens_per_second)
+        self._metrics["time/generation_s"].append(generation_seconds)
+        self._metrics["time/optimisation_s"].append(optimisation_seconds)
+        self._samples = [
+            {"question": e.row.get("question", ""), "completion": e.completion, "reward": e.final_reward}
+            for e in episodes[: max(self.args.num_completions_to_print, 0)]
+        ]
+        if self.args.log_rollouts:
+            self._append_rollouts(episodes)
+
+    def _append_rollouts(self, episodes) -> None:
+        """The rollout buffer cache: one JSON line per episode, for analysis (each process writes its own file)."""
+        rank = self.accelerator.process_index
+        name = "rollouts.jsonl" if rank == 0 else f"rollouts-rank{rank}.jsonl"
+        path = Path(self.args.output_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            for e in episodes:
+                record = {
+                    "step": self.state.global_step,
+                    "group_id": e.group_id,
+                    "question": e.row.get("question"),
+                    "answer": e.row.get("answer"),
+                    "steps": [s.text for s in e.steps],
+                    "final_answer": e.final_answer,
+                    "correct": bool(e.verdict and e.verdict.correct),
+                    "reward": e.final_reward,
+                    "end_reason": _reason(e),
+                }
+                handle.write(json.dumps(record) + "\n")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and not any(key.startswith("eval_") for key in logs):
+            for key, values in self._metrics.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            if self.curriculum is not None:
+                logs["curriculum/stage"] = float(self.curriculum.stage)
+            self._metrics.clear()
+            self._show_reward_on_progress_bar(logs)
+            if self._samples and self.is_world_process_zero():
+                for sample in self._samples:
+                    print(f"\n[step {self.state.global_step}] reward={sample['reward']:.2f}\nQ: {sample['question']}\n"
+                          f"A: {sample['completion']}")
+                self._log_samples_table()
+        super().log(logs, start_time)
+
+    def _show_reward_on_progress_bar(self, logs: dict[str, float]) -> None:
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None and "reward" in logs:
+                bar.set_postfix(reward=f"{logs['reward']:.3f}", acc=f"{logs.get('accuracy', 0.0):.3f}")
+
+    def _log_samples_table(self) -> None:
+        if "wandb" not in (self.args.report_to or []):
+            return
+        import wandb
+
+        if wandb.run is not None:
+            table = wandb.Table(columns=["step", "question", "completion", "reward"])
+            for s in self._samples:
+                table.add_data(self.state.global_step, s["question"], s["completion"], s["reward"])
+            wandb.log({"samples": table}, commit=False)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy."""
+        from trl_stepwise.evaluation import evaluate_problems
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        rows = [dict(r) for r in dataset.select(range(min(self.args.eval_num_problems, len(dataset))))]
+        sampling = SamplingConfig(temperature=0.0, max_step_tokens=self.args.max_step_tokens, batch_size=self.args.eval_batch_size)
+        summary, _ = evaluate_problems(
+            self.accelerator.unwrap_model(self.model),
+            self.processing_class,
+            rows,
+            self.prompt_builder,
+            self.make_env,
+            sampling,
+            accelerator=self.accelerator,
+            progress=False,
+            step_delimiter=self.args.step_delimiter,
+            calculator=self.args.calculator,
+        )
+        metrics = {
+            f"{metric_key_prefix}_accuracy": summary["accuracy"],
+            f"{metric_key_prefix}_accuracy_ci_low": summary["accuracy_ci_low"],
+            f"{metric_key_prefix}_accuracy_ci_high": summary["accuracy_ci_high"],
+            f"{metric_key_prefix}_correct": float(summary["correct"]),
+            f"{metric_key_prefix}_total": float(summary["total"]),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ train, checkpoints and resume
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)
+        if self.is_world_process_zero():
+            from trl_stepwise.plotting import plot_training_curves
+
+            plot_training_curves(self.state.log_history, Path(self.args.output_dir) / "training_curves.png")
+        return output
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Save the trainer's own state next to the RNG state (before trainer_state.json, the completion marker)."""
+        super()._save_rng_state(output_dir)
+        if not self.args.should_save:
+            return
+        state = {
+            "ref_syncs": self._ref_syncs,
+            "has_ref_adapter": self._has_ref_adapter,
+            "running_baseline": self.algorithm.running_baseline,
+            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
+        }
+        _atomic_write_text(Path(output_dir) / STATE_FILE, json.dumps(state))
+        model = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None:
+            reference = self.ref_model.state_dict()
+        elif self._has_ref_adapter:
+            reference = {k: v for k, v in model.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
+        else:
+            return
+        _atomic_torch_save(reference, Path(output_dir) / REFERENCE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint)
+        if not (path / STATE_FILE).is_file():
+            return
+        state = json.loads((path / STATE_FILE).read_text())
+        self._ref_syncs = state.get("ref_syncs", 0)
+        self.algorithm.running_baseline = state.get("running_baseline")
+        if self.curriculum is not None and state.get("curriculum") is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
+        if (path / REFERENCE_FILE).is_file():
+            reference = torch.load(path / REFERENCE_FILE, map_location="cpu", weights_only=True)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if self.ref_model is not None:
+                self.ref_model.load_state_dict(reference)
+            elif state.get("has_ref_adapter"):
+                if not self._has_ref_adapter:
+                    unwrapped.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(unwrapped.peft_config["default"]))
+                    unwrapped.set_adapter("default")
+                    self._has_ref_adapter = True
+                unwrapped.load_state_dict(reference, strict=False)
+
+
+def _attach_peft(model, peft_config):
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if peft_config is None:
+        if quantized and not is_peft_model(model):
+            raise ValueError(
+                "The model is loaded in 4/8-bit but no peft_config was given: quantized weights cannot be trained. "
+                "Pass peft_config (e.g. --use_peft with LoRA) or load the model in full precision."
+            )
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, peft_config)
+
+
+def _as_problems(dataset: Dataset | str, split: str) -> Dataset:
+    if isinstance(dataset, str):
+        return load_math_dataset(dataset, split=split)
+    if "question" in dataset.column_names and "answer" in dataset.column_names:
+        return dataset
+    return normalise_columns(dataset)
+
+
+def _chunks_by_tokens(trajectories: list[Trajectory], max_tokens: int) -> list[list[Trajectory]]:
+    chunks: list[list[Trajectory]] = []
+    current: list[Trajectory] = []
+    longest = 0
+    for t in trajectories:
+        length = len(t.prompt_ids) + len(t.completion_ids)
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(t)
+        longest = max(longest, length)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _reason(episode) -> str | None:
+    reason = episode.end_reason
+    return getattr(reason, "value", reason)
+
+
+def _model_id(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+def _identity(batch):
+    return batch
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+__all__ = ["StepwiseReinforceTrainer", "build_quantization_config"]
