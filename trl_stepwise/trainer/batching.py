@@ -3,6 +3,9 @@
 Sequences are laid out ``[pad | prompt | completion | pad]`` so every completion starts at the same column; the
 model is then asked for logits of the completion columns only (``logits_to_keep``), and log-probabilities are
 ``logit[token] - logsumexp(logits)`` in float32, which never stores a second vocabulary-sized tensor.
+
+When all rows start with the same few-shot prefix (the usual case: hundreds of tokens), the prefix is encoded once
+and its key/value cache is shared by every row, gradients included; only the rest of each row is encoded per row.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from trl_stepwise.rollout import Trajectory
 
@@ -24,22 +28,24 @@ def pad_trajectories(
 ) -> dict[str, torch.Tensor | int]:
     """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
     pad_id = 0 if pad_id is None else pad_id
-    prompt_width = max(len(t.prompt_ids) for t in trajectories)
+    shared = _shared_prefix_length(trajectories)
+    prompts = [t.prompt_ids[shared:] for t in trajectories]
+    prompt_width = max(len(p) for p in prompts)
     completion_width = max(max(len(t.completion_ids) for t in trajectories), 1)
     rows, masks, completion_masks = [], [], []
-    for t in trajectories:
-        left = prompt_width - len(t.prompt_ids)
+    for t, prompt in zip(trajectories, prompts, strict=True):
+        left = prompt_width - len(prompt)
         right = completion_width - len(t.completion_ids)
-        rows.append([pad_id] * left + t.prompt_ids + t.completion_ids + [pad_id] * right)
-        masks.append([0] * left + [1] * (len(t.prompt_ids) + len(t.completion_ids)) + [0] * right)
+        rows.append([pad_id] * left + prompt + t.completion_ids + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(t.completion_ids)) + [0] * right)
         completion_masks.append([bool(m) for m in t.policy_mask] + [False] * right)
     attention_mask = torch.tensor(masks, dtype=torch.long)
     batch: dict[str, torch.Tensor | int] = {
         "input_ids": torch.tensor(rows, dtype=torch.long),
         "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
         "completion_mask": torch.tensor(completion_masks, dtype=torch.bool),
         "completion_width": completion_width,
+        "prefix_ids": torch.tensor([trajectories[0].prompt_ids[:shared]], dtype=torch.long),
     }
     for name, values in (("advantages", advantages), ("old_logps", old_logps), ("ref_logps", ref_logps)):
         if values is not None:
@@ -81,20 +87,38 @@ def completion_logprobs(
     batch: dict[str, torch.Tensor | int],
     temperature: float = 1.0,
     with_entropy: bool = False,
+    prefix_model: torch.nn.Module | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad)."""
+    """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad).
+
+    ``prefix_model`` encodes the shared prefix (default ``model``); pass the unwrapped model when ``model`` is a
+    DDP wrapper, which allows one forward call per backward.
+    """
     width = int(batch["completion_width"])
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    prefix = batch.get("prefix_ids")
+    cache = None
+    if prefix is not None and prefix.shape[1] > 0 and not getattr(model, "is_gradient_checkpointing", False):
+        cache = _shared_prefix_cache(prefix_model or model, prefix, input_ids.shape[0])
+        ones = torch.ones((input_ids.shape[0], prefix.shape[1]), dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat([ones, attention_mask], dim=1)
+    elif prefix is not None and prefix.shape[1] > 0:  # no cache sharing: put the prefix back in every row
+        rows = input_ids.shape[0]
+        input_ids = torch.cat([prefix.expand(rows, -1), input_ids], dim=1)
+        attention_mask = torch.cat([torch.ones_like(prefix).expand(rows, -1), attention_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
         logits_to_keep=width + 1,
-        use_cache=False,
+        use_cache=cache is not None,
     )
     logits = out.logits[:, :-1, :].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    targets = batch["input_ids"][:, -width:]
+    targets = input_ids[:, -width:]
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
         return logps
@@ -105,6 +129,34 @@ def completion_logprobs(
             log_probs = row - torch.logsumexp(row, dim=-1, keepdim=True)
             entropy[b] = -(log_probs.exp() * log_probs).sum(-1)
     return logps, entropy
+
+
+def _shared_prefix_length(trajectories: Sequence[Trajectory], minimum: int = 16) -> int:
+    """Length of the prompt prefix all rows share (0 when shorter than ``minimum``: not worth a separate pass)."""
+    first = trajectories[0].prompt_ids
+    length = min(len(t.prompt_ids) for t in trajectories) - 1  # keep at least one own prompt token per row
+    for t in trajectories[1:]:
+        n = 0
+        while n < length and t.prompt_ids[n] == first[n]:
+            n += 1
+        length = n
+    return length if length >= minimum else 0
+
+
+def _shared_prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> DynamicCache:
+    """Encode the prefix once (with gradients when enabled) and view its keys/values across ``rows`` rows."""
+    cache = DynamicCache(config=_config_of(model))
+    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache
+
+
+def _config_of(model: torch.nn.Module):
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config
 
 
 def _pad_floats(values: Sequence[Sequence[float]], width: int) -> torch.Tensor:

@@ -83,6 +83,19 @@ class StepwiseReinforceConfig(BaseConfig):
         default=None, metadata={"help": "Weights of the extra reward_funcs passed to the trainer (default 1 each)."}
     )
 
+    # ---- curriculum
+    curriculum: list[str] | None = field(
+        default=None,
+        metadata={"help": "Problem sources in order, e.g. arithmetic:level=1 arithmetic:level=2 gsm8k_easy gsm8k. "
+                  "When set, training problems come from the current stage instead of train_dataset."},
+    )
+    curriculum_thresholds: list[float] | None = field(
+        default=None, metadata={"help": "Rolling training accuracy that promotes each stage (one value, or one per stage)."}
+    )
+    curriculum_min_steps: int = field(default=5, metadata={"help": "Fewest optimizer steps in a stage."})
+    curriculum_max_steps: int | None = field(default=None, metadata={"help": "Most optimizer steps in a stage."})
+    curriculum_window: int = field(default=64, metadata={"help": "Episodes in the rolling training accuracy."})
+
     # ---- evaluation and logging
     eval_num_problems: int = field(default=100, metadata={"help": "Problems of eval_dataset used by each evaluation."})
     eval_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together during evaluation."})

@@ -79,6 +79,17 @@ class StepwiseReinforceTrainer(BaseTrainer):
         if processing_class is None:
             processing_class = load_tokenizer(model_name)
         model = _attach_peft(model, peft_config)
+        if curriculum is None and args.curriculum:
+            from trl_stepwise.curriculum import Curriculum
+
+            curriculum = Curriculum.from_lists(
+                args.curriculum,
+                args.curriculum_thresholds,
+                min_steps=args.curriculum_min_steps,
+                max_steps=args.curriculum_max_steps,
+                window=args.curriculum_window,
+                seed=args.seed,
+            )
         self.curriculum = curriculum
         train_dataset = _as_problems(train_dataset, "train") if train_dataset is not None else None
         eval_dataset = _as_problems(eval_dataset, "test") if eval_dataset is not None else None
@@ -185,7 +196,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
         if not problems:
             return [], None
         if self.curriculum is not None:
-            problems = self.curriculum.sample(len(problems))
+            problems = self.curriculum.sample(
+                len(problems), rank=self.accelerator.process_index, world_size=self.accelerator.num_processes
+            )
         self._buffer = self._generate_and_score(problems, pulled)
         self._buffer_uses = 1
         return self._buffer, None
@@ -212,7 +225,10 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 for token, (lp, rp) in enumerate(zip(policy_logps[i], ref_logps[i], strict=True)):
                     if trajectory.policy_mask[token] and trajectory.step_index[token] < len(step_kl):
                         step_kl[trajectory.step_index[token]] += lp - rp
-            scores.append(EpisodeScores(trajectory.episode.group_id, trajectory.episode.step_rewards, step_kl))
+            step_rewards = list(trajectory.episode.step_rewards)
+            if step_rewards:  # EpisodeScores expects the final-answer reward on the last step
+                step_rewards[-1] += trajectory.episode.final_reward
+            scores.append(EpisodeScores(trajectory.episode.group_id, step_rewards, step_kl))
         step_advantages = self.algorithm.advantages(scores)
         token_advantages = [
             [adv[min(s, len(adv) - 1)] if adv else 0.0 for s in trajectory.step_index]
@@ -231,6 +247,12 @@ class StepwiseReinforceTrainer(BaseTrainer):
             batch["num_tokens"] = num_tokens
             batch["num_sequences"] = float(len(trajectories))
         self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds)
+        if self.curriculum is not None:
+            accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in trajectories]
+            if self.accelerator.num_processes > 1:  # every process must promote at the same step
+                accuracies = [a for part in gather_object([accuracies]) for a in part]
+            if self.curriculum.update(accuracies):
+                self._metrics["curriculum/promoted"].append(1.0)
         self._last_rollout_end = time.perf_counter()
         return batches
 
@@ -274,7 +296,13 @@ class StepwiseReinforceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
-        logps, entropy = completion_logprobs(model, inputs, temperature=self.args.temperature, with_entropy=True)
+        logps, entropy = completion_logprobs(
+            model,
+            inputs,
+            temperature=self.args.temperature,
+            with_entropy=True,
+            prefix_model=self.accelerator.unwrap_model(model),
+        )
         mask = inputs["completion_mask"]
         old = inputs.get("old_logps")
         old = logps.detach() if old is None else old
@@ -410,10 +438,17 @@ class StepwiseReinforceTrainer(BaseTrainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
-        if isinstance(dataset, dict):
-            dataset = next(iter(dataset.values()))
+        if isinstance(dataset, str):  # the Trainer passes the name of one of several eval sets
+            dataset = self.eval_dataset[dataset]
+        if isinstance(dataset, dict):  # several eval sets: one block of metrics each, eval_<name>_accuracy
+            metrics: dict[str, float] = {}
+            for name, subset in dataset.items():
+                metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
         rows = [dict(r) for r in dataset.select(range(min(self.args.eval_num_problems, len(dataset))))]
-        sampling = SamplingConfig(temperature=0.0, max_step_tokens=self.args.max_step_tokens, batch_size=self.args.eval_batch_size)
+        sampling = SamplingConfig(
+            temperature=0.0, max_step_tokens=self.args.max_step_tokens, batch_size=self.args.eval_batch_size
+        )
         summary, _ = evaluate_problems(
             self.accelerator.unwrap_model(self.model),
             self.processing_class,
@@ -506,7 +541,9 @@ def _attach_peft(model, peft_config):
     return get_peft_model(model, peft_config)
 
 
-def _as_problems(dataset: Dataset | str, split: str) -> Dataset:
+def _as_problems(dataset: Dataset | str | dict, split: str) -> Dataset | dict:
+    if isinstance(dataset, dict):
+        return {name: _as_problems(subset, split) for name, subset in dataset.items()}
     if isinstance(dataset, str):
         return load_math_dataset(dataset, split=split)
     if "question" in dataset.column_names and "answer" in dataset.column_names:
