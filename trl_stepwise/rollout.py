@@ -28,7 +28,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_stepwise import grading
 from trl_stepwise.envs import EnvBatch, Episode, Segment, StepAction, StepwiseMathEnv
+from trl_stepwise.kv_cache import grouped_query_attention, growing_cache
 from trl_stepwise.prompting import PromptBuilder
+
+PRUNE_AT = 0.75  # shrink the batch once a quarter of its rows have finished
 
 
 @dataclass
@@ -134,7 +137,7 @@ class StepwiseRollout:
         self.model.eval()
         started = time.perf_counter()
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), grouped_query_attention():
                 for prefix, indices in by_prefix.items():
                     prefix_ids = self._encode(prefix)
                     for start in range(0, len(indices), self.sampling.batch_size):
@@ -182,10 +185,12 @@ class StepwiseRollout:
         self.stats.prompt_tokens += prefix_len + sum(len(suffix_ids[r.index]) for r in rows)
         next_position = positions[:, -1].to(device) + 1
 
-        while rows:
+        finished = [False] * len(rows)
+        while True:
             tokens = self._sample(logits)
-            keep: list[int] = []
             for b, row in enumerate(rows):
+                if finished[b]:
+                    continue
                 if row.forced:
                     token, from_policy = row.forced.pop(0), False
                     self.stats.forced_tokens += 1
@@ -193,17 +198,19 @@ class StepwiseRollout:
                     token, from_policy = int(tokens[b]), True
                     self.stats.generated_tokens += 1
                 row.last_token = token
-                if self._advance(envs, row, token, from_policy):
-                    keep.append(b)
-                elif progress is not None:
-                    progress(1)
-            if not keep:
+                if not self._advance(envs, row, token, from_policy):
+                    finished[b] = True
+                    if progress is not None:
+                        progress(1)
+            alive = [b for b in range(len(rows)) if not finished[b]]
+            if not alive:
                 break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
+            if len(alive) <= PRUNE_AT * len(rows):  # drop finished rows, in bulk: each prune copies the cache
+                index = torch.tensor(alive, device=device)
                 cache.batch_select_indices(index)
                 mask, next_position = mask[index], next_position[index]
-                rows = [rows[b] for b in keep]
+                rows = [rows[b] for b in alive]
+                finished = [False] * len(rows)
             feed = torch.tensor([[row.last_token] for row in rows], device=device)
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
             logits = self._forward(feed, mask, next_position[:, None], cache)
@@ -255,7 +262,7 @@ class StepwiseRollout:
     # ------------------------------------------------------------------ model helpers
     def _prefix_cache(self, prefix_ids: list[int], batch: int) -> DynamicCache:
         """Encode the shared prefix once and repeat its key/value cache over the batch."""
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         ids = torch.tensor([prefix_ids], device=self.model.device)
         self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.stats.model_calls += 1

@@ -1,0 +1,97 @@
+"""The rollout engine against plain greedy decoding, and the token bookkeeping the trainer relies on."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.kv_cache import growing_cache
+from trl_stepwise.prompting import FewShotExample, PromptBuilder
+from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
+
+EXAMPLE = FewShotExample("Tom has 2 apples and buys 3 more. How many?", ["2+3 = <<2+3=5>>5\n", "The answer is: 5\n"])
+ROWS = [
+    {"question": "Ann has 4 pens and buys 5 more. How many pens?", "answer": "9"},
+    {"question": "A box holds 6 eggs. How many eggs are in 7 boxes?", "answer": "42"},
+    {"question": "Sam had 30 stickers and gave away 12. How many are left?", "answer": "18"},
+]
+
+
+def _greedy_reference(model, tokenizer, prompt_ids: list[int], steps: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_batched_direct_rollout_matches_one_sequence_greedy_decoding(make_tiny_model, tokenizer):
+    """Shared-prefix cache, middle padding, in-place cache growth and batch pruning change nothing in the tokens."""
+    model = make_tiny_model(seed=3).eval()
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    engine = StepwiseRollout(model, tokenizer, builder, SamplingConfig(temperature=0.0, max_step_tokens=12, batch_size=3),
+                             step_delimiter=None, calculator=False)
+    engine.eos_ids = set()  # a random model may emit EOS at any time; compare fixed-length decoding
+
+    def make_env():
+        return StepwiseMathEnv("gsm8k", max_steps=1, calculator=False)
+
+    trajectories = engine.run(make_env, ROWS)
+    for trajectory in trajectories:
+        assert len(trajectory.completion_ids) == 12
+        assert trajectory.completion_ids == _greedy_reference(model, tokenizer, trajectory.prompt_ids, 12)
+        assert trajectory.prompt_ids[: len(engine._encode(builder.shared_prefix))] == engine._encode(builder.shared_prefix)
+
+
+def test_growing_cache_gives_the_same_logits_as_dynamic_cache(make_tiny_model):
+    model = make_tiny_model(seed=1).eval()
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        results = []
+        for cache in (DynamicCache(config=model.config), growing_cache(model.config)):
+            model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+            steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 20)]
+            cache.batch_select_indices(torch.tensor([1]))
+            steps.append(model(input_ids=ids[1:, :1], past_key_values=cache, use_cache=True).logits)
+            results.append(steps)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+class _ScriptedModelOutput:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def test_calculator_tokens_are_forced_and_masked_out(make_tiny_model, tokenizer):
+    """A step that opens `<<4+5=` gets `9>>9` from the calculator; those tokens are excluded from the policy mask."""
+    model = make_tiny_model(seed=0).eval()
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    script = tokenizer("4+5 = <<4+5=", add_special_tokens=False)["input_ids"] + tokenizer(
+        " pens\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
+    engine = StepwiseRollout(model, tokenizer, builder, SamplingConfig(temperature=0.0, max_step_tokens=40))
+    position = {"i": 0}
+
+    def scripted_sample(logits):  # the "policy" writes the script; forced tokens do not consume it
+        token = script[min(position["i"], len(script) - 1)]
+        position["i"] += 1
+        return torch.full((logits.shape[0],), token)
+
+    original_advance = engine._advance
+
+    def advance(envs, row, token, from_policy):
+        if not from_policy:
+            position["i"] -= 1  # a forced token replaced the sampled one: replay the script position
+        return original_advance(envs, row, token, from_policy)
+
+    engine._sample = scripted_sample
+    engine._advance = advance
+    (trajectory,) = engine.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
+    episode = trajectory.episode
+    assert episode.completion.startswith("4+5 = <<4+5=9>>9 pens\n")
+    assert episode.final_answer == "9" and episode.verdict.correct
+    forced = [tokenizer.decode([t]) for t, p in zip(trajectory.completion_ids, trajectory.policy_mask) if not p]
+    assert "".join(forced) == "9>>9"
+    assert episode.steps[0].calc_calls == 1
+    assert [s.from_policy for s in episode.steps[0].segments] == [True, False, True]
+    assert trajectory.step_index[-1] == 1 and trajectory.step_index[0] == 0
