@@ -1,4 +1,4 @@
-"""The ``trl-stepwise`` command line: one sub-command per job (``evaluate`` now), each with its own arguments dataclass.
+"""The ``trl-stepwise`` command line: one sub-command per job (``evaluate`` now), each with its own arguments class.
 
 Every sub-command's flags come from a dataclass through ``HfArgumentParser``, so ``--help`` documents every flag and
 the same dataclass can be filled from Python. Input mistakes (a wrong field name, a missing file) end with a one-line
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,9 @@ class EvaluateArguments:
     )
     calculator: Literal["auto", "on", "off"] = field(
         default="auto",
-        metadata={"help": "Fill in <<expr=result>> results from a calculator; auto: on for GSM8K-style, off for MATH."},
+        metadata={
+            "help": "Fill in <<expr=result>> results with a calculator; auto: on for GSM8K-style, off for MATH."
+        },
     )
     batch_size: int = field(default=32, metadata={"help": "Episodes decoded together in one batch."})
     num_samples: int = field(
@@ -230,7 +233,7 @@ def format_summary(summary: dict, title: str = "Evaluation") -> str:
             f"  {k} samples: mean sample accuracy {100 * summary['mean_sample_accuracy']:.1f}% | "
             f"maj@{k} {100 * summary[f'maj@{k}']:.1f}% | pass@{k} {100 * summary[f'pass@{k}']:.1f}%"
         )
-    reasons = ", ".join(f"{name} {100 * share:.0f}%" for name, share in summary["end_reasons"].items())
+    reasons = ", ".join(f"{name} {100 * share:.1f}%" for name, share in summary["end_reasons"].items())
     lines.append(f"  episodes end by: {reasons}")
     lines.append(
         f"  mean steps {summary['mean_steps']:.1f} | mean tokens {summary['mean_tokens']:.1f} | "
@@ -246,17 +249,25 @@ def format_summary(summary: dict, title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(args: EvaluateArguments) -> int:
-    """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
+def make_accelerator() -> Any:
+    """An ``Accelerator``; processes started by torchrun (``accelerate launch --multi_gpu``) on a machine without CUDA
+    join one gloo group on the CPU, instead of each believing it is alone and evaluating every problem."""
+    import torch
     from accelerate import Accelerator
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return Accelerator(cpu=world_size > 1 and not torch.cuda.is_available())
+
+
+def run_evaluate(args: EvaluateArguments) -> int:
+    """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
     from trl_stepwise.data import DatasetFieldError, dataset_flavour
     from trl_stepwise.envs import StepwiseMathEnv
     from trl_stepwise.evaluation import evaluate_gold, evaluate_problems
     from trl_stepwise.models import ModelLoadError, load_model, load_tokenizer
     from trl_stepwise.rollout import SamplingConfig
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     direct = args.mode == "direct"
     flavour = dataset_flavour(args.dataset)
     calculator = None if args.calculator == "auto" else args.calculator == "on"
@@ -312,12 +323,10 @@ def run_evaluate(args: EvaluateArguments) -> int:
     return 0
 
 
-COMMANDS: dict[str, Command] = {
-    command.name: command
-    for command in (
-        Command("evaluate", "Evaluate a model (or the gold solutions) on math problems.", EvaluateArguments, run_evaluate),
-    )
-}
+EVALUATE = Command(
+    "evaluate", "Evaluate a model (or the gold solutions) on math problems.", EvaluateArguments, run_evaluate
+)
+COMMANDS: dict[str, Command] = {command.name: command for command in (EVALUATE,)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

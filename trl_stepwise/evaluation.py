@@ -232,7 +232,7 @@ def evaluate_problems(
     records = sorted(_gather(accelerator, local), key=lambda r: (r["problem_index"], r["sample_index"]))
     stats = _gather(accelerator, [(wall, rollout.stats)])
     summary = summarize(records, num_samples=num_samples)
-    summary.update(_throughput(stats))
+    summary.update(_throughput(stats), num_processes=_num_processes(accelerator))
     return summary, records
 
 

@@ -168,6 +168,12 @@ def load_model_and_tokenizer(
 
 
 def _not_found_message(name_or_path: str | None, err: Exception) -> str:
+    if name_or_path and name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        return (
+            f"Could not load model {name_or_path!r}: the local path does not exist. Pass an existing folder with "
+            f"config.json and weights, a hub id, or omit the name (or use {EMBEDDED_MODEL_ALIAS!r}) for the "
+            "embedded model."
+        )
     return (
         f"Could not load model {name_or_path!r}: {err}. Pass a local folder with config.json and weights, a hub id "
         f"available offline in your HF cache, or omit the name (or use {EMBEDDED_MODEL_ALIAS!r}) for the embedded model."

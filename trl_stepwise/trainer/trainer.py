@@ -518,10 +518,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
             if self.ref_model is not None:
                 self.ref_model.load_state_dict(reference)
             elif state.get("has_ref_adapter"):
-                if not self._has_ref_adapter:
+                # transformers' own resume already loads the checkpoint's `reference/` adapter folder
+                if REFERENCE_ADAPTER not in unwrapped.peft_config:
                     unwrapped.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(unwrapped.peft_config["default"]))
-                    unwrapped.set_adapter("default")
-                    self._has_ref_adapter = True
+                unwrapped.set_adapter("default")
+                self._has_ref_adapter = True
                 unwrapped.load_state_dict(reference, strict=False)
 
 

@@ -1,0 +1,77 @@
+"""Helper of ``tests/test_trainer.py``: ``accelerate launch --cpu --num_processes 2 ddp_train_script.py OUT MODEL``.
+
+Trains the tiny model saved at MODEL for 2 steps and writes OUT/rank{N}.json with a checksum of the weights, so the
+test can check that both processes end with identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trl_stepwise.data import load_math_dataset
+from trl_stepwise.models import load_tokenizer
+from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
+
+
+def checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def length_reward(completions, **kwargs):
+    return [len(c) / 10 for c in completions]
+
+
+def main() -> None:
+    output_dir, model_dir = Path(sys.argv[1]), sys.argv[2]
+    args = StepwiseReinforceConfig(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_step_tokens=6,
+        max_episode_steps=2,
+        n_few_shot=1,
+        env_flavour="arithmetic",
+        learning_rate=1e-2,
+        kl_coef=0.1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        num_completions_to_print=0,
+        seed=0,
+    )
+    trainer = StepwiseReinforceTrainer(
+        model=model_dir,
+        args=args,
+        train_dataset=load_math_dataset("arithmetic:level=1,n=32"),
+        processing_class=load_tokenizer(model_dir),
+        reward_funcs=[length_reward],
+    )
+    initial = checksum(trainer.accelerator.unwrap_model(trainer.model))
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    name = "rollouts.jsonl" if rank == 0 else f"rollouts-rank{rank}.jsonl"
+    questions = sorted({json.loads(line)["question"] for line in (output_dir / name).read_text().splitlines()})
+    state = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "initial_checksum": initial,
+        "checksum": checksum(trainer.accelerator.unwrap_model(trainer.model)),
+        "questions": questions,
+    }
+    (output_dir / f"rank{rank}.json").write_text(json.dumps(state))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""StepwiseReinforceTrainer on tiny random Llama models: config errors, training, reference, LoRA, resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_stepwise.data import DatasetFieldError
+from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
+from trl_stepwise.trainer.trainer import REFERENCE_FILE, STATE_FILE, _as_problems
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def length_reward(completions, **kwargs):
+    """A TRL-signature reward that varies between episodes (random models never solve anything)."""
+    return [len(c) / 10 for c in completions]
+
+
+def make_config(output_dir, **overrides) -> StepwiseReinforceConfig:
+    """Tiny rollouts: 2 problems x 2 episodes per micro-batch, 2 steps of at most 6 tokens, 1-shot prompts."""
+    base = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        gradient_accumulation_steps=1,
+        max_step_tokens=6,
+        max_episode_steps=2,
+        n_few_shot=1,
+        env_flavour="arithmetic",
+        learning_rate=1e-2,
+        kl_coef=0.1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        num_completions_to_print=0,
+        seed=0,
+    )
+    return StepwiseReinforceConfig(**{**base, **overrides})
+
+
+def make_trainer(model, tokenizer, dataset, output_dir, reward_funcs=(length_reward,), **overrides):
+    return StepwiseReinforceTrainer(
+        model=model,
+        args=make_config(output_dir, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_funcs=list(reward_funcs),
+    )
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def logged(trainer, key: str) -> dict[int, float]:
+    return {entry["step"]: entry[key] for entry in trainer.state.log_history if key in entry}
+
+
+# ---------------------------------------------------------------------------------------------- configuration errors
+def test_leave_one_out_needs_two_generations(tmp_path):
+    with pytest.raises(ValueError, match="leave_one_out baseline needs num_generations >= 2"):
+        make_config(tmp_path, num_generations=1, per_device_train_batch_size=4, baseline="leave_one_out")
+    # another baseline makes single-episode groups legal
+    assert make_config(tmp_path, num_generations=1, baseline="batch_mean").problems_per_batch == 4
+
+
+def test_batch_size_must_be_a_multiple_of_num_generations(tmp_path):
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size \(6\).*multiple of num_generations \(4\)"):
+        make_config(tmp_path, per_device_train_batch_size=6, num_generations=4)
+
+
+def test_unknown_algorithm(tmp_path):
+    with pytest.raises(ValueError, match="algorithm='ppo_typo' is not registered.*reinforce_stable.*rloo"):
+        make_config(tmp_path, algorithm="ppo_typo")
+
+
+def test_4bit_model_without_peft_names_peft(tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    tiny_model.is_loaded_in_4bit = True
+    with pytest.raises(ValueError, match="peft_config"):
+        make_trainer(tiny_model, tokenizer, arithmetic_problems, tmp_path)
+
+
+def test_unknown_dataset_fields_are_named(tiny_model, tokenizer, tmp_path):
+    bad = Dataset.from_dict({"text": ["1+1?"], "gold": ["2"]})
+    with pytest.raises(DatasetFieldError, match=r"no question field.*found text, gold"):
+        _as_problems(bad, "train")
+    with pytest.raises(DatasetFieldError, match="found text, gold"):
+        make_trainer(tiny_model, tokenizer, bad, tmp_path)
+    # recognised alternative names are mapped to question/answer
+    mapped = _as_problems(Dataset.from_dict({"problem": ["1+1?"], "target": ["2"]}), "train")
+    assert (mapped[0]["question"], mapped[0]["answer"]) == ("1+1?", "2")
+
+
+# ---------------------------------------------------------------------------------------------- a 3-step run
+@pytest.fixture(scope="module")
+def trained(make_tiny_model, tokenizer, arithmetic_problems, tmp_path_factory):
+    """3 optimizer steps, 2 micro-batches of 4 episodes each (gradient accumulation 2), varying reward, KL 0.1."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    model = make_tiny_model()
+    before = snapshot(model)
+    trainer = make_trainer(model, tokenizer, arithmetic_problems, output_dir, gradient_accumulation_steps=2)
+    trainer.train()
+    return trainer, before, output_dir
+
+
+def test_training_changes_weights(trained):
+    trainer, before, _ = trained
+    assert trainer.state.global_step == 3
+    after = snapshot(trainer.model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, f"only {changed} changed"
+    # the gradient comes from the rewards: at step 1 policy == reference, so the KL term alone gives ~0 gradient
+    # (Adam would still turn float noise into full-size updates, so "weights changed" alone proves little)
+    assert logged(trainer, "grad_norm")[1] > 1e-2
+    rewards = logged(trainer, "reward")
+    assert set(rewards) == {1, 2, 3} and all(r > 0 for r in rewards.values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged(trainer, "loss").values())
+
+
+def test_reference_stays_at_initial_weights_and_kl_starts_at_zero(trained):
+    trainer, before, _ = trained
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    reference = snapshot(trainer.ref_model)
+    assert all(torch.equal(before[k], reference[k]) for k in before)
+    kl = logged(trainer, "kl")
+    assert kl[1] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert kl[3] > 1e-6  # after two updates at lr 1e-2 the policy has moved away from the reference
+
+
+def test_rollouts_jsonl_has_one_line_per_episode(trained):
+    _, _, output_dir = trained
+    records = [json.loads(line) for line in (output_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 * 4  # steps x accumulation x episodes per micro-batch
+    assert sorted({r["step"] for r in records}) == [0, 1, 2]  # written at rollout time, before the step's update
+    for step in (0, 1, 2):
+        groups = [r["group_id"] for r in records if r["step"] == step]
+        assert len(set(groups)) == 4 and all(groups.count(g) == 2 for g in groups)  # 4 problems x 2 episodes
+    assert all(r["question"] and r["answer"] and r["steps"] and r["end_reason"] for r in records)
+    assert {r["end_reason"] for r in records} <= {"answer", "eos", "max_steps", "token_budget"}
+
+
+def test_training_curves_png_is_written(trained):
+    _, _, output_dir = trained
+    data = (output_dir / "training_curves.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+# ---------------------------------------------------------------------------------------------- reference refresh
+def test_reference_refresh_every_ref_sync_steps(tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch):
+    trainer = make_trainer(
+        tiny_model, tokenizer, arithmetic_problems, tmp_path, max_steps=5, ref_sync_steps=2, log_rollouts=False
+    )
+    synced_at: list[int] = []
+    original = trainer.sync_reference
+
+    def spy():
+        synced_at.append(trainer.state.global_step)
+        original()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trainer.ref_model.parameters(), strict=True))
+
+    monkeypatch.setattr(trainer, "sync_reference", spy)
+    trainer.train()
+    assert trainer.state.global_step == 5
+    assert synced_at == [2, 4]
+    kl = logged(trainer, "kl")
+    # the rollout of step 3 (and 5) happens right after a refresh: policy == reference again, so its KL is 0
+    assert kl[1] == pytest.approx(0.0, abs=1e-6)
+    assert kl[3] == pytest.approx(0.0, abs=1e-6) and kl[5] == pytest.approx(0.0, abs=1e-6)
+    assert kl[2] > 1e-6 and kl[4] > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def make_lora_trainer(model, tokenizer, dataset, output_dir, **overrides):
+    return StepwiseReinforceTrainer(
+        model=model,
+        args=make_config(output_dir, log_rollouts=False, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+        peft_config=lora_config(),
+    )
+
+
+def adapter_weights(model, adapter: str) -> dict[str, torch.Tensor]:
+    """LoRA weights of one adapter, keyed by the module path without the adapter name."""
+    marker = f".{adapter}."
+    return {k.replace(marker, "."): v.detach().clone() for k, v in model.named_parameters() if marker in k}
+
+
+def test_lora_trains_only_adapters_and_reference_is_the_base_model(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path
+):
+    model = make_tiny_model()
+    base_copy = copy.deepcopy(model)  # get_peft_model injects the adapters into `model` in place
+    base_before = snapshot(model)
+    trainer = make_lora_trainer(model, tokenizer, arithmetic_problems, tmp_path, max_steps=2)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    lora_before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if "lora_" in k}
+    assert lora_before and trainer.ref_model is None  # no full copy of the weights for the reference
+    trainer.train()
+
+    lora_after = {k: v.detach() for k, v in peft_model.named_parameters() if "lora_" in k}
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    base_after = peft_model.get_base_model().state_dict()
+    for key, value in base_before.items():  # every base weight, read through the peft wrapping
+        peft_key = key.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
+        assert torch.equal(value, base_after[peft_key]), key
+
+    # reference log-probs before any sync = the adapter-disabled model = the original base model
+    trajectories = trainer.rollout_engine().run(
+        trainer.make_env, [dict(r) for r in arithmetic_problems.select(range(3))]
+    )
+    policy, reference = trainer._score(trajectories)
+    assert policy is None and reference is not None
+    expected = trainer._logps(base_copy, trajectories)
+    with_adapter = trainer._logps(peft_model, trajectories)
+    flat = lambda rows: torch.tensor([x for row in rows for x in row])  # noqa: E731
+    assert torch.allclose(flat(reference), flat(expected), atol=1e-5)
+    assert not torch.allclose(flat(with_adapter), flat(expected), atol=1e-4)  # the adapter did learn something
+
+
+def test_lora_reference_adapter_sync(make_tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch):
+    trainer = make_lora_trainer(
+        make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=4, ref_sync_steps=2
+    )
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    at_sync: dict[str, dict[str, torch.Tensor]] = {}
+    original = trainer.sync_reference
+
+    def spy():
+        original()
+        at_sync["default"] = adapter_weights(peft_model, "default")
+        at_sync["reference"] = adapter_weights(peft_model, "reference")
+        at_sync["step"] = trainer.state.global_step
+
+    monkeypatch.setattr(trainer, "sync_reference", spy)
+    trainer.train()
+    assert at_sync["step"] == 2
+    assert at_sync["reference"].keys() == at_sync["default"].keys() and at_sync["reference"]
+    for key, value in at_sync["default"].items():  # right after the sync: reference adapter == default adapter
+        assert torch.equal(at_sync["reference"][key], value), key
+    reference_now = adapter_weights(peft_model, "reference")
+    default_now = adapter_weights(peft_model, "default")
+    assert all(torch.equal(reference_now[k], v) for k, v in at_sync["reference"].items())  # frozen since
+    assert any(not torch.equal(default_now[k], v) for k, v in at_sync["default"].items())  # the policy kept training
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".reference." in n)
+    assert peft_model.active_adapter == "default"
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_resume_restores_step_optimizer_and_reference(make_tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    settings = dict(save_strategy="steps", save_steps=2, ref_sync_steps=1, log_rollouts=False)
+    first = make_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=2, **settings)
+    first.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / STATE_FILE).is_file() and (checkpoint / REFERENCE_FILE).is_file()
+    saved_state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert saved_state["ref_syncs"] == 1  # refreshed once, at step 1
+    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved_reference = torch.load(checkpoint / REFERENCE_FILE, weights_only=True)
+
+    fresh = make_tiny_model()
+    initial = snapshot(fresh)
+    # the saved reference is the policy after step 1, not the initial weights: restoring it is observable
+    assert any(not torch.equal(initial[k], saved_reference[k]) for k in initial)
+    second = make_trainer(fresh, tokenizer, arithmetic_problems, tmp_path, max_steps=4, **settings)
+    loaded: dict = {}
+    load_optimizer, load_checkpoint = second._load_optimizer_and_scheduler, second._load_from_checkpoint
+
+    def spy_optimizer(path):
+        load_optimizer(path)
+        loaded["optimizer"] = copy.deepcopy(second.optimizer.state_dict())
+
+    def spy_checkpoint(path, model=None):
+        load_checkpoint(path, model)
+        loaded["reference"] = snapshot(second.ref_model)
+        loaded["ref_syncs"] = second._ref_syncs
+
+    second._load_optimizer_and_scheduler = spy_optimizer
+    second._load_from_checkpoint = spy_checkpoint
+    second.train(resume_from_checkpoint=str(checkpoint))
+
+    assert second.state.global_step == 4
+    assert loaded["ref_syncs"] == 1
+    for key, value in saved_reference.items():
+        assert torch.equal(loaded["reference"][key], value), key
+    saved, restored = saved_optimizer["state"], loaded["optimizer"]["state"]
+    assert saved and saved.keys() == restored.keys()
+    for index in saved:
+        for name, tensor in saved[index].items():
+            assert torch.equal(torch.as_tensor(restored[index][name]), torch.as_tensor(tensor)), (index, name)
+    assert [entry["step"] for entry in second.state.log_history if "loss" in entry][-2:] == [3, 4]
+
+
+def test_lora_resume_after_reference_sync(make_tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    """The checkpoint holds a `reference/` adapter folder, which transformers' resume loads before ours runs."""
+    settings = dict(save_strategy="steps", save_steps=2, ref_sync_steps=1)
+    first = make_lora_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=2, **settings)
+    first.train()
+    saved = adapter_weights(first.accelerator.unwrap_model(first.model), "reference")
+    assert (tmp_path / "checkpoint-2" / "reference").is_dir()
+
+    second = make_lora_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=4, **settings)
+    loaded = {}
+    load_checkpoint = second._load_from_checkpoint
+
+    def spy(path, model=None):
+        load_checkpoint(path, model)
+        peft_model = second.accelerator.unwrap_model(second.model)
+        loaded["reference"] = adapter_weights(peft_model, "reference")
+        loaded["trainable"] = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+
+    second._load_from_checkpoint = spy
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert second.state.global_step == 4 and second._has_ref_adapter
+    assert saved and all(torch.equal(loaded["reference"][k], v) for k, v in saved.items())
+    assert loaded["trainable"] and all(".default." in n for n in loaded["trainable"])
+
+
+# ---------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_embedded_model_trains_two_steps(tmp_path):
+    from trl_stepwise.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer()
+    trainer = StepwiseReinforceTrainer(
+        model=model,
+        args=make_config(tmp_path, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-5, kl_coef=0.05),
+        train_dataset="arithmetic:level=1",
+        processing_class=tokenizer,
+    )
+    assert trainer.flavour == "arithmetic" and len(trainer.train_dataset) > 0
+    trainer.train()
+    assert trainer.state.global_step == 2
+    losses = logged(trainer, "loss")
+    assert set(losses) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert logged(trainer, "kl")[1] == pytest.approx(0.0, abs=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all("".join(r["steps"]).strip() for r in records)  # the real model writes text
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts ONE process on a single machine (accelerate 1.15 only runs
+    # several CPU processes through mpirun); `--multi_gpu` goes through torchrun, which starts both, and the trainer's
+    # use_cpu=True puts them in one gloo process group on the CPU.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path), str(tiny_model_dir),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]  # they are identical after really training
+    assert ranks[0]["questions"] != ranks[1]["questions"]  # each rank rolled out its own problems
