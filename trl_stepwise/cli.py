@@ -259,6 +259,10 @@ def make_accelerator() -> Any:
     return Accelerator(cpu=world_size > 1 and not torch.cuda.is_available())
 
 
+# Gold solutions are checked for grading, not for length: the longest GSM8K/MATH solutions exceed the default limits.
+GOLD_MAX_STEPS = 200
+
+
 def run_evaluate(args: EvaluateArguments) -> int:
     """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
     from trl_stepwise.data import DatasetFieldError, dataset_flavour
@@ -274,7 +278,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
     make_env = partial(
         StepwiseMathEnv,
         flavour="math" if flavour == "math" else "gsm8k",
-        max_steps=1 if direct else args.max_steps,
+        max_steps=1 if direct else (args.max_steps or (GOLD_MAX_STEPS if args.gold else None)),
         max_episode_tokens=args.max_episode_tokens,
         calculator=calculator,
     )

@@ -98,6 +98,9 @@ class StepwiseReinforceConfig(BaseConfig):
 
     # ---- evaluation and logging
     eval_num_problems: int = field(default=100, metadata={"help": "Problems of eval_dataset used by each evaluation."})
+    eval_max_episode_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of one evaluation episode (default: max_episode_tokens)."}
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together during evaluation."})
     log_rollouts: bool = field(default=True, metadata={"help": "Append every rollout to output_dir/rollouts.jsonl."})
     num_completions_to_print: int = field(default=1, metadata={"help": "Sample transcripts printed at each log."})

@@ -9,6 +9,7 @@ mixed precision, distributed sync, logging, checkpoints and callbacks.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -133,14 +134,14 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._last_rollout_end: float | None = None
 
     # ------------------------------------------------------------------ environment and rollout
-    def make_env(self) -> StepwiseMathEnv:
+    def make_env(self, max_episode_tokens: int | None = None) -> StepwiseMathEnv:
         """A fresh environment for one episode, configured from the trainer's arguments."""
         args = self.args
         return StepwiseMathEnv(
             flavour=self.flavour,
             step_delimiter=args.step_delimiter,
             max_steps=args.max_episode_steps,
-            max_episode_tokens=args.max_episode_tokens,
+            max_episode_tokens=max_episode_tokens or args.max_episode_tokens,
             calculator=args.calculator,
             reward_funcs=self.reward_funcs or None,
             reward_weights=args.reward_weights,
@@ -454,7 +455,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self.processing_class,
             rows,
             self.prompt_builder,
-            self.make_env,
+            functools.partial(self.make_env, self.args.eval_max_episode_tokens),
             sampling,
             accelerator=self.accelerator,
             progress=False,
