@@ -33,32 +33,6 @@ def problems_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "pens.jsonl", rows)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama saved with the embedded tokenizer, loadable by --model_name_or_path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trl_stepwise.models import load_tokenizer
-
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 # --- parsing ---------------------------------------------------------------------------------------------------------
 
 

@@ -177,26 +177,9 @@ def test_direct_mode_step_ends_only_after_the_answer_line():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(make_tiny_model, tokenizer):
     """A 2-layer random Llama with the embedded tokenizer: real batched decoding in well under a second per step."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trl_stepwise.models import load_tokenizer
-
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return make_tiny_model().eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

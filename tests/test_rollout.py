@@ -20,17 +20,29 @@ ROWS = [
 
 def _greedy_reference(model, tokenizer, prompt_ids: list[int], steps: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
-                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=steps,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_batched_direct_rollout_matches_one_sequence_greedy_decoding(make_tiny_model, tokenizer):
     """Shared-prefix cache, middle padding, in-place cache growth and batch pruning change nothing in the tokens."""
     model = make_tiny_model(seed=3).eval()
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
-    engine = StepwiseRollout(model, tokenizer, builder, SamplingConfig(temperature=0.0, max_step_tokens=12, batch_size=3),
-                             step_delimiter=None, calculator=False)
+    engine = StepwiseRollout(
+        model,
+        tokenizer,
+        builder,
+        SamplingConfig(temperature=0.0, max_step_tokens=12, batch_size=3),
+        step_delimiter=None,
+        calculator=False,
+    )
     engine.eos_ids = set()  # a random model may emit EOS at any time; compare fixed-length decoding
 
     def make_env():
@@ -40,7 +52,9 @@ def test_batched_direct_rollout_matches_one_sequence_greedy_decoding(make_tiny_m
     for trajectory in trajectories:
         assert len(trajectory.completion_ids) == 12
         assert trajectory.completion_ids == _greedy_reference(model, tokenizer, trajectory.prompt_ids, 12)
-        assert trajectory.prompt_ids[: len(engine._encode(builder.shared_prefix))] == engine._encode(builder.shared_prefix)
+        assert trajectory.prompt_ids[: len(engine._encode(builder.shared_prefix))] == engine._encode(
+            builder.shared_prefix
+        )
 
 
 def test_growing_cache_gives_the_same_logits_as_dynamic_cache(make_tiny_model):
@@ -50,7 +64,9 @@ def test_growing_cache_gives_the_same_logits_as_dynamic_cache(make_tiny_model):
         results = []
         for cache in (DynamicCache(config=model.config), growing_cache(model.config)):
             model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
-            steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 20)]
+            steps = [
+                model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 20)
+            ]
             cache.batch_select_indices(torch.tensor([1]))
             steps.append(model(input_ids=ids[1:, :1], past_key_values=cache, use_cache=True).logits)
             results.append(steps)
@@ -67,8 +83,10 @@ def test_calculator_tokens_are_forced_and_masked_out(make_tiny_model, tokenizer)
     """A step that opens `<<4+5=` gets `9>>9` from the calculator; those tokens are excluded from the policy mask."""
     model = make_tiny_model(seed=0).eval()
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
-    script = tokenizer("4+5 = <<4+5=", add_special_tokens=False)["input_ids"] + tokenizer(
-        " pens\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
+    script = (
+        tokenizer("4+5 = <<4+5=", add_special_tokens=False)["input_ids"]
+        + tokenizer(" pens\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
+    )
     engine = StepwiseRollout(model, tokenizer, builder, SamplingConfig(temperature=0.0, max_step_tokens=40))
     position = {"i": 0}
 
@@ -90,7 +108,9 @@ def test_calculator_tokens_are_forced_and_masked_out(make_tiny_model, tokenizer)
     episode = trajectory.episode
     assert episode.completion.startswith("4+5 = <<4+5=9>>9 pens\n")
     assert episode.final_answer == "9" and episode.verdict.correct
-    forced = [tokenizer.decode([t]) for t, p in zip(trajectory.completion_ids, trajectory.policy_mask) if not p]
+    forced = [
+        tokenizer.decode([t]) for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p
+    ]
     assert "".join(forced) == "9>>9"
     assert episode.steps[0].calc_calls == 1
     assert [s.from_policy for s in episode.steps[0].segments] == [True, False, True]

@@ -93,7 +93,9 @@ class Algorithm:
         out = [0.0] * n
         for members in groups.values():
             if len(members) < 2:
-                raise ValueError("The leave-one-out baseline needs at least 2 episodes per problem (num_generations >= 2).")
+                raise ValueError(
+                    "The leave-one-out baseline needs at least 2 episodes per problem (num_generations >= 2)."
+                )
             total = sum(episode_returns[i] for i in members)
             for i in members:
                 out[i] = (total - episode_returns[i]) / (len(members) - 1)
@@ -134,7 +136,9 @@ class Algorithm:
             loss = loss + self.settings.kl_coef * self.kl(logps, ref_logps)
         return loss
 
-    def reduce(self, token_losses: torch.Tensor, mask: torch.Tensor, num_tokens: float, num_sequences: float) -> torch.Tensor:
+    def reduce(
+        self, token_losses: torch.Tensor, mask: torch.Tensor, num_tokens: float, num_sequences: float
+    ) -> torch.Tensor:
         """Sum the masked per-token losses of a micro-batch, normalised over the whole generation batch."""
         mask = mask.to(token_losses.dtype)
         if self.settings.loss_normalization == "sequence":

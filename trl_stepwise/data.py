@@ -84,8 +84,10 @@ def _load_raw(name_or_path: str, split: str) -> Dataset:
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"Dataset file {str(path)!r} does not exist. Pass an existing file path, a hub id, "
-                                    f"or a bundled name: {', '.join(BUNDLED)}, arithmetic:level=N.")
+            raise FileNotFoundError(
+                f"Dataset file {str(path)!r} does not exist. Pass an existing file path, a hub id, "
+                f"or a bundled name: {', '.join(BUNDLED)}, arithmetic:level=N."
+            )
         return _load_file(path)
     try:
         loaded = datasets.load_dataset(name_or_path, split=split)
@@ -102,7 +104,9 @@ def _load_file(path: Path) -> Dataset:
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; pass a .jsonl, .json, .parquet or .csv file.")
     if builder is None:
-        raise ValueError(f"Unsupported file type {path.suffix!r} for {str(path)!r}; use .jsonl, .json, .parquet or .csv.")
+        raise ValueError(
+            f"Unsupported file type {path.suffix!r} for {str(path)!r}; use .jsonl, .json, .parquet or .csv."
+        )
     if path.stat().st_size == 0:
         raise ValueError(f"Dataset file {str(path)!r} is empty: it needs one problem per line (JSONL) or row.")
     try:
@@ -135,7 +139,9 @@ def normalise_columns(
         if question is None or str(question).strip() == "":
             raise DatasetFieldError(f"Row {index} of {source} has an empty {q_field!r} field.")
         if (answer is None or str(answer).strip() == "") and missing_answer == "error":
-            raise DatasetFieldError(f"Row {index} of {source} has no answer in field {a_field!r}; every problem needs one.")
+            raise DatasetFieldError(
+                f"Row {index} of {source} has no answer in field {a_field!r}; every problem needs one."
+            )
         solution = str(row[s_field]) if s_field and row.get(s_field) is not None else ""
         answer = "" if answer is None else str(answer)
         if "####" in answer:  # GSM8K: the answer field is the worked solution ending in "#### N"

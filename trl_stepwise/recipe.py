@@ -26,18 +26,23 @@ class ReinforceScriptArguments:
 
     dataset_name: str = field(
         default="gsm8k",
-        metadata={"help": "Training problems: gsm8k, math, arithmetic:level=N, a hub id, or a local JSONL/Parquet file."},
+        metadata={
+            "help": "Training problems: gsm8k, math, arithmetic:level=N, a hub id, or a local JSONL/Parquet file."
+        },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
     eval_dataset_name: list[str] | None = field(
         default=None,
-        metadata={"help": "Evaluation problems (default: dataset_name), e.g. gsm8k or math500; several names give one "
-                  "eval_<name>_accuracy each (e.g. 'arithmetic:level=1,2,n=200' gsm8k)."},
+        metadata={
+            "help": "Evaluation problems (default: dataset_name), e.g. gsm8k or math500; several names give one "
+            "eval_<name>_accuracy each (e.g. 'arithmetic:level=1,2,n=200' gsm8k)."
+        },
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Keep only the first N problems of each eval set."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
     few_shot_dataset_name: str | None = field(
-        default=None, metadata={"help": "Source of few-shot examples (default: the training set; arithmetic: fewshot split)."}
+        default=None,
+        metadata={"help": "Source of few-shot examples (default: the training set; arithmetic: fewshot split)."},
     )
     question_field: str | None = field(default=None, metadata={"help": "Dataset field holding the problem text."})
     answer_field: str | None = field(default=None, metadata={"help": "Dataset field holding the final answer."})
@@ -55,7 +60,9 @@ def load_problem_sets(script_args: ReinforceScriptArguments):
     if isinstance(names, str):
         names = [names]
     sets = {
-        _metric_name(name): load_math_dataset(name, split=script_args.dataset_test_split, limit=script_args.eval_limit, **fields)
+        _metric_name(name): load_math_dataset(
+            name, split=script_args.dataset_test_split, limit=script_args.eval_limit, **fields
+        )
         for name in names
     }
     evaluation = next(iter(sets.values())) if len(sets) == 1 else sets
@@ -65,7 +72,9 @@ def load_problem_sets(script_args: ReinforceScriptArguments):
     if few_shot_name is None:
         few_shot = train
     else:
-        few_shot = load_math_dataset(few_shot_name, split="fewshot" if few_shot_name.startswith("arithmetic") else "train")
+        few_shot = load_math_dataset(
+            few_shot_name, split="fewshot" if few_shot_name.startswith("arithmetic") else "train"
+        )
     return train, evaluation, few_shot
 
 
@@ -80,7 +89,10 @@ def run_reinforce(
     """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics."""
     quantization = build_quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft)
     if quantization is not None:
-        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "quantization_config": quantization}
+        training_args.model_init_kwargs = {
+            **(training_args.model_init_kwargs or {}),
+            "quantization_config": quantization,
+        }
     if training_args.env_flavour is None:
         training_args.env_flavour = dataset_flavour(script_args.dataset_name)
     train, evaluation, few_shot = load_problem_sets(script_args)

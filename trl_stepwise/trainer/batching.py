@@ -64,7 +64,9 @@ def micro_batches(
     ref_logps: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, torch.Tensor | int]]:
     """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
-    order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids))
+    order = sorted(
+        range(len(trajectories)), key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids)
+    )
     num_micro_batches = max(1, min(num_micro_batches, len(order)))
     size = -(-len(order) // num_micro_batches)
     batches = []
@@ -100,7 +102,9 @@ def completion_logprobs(
     cache = None
     if prefix is not None and prefix.shape[1] > 0 and not getattr(model, "is_gradient_checkpointing", False):
         cache = _shared_prefix_cache(prefix_model or model, prefix, input_ids.shape[0])
-        ones = torch.ones((input_ids.shape[0], prefix.shape[1]), dtype=attention_mask.dtype, device=attention_mask.device)
+        ones = torch.ones(
+            (input_ids.shape[0], prefix.shape[1]), dtype=attention_mask.dtype, device=attention_mask.device
+        )
         attention_mask = torch.cat([ones, attention_mask], dim=1)
     elif prefix is not None and prefix.shape[1] > 0:  # no cache sharing: put the prefix back in every row
         rows = input_ids.shape[0]

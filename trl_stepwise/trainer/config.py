@@ -26,7 +26,9 @@ class StepwiseReinforceConfig(BaseConfig):
     )
     max_step_tokens: int = field(default=96, metadata={"help": "Most tokens the policy may write in one step."})
     max_episode_tokens: int = field(default=384, metadata={"help": "Token budget of one episode (policy tokens)."})
-    step_delimiter: str = field(default="\n", metadata={"help": "Text that ends a step. Use single-step mode with --max_episode_steps 1."})
+    step_delimiter: str = field(
+        default="\n", metadata={"help": "Text that ends a step. Use single-step mode with --max_episode_steps 1."}
+    )
     calculator: bool = field(default=True, metadata={"help": "Fill `<<expr=` calculations with the safe calculator."})
     env_flavour: str | None = field(
         default=None, metadata={"help": "Environment flavour: gsm8k, math or arithmetic (default: from the dataset)."}
@@ -56,7 +58,9 @@ class StepwiseReinforceConfig(BaseConfig):
         metadata={"help": "leave_one_out, batch_mean, moving_average or none (default: the algorithm's)."},
     )
     scale_advantages: bool = field(default=False, metadata={"help": "Divide advantages by the batch return std."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL to the reference model (0 = no reference)."})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "Weight of the KL to the reference model (0 = no reference)."}
+    )
     kl_estimator: str | None = field(default=None, metadata={"help": "k1 or k3 (default: the algorithm's, else k3)."})
     kl_in_reward: bool | None = field(
         default=None, metadata={"help": "Apply the KL as a per-step reward penalty instead of a loss term."}
@@ -86,11 +90,14 @@ class StepwiseReinforceConfig(BaseConfig):
     # ---- curriculum
     curriculum: list[str] | None = field(
         default=None,
-        metadata={"help": "Problem sources in order, e.g. arithmetic:level=1 arithmetic:level=2 gsm8k_easy gsm8k. "
-                  "When set, training problems come from the current stage instead of train_dataset."},
+        metadata={
+            "help": "Problem sources in order, e.g. arithmetic:level=1 arithmetic:level=2 gsm8k_easy gsm8k. "
+            "When set, training problems come from the current stage instead of train_dataset."
+        },
     )
     curriculum_thresholds: list[float] | None = field(
-        default=None, metadata={"help": "Rolling training accuracy that promotes each stage (one value, or one per stage)."}
+        default=None,
+        metadata={"help": "Rolling training accuracy that promotes each stage (one value, or one per stage)."},
     )
     curriculum_min_steps: int = field(default=5, metadata={"help": "Fewest optimizer steps in a stage."})
     curriculum_max_steps: int | None = field(default=None, metadata={"help": "Most optimizer steps in a stage."})
@@ -107,7 +114,9 @@ class StepwiseReinforceConfig(BaseConfig):
     model_init_kwargs: dict | None = field(
         default=None, metadata={"help": "Extra from_pretrained kwargs when the trainer loads the model by name."}
     )
-    model_dtype: str = field(default="float32", metadata={"help": "dtype to load the model in (float32, bfloat16, auto)."})
+    model_dtype: str = field(
+        default="float32", metadata={"help": "dtype to load the model in (float32, bfloat16, auto)."}
+    )
 
     # ---- TRL-convention overrides
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate of AdamW."})
@@ -158,7 +167,7 @@ class StepwiseReinforceConfig(BaseConfig):
             raise ValueError(
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts episodes and must be a "
                 f"multiple of num_generations ({self.num_generations}) so that each problem's group stays together. "
-                f"Try per_device_train_batch_size={self.num_generations * max(1, self.per_device_train_batch_size // self.num_generations)}."
+                f"Try per_device_train_batch_size={self.num_generations * self.problems_per_batch or self.num_generations}."
             )
         if self.kl_coef < 0 or self.ref_sync_steps < 0:
             raise ValueError("kl_coef and ref_sync_steps must be >= 0.")

@@ -95,7 +95,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
         train_dataset = _as_problems(train_dataset, "train") if train_dataset is not None else None
         eval_dataset = _as_problems(eval_dataset, "test") if eval_dataset is not None else None
         if train_dataset is None and curriculum is None:
-            raise ValueError("StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name like 'gsm8k').")
+            raise ValueError(
+                "StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name like 'gsm8k')."
+            )
         if train_dataset is None:
             train_dataset = curriculum.placeholder_dataset()
         super().__init__(
@@ -409,8 +411,10 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self._show_reward_on_progress_bar(logs)
             if self._samples and self.is_world_process_zero():
                 for sample in self._samples:
-                    print(f"\n[step {self.state.global_step}] reward={sample['reward']:.2f}\nQ: {sample['question']}\n"
-                          f"A: {sample['completion']}")
+                    print(
+                        f"\n[step {self.state.global_step}] reward={sample['reward']:.2f}\nQ: {sample['question']}\n"
+                        f"A: {sample['completion']}"
+                    )
                 self._log_samples_table()
         super().log(logs, start_time)
 
