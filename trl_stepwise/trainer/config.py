@@ -167,7 +167,7 @@ class StepwiseReinforceConfig(BaseConfig):
             raise ValueError(
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts episodes and must be a "
                 f"multiple of num_generations ({self.num_generations}) so that each problem's group stays together. "
-                f"Try per_device_train_batch_size={self.num_generations * self.problems_per_batch or self.num_generations}."
+                f"Try per_device_train_batch_size={self.num_generations * max(1, self.problems_per_batch)}."
             )
         if self.kl_coef < 0 or self.ref_sync_steps < 0:
             raise ValueError("kl_coef and ref_sync_steps must be >= 0.")
