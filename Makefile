@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= recipes/configs/reinforce_gsm8k_cpu.yaml
+# Extra recipe flags, e.g. make train ARGS="--max_steps 2"
+ARGS ?=
 # The CPU build of torch lies on this machine's disk; installing it first keeps pip from pulling a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 setup: $(VENV)/.installed
 
 train: setup
-	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reinforce_gsm8k.py --config $(CONFIG)
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reinforce_gsm8k.py --config $(CONFIG) $(ARGS)
 
 evaluate: setup
 	$(BIN)/trl-stepwise evaluate --dataset gsm8k --split test --limit 100 --n_few_shot 4
