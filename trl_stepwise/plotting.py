@@ -7,19 +7,21 @@ from pathlib import Path
 
 
 def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path | None:
-    """Plot ``reward``/``accuracy`` and ``eval_accuracy`` from a Trainer log history; None when nothing to plot."""
+    """Plot ``reward``/``accuracy`` and every ``eval_*accuracy`` of a Trainer log history; None if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {
+    series: dict[str, list[tuple[int, float]]] = {
         "train reward": [(h["step"], h["reward"]) for h in log_history if "reward" in h],
-        "train accuracy": [
-            (h["step"], h["accuracy"]) for h in log_history if "accuracy" in h and "eval_accuracy" not in h
-        ],
-        "eval accuracy": [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h],
+        "train accuracy": [(h["step"], h["accuracy"]) for h in log_history if "accuracy" in h],
     }
+    for entry in log_history:  # eval_accuracy, or eval_<name>_accuracy with several eval sets
+        for key, value in entry.items():
+            if key.startswith("eval_") and key.endswith("accuracy"):
+                name = key[len("eval_") : -len("accuracy")].strip("_").replace("_", " ")
+                series.setdefault(f"eval accuracy {name}".strip(), []).append((entry["step"], value))
     if not any(series.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

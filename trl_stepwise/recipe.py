@@ -107,6 +107,7 @@ def run_reinforce(
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if script_args.eval_at_end else {}
+    trainer.plot_curves()  # again, now with the final evaluation
     trainer.save_model(training_args.output_dir)
     summary = {"wall_seconds": time.perf_counter() - started, **metrics}
     if trainer.is_world_process_zero():

@@ -480,11 +480,16 @@ class StepwiseReinforceTrainer(BaseTrainer):
     # ------------------------------------------------------------------ train, checkpoints and resume
     def train(self, *args: Any, **kwargs: Any):
         output = super().train(*args, **kwargs)
-        if self.is_world_process_zero():
-            from trl_stepwise.plotting import plot_training_curves
-
-            plot_training_curves(self.state.log_history, Path(self.args.output_dir) / "training_curves.png")
+        self.plot_curves()
         return output
+
+    def plot_curves(self) -> Path | None:
+        """Write ``output_dir/training_curves.png`` (reward and eval accuracy over steps) from the log history."""
+        if not self.is_world_process_zero():
+            return None
+        from trl_stepwise.plotting import plot_training_curves
+
+        return plot_training_curves(self.state.log_history, Path(self.args.output_dir) / "training_curves.png")
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Save the trainer's own state next to the RNG state (before trainer_state.json, the completion marker)."""
