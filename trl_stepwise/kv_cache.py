@@ -3,7 +3,7 @@
 transformers' ``DynamicLayer`` concatenates the whole cache with each new token, which copies every row's keys and
 values once per decoded token: with a shared few-shot prefix repeated over a batch of 64 episodes that is gigabytes
 of memory traffic per token. ``GrowingLayer`` keeps spare capacity and writes new tokens into it, so a token costs
-only its own keys and values (amortised growth as in a Python list).
+only its own keys and values (the buffer grows by a fixed margin, copied once per margin).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
-GROWTH = 1.5
-MIN_SPARE = 64
+SPARE = 128  # tokens of room added per growth: one copy per 128 decoded tokens, little memory held spare
 
 
 class GrowingLayer(DynamicLayer):
@@ -42,8 +41,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        old = 0 if self._keys is None else self._keys.shape[-2]
-        capacity = max(needed + MIN_SPARE, int(old * GROWTH))
+        capacity = needed + SPARE
         batch, heads, _, key_dim = key_states.shape
         keys = key_states.new_empty((batch, heads, capacity, key_dim))
         values = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))

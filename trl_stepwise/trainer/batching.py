@@ -100,7 +100,7 @@ def completion_logprobs(
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     prefix = batch.get("prefix_ids")
     cache = None
-    if prefix is not None and prefix.shape[1] > 0 and not getattr(model, "is_gradient_checkpointing", False):
+    if prefix is not None and prefix.shape[1] > 0 and not _checkpointing(model):
         cache = _shared_prefix_cache(prefix_model or model, prefix, input_ids.shape[0])
         ones = torch.ones(
             (input_ids.shape[0], prefix.shape[1]), dtype=attention_mask.dtype, device=attention_mask.device
@@ -155,6 +155,14 @@ def _shared_prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     return cache
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (recomputation would re-append to a shared cache)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name, False))
+    return False
 
 
 def _config_of(model: torch.nn.Module):
