@@ -15,7 +15,10 @@ import torch
 
 from trl_stepwise.data import load_math_dataset
 from trl_stepwise.models import load_tokenizer
-from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
+from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_training import length_reward, make_config  # noqa: E402
 
 
 def checksum(model: torch.nn.Module) -> str:
@@ -26,30 +29,9 @@ def checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def length_reward(completions, **kwargs):
-    return [len(c) / 10 for c in completions]
-
-
 def main() -> None:
     output_dir, model_dir = Path(sys.argv[1]), sys.argv[2]
-    args = StepwiseReinforceConfig(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_step_tokens=6,
-        max_episode_steps=2,
-        n_few_shot=1,
-        env_flavour="arithmetic",
-        learning_rate=1e-2,
-        kl_coef=0.1,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        num_completions_to_print=0,
-        seed=0,
-    )
+    args = make_config(output_dir, max_steps=2)
     trainer = StepwiseReinforceTrainer(
         model=model_dir,
         args=args,
