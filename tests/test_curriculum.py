@@ -91,9 +91,9 @@ def test_trainer_logs_stage_and_resume_continues_in_the_same_stage(make_tiny_mod
     few_shot = [
         {"question": "Ann has 2 pens and buys 3. How many?", "answer": "5", "solution": "2+3 = <<2+3=5>>5\n#### 5"}
     ]
-    first = StepwiseReinforceTrainer(
-        make_tiny_model(), config(2), processing_class=tokenizer, few_shot_dataset=few_shot
-    )
+    first = StepwiseReinforceTrainer(make_tiny_model(), config(2), processing_class=tokenizer)
+    shot = first.prompt_builder.pool[0]  # no few-shot set given: solved examples of the first stage's few-shot split
+    assert shot.steps[-1].startswith("The answer is:") and "<<" in shot.steps[0]
     first.train()
     stages = [h["curriculum/stage"] for h in first.state.log_history if "curriculum/stage" in h]
     assert stages == [0.0, 1.0]  # threshold 0, but promotion waits for 8 episodes in the rolling window

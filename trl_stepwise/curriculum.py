@@ -106,6 +106,17 @@ class Curriculum:
             return True
         return False
 
+    def few_shot_rows(self, n: int = 64) -> list[dict[str, Any]]:
+        """Solved examples for prompts, from the first stage's source (its few-shot split for generated problems)."""
+        source = self.stages[0].source
+        if source.startswith("arithmetic"):
+            from trl_stepwise.arithmetic import arithmetic_dataset, parse_arithmetic_spec
+
+            spec = {k: v for k, v in parse_arithmetic_spec(source).items() if k not in ("n", "start")}
+            return [dict(r) for r in arithmetic_dataset(split="fewshot", n=n, **spec)]
+        pool = self._pool(source)
+        return [dict(pool[i]) for i in self._order(source, len(pool))[:n]]
+
     def placeholder_dataset(self, size: int = 1_000_000) -> Dataset:
         """Index rows for the Trainer's dataloader; the problems themselves come from ``sample``."""
         return Dataset.from_dict({"question": [""] * size, "answer": [""] * size})

@@ -100,6 +100,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             )
         if train_dataset is None:
             train_dataset = curriculum.placeholder_dataset()
+            few_shot_dataset = few_shot_dataset if few_shot_dataset is not None else curriculum.few_shot_rows()
         super().__init__(
             model=model,
             args=args,
