@@ -263,7 +263,9 @@ class StepwiseRollout:
     def _prefix_cache(self, prefix_ids: list[int], batch: int) -> DynamicCache:
         """Encode the shared prefix once and repeat its key/value cache over the batch."""
         cache = growing_cache(self.model.config)
-        ids = torch.tensor([prefix_ids], device=self.model.device)
+        if not prefix_ids:  # nothing shared (e.g. a template that renders few-shot turns unstably): start empty
+            return cache
+        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.model.device)
         self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.stats.model_calls += 1
         cache.batch_repeat_interleave(batch)
