@@ -39,9 +39,8 @@ from transformers import TrainerCallback
 
 from trl_stepwise.data import dataset_flavour
 from trl_stepwise.evaluation import evaluate_problems
-from trl_stepwise.grading import grade_solution
 from trl_stepwise.prompting import PromptBuilder
-from trl_stepwise.rewards import completion_text
+from trl_stepwise.rewards import correctness_reward
 from trl_stepwise.rollout import SamplingConfig
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 
@@ -84,13 +83,6 @@ class CurveCallback(TrainerCallback):
             point = {"step": state.global_step, "minutes": (time.perf_counter() - self.budget.started) / 60}
             point.update({k: float(logs[k]) for k in ("reward", "accuracy", "loss") if k in logs})
             self.points.append(point)
-
-
-def correctness_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-    """GRPO reward: 1.0 when the completion's final answer grades correct against ``answer``, else 0.0."""
-    return [
-        float(grade_solution(completion_text(c), str(a)).correct) for c, a in zip(completions, answer, strict=True)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

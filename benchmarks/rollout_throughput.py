@@ -49,6 +49,7 @@ import trl_stepwise.rollout as rollout_module
 from trl_stepwise import calculator, grading
 from trl_stepwise.kv_cache import FORCE_GQA_ENV
 from trl_stepwise.prompting import PromptBuilder
+from trl_stepwise.rewards import correctness_reward
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, _eos_token_ids
 
 NAME = "rollout_throughput"
@@ -267,12 +268,6 @@ def build_grpo_trainer(
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    def correctness(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-        return [
-            float(grading.grade_solution(c[-1]["content"] if isinstance(c, list) else c, str(a)).correct)
-            for c, a in zip(completions, answer, strict=True)
-        ]
-
     config = GRPOConfig(
         output_dir=output_dir,
         use_cpu=True,
@@ -291,7 +286,7 @@ def build_grpo_trainer(
     )
     dataset = Dataset.from_dict({"prompt": prompts, "answer": answers})
     return GRPOTrainer(
-        model=model, reward_funcs=[correctness], args=config, train_dataset=dataset, processing_class=tokenizer
+        model=model, reward_funcs=[correctness_reward], args=config, train_dataset=dataset, processing_class=tokenizer
     )
 
 
