@@ -1,10 +1,11 @@
 """Peak memory of one training step: full weights, LoRA and 4-bit (NF4) LoRA, against a naive log-softmax.
 
-A step is what ``StepwiseReinforceTrainer.compute_loss`` does on one micro-batch of synthetic trajectories (default
-32 episodes x 256 completion tokens after a shared 192-token prefix and a 32-token per-row prompt):
+A step is what ``StepwiseReinforceTrainer`` does with one batch of synthetic trajectories (default 32 episodes x 256
+completion tokens after a shared 192-token prefix and a 32-token per-row prompt), micro-batch by micro-batch
+(``--micro_batch`` episodes each, default 4: the trainer's ``per_device_train_batch_size`` with gradient accumulation):
 ``trainer.batching.completion_logprobs`` (shared-prefix cache, ``logits_to_keep`` completion columns, float32
-``logit - logsumexp``, per-row entropy) -> REINFORCE loss -> backward -> AdamW step, twice (the second step is the
-steady state: optimizer states, gradients and activations together). The naive variant computes the full logits of
+``logit - logsumexp``, per-row entropy) -> REINFORCE loss -> backward; then an AdamW step; twice (the second step is
+the steady state: optimizer states, gradients and activations together). The naive variant computes the full logits of
 every position and ``.log_softmax`` over the whole vocabulary and sequence, as a plain implementation would.
 
 Each configuration runs in a fresh subprocess; its peak resident set size comes from ``os.wait4`` (the child's own
@@ -149,6 +150,20 @@ def naive_logprobs(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     return logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)[:, -width:]
 
 
+def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """Row slices of a padded batch (what ``gradient_accumulation_steps`` micro-batches of ``size`` episodes get)."""
+    rows = int(batch["input_ids"].shape[0])
+    parts = []
+    for start in range(0, rows, size):
+        parts.append(
+            {
+                k: v[start : start + size] if isinstance(v, torch.Tensor) and k != "prefix_ids" else v
+                for k, v in batch.items()
+            }
+        )
+    return parts
+
+
 def run_worker(args: argparse.Namespace) -> None:
     """Load, build the batch, take ``args.steps`` training steps; write figures to ``args.result``."""
     from trl_stepwise.trainer.batching import completion_logprobs
@@ -193,22 +208,27 @@ def run_worker(args: argparse.Namespace) -> None:
 
         wrapped = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    mask = batch["completion_mask"].float()
+    total_tokens = batch["completion_mask"].float().sum()
+    parts = split_batch(batch, args.micro_batch or args.episodes)
+    figures["micro_batches"] = len(parts)
     step_seconds = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        if naive:
-            logps = naive_logprobs(wrapped, batch)
-        else:
-            logps, _ = completion_logprobs(wrapped, batch, with_entropy=True, prefix_model=model)
-        loss = -(logps * batch["advantages"] * mask).sum() / mask.sum()
-        loss.backward()
+        # gradient accumulation, as the trainer's micro-batches (loss normalised over the whole batch's tokens)
+        for part in parts:
+            if naive:
+                logps = naive_logprobs(wrapped, part)
+            else:
+                logps, _ = completion_logprobs(wrapped, part, with_entropy=True, prefix_model=model)
+            mask = part["completion_mask"].float()
+            loss = -(logps * part["advantages"] * mask).sum() / total_tokens
+            loss.backward()
+            del logps, loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - t0)
-        del logps, loss
     figures.update(
         step_seconds=step_seconds,
         peak_rss_self_bytes=_peak_rss(),
@@ -250,7 +270,7 @@ def worker_command(args: argparse.Namespace, config: str, source: str, device: s
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--source", source]
     command += ["--device", device, "--result", result, "--steps", str(args.steps), "--episodes", str(args.episodes)]
     command += ["--prefix_tokens", str(args.prefix_tokens), "--suffix_tokens", str(args.suffix_tokens)]
-    command += ["--completion_tokens", str(args.completion_tokens)]
+    command += ["--completion_tokens", str(args.completion_tokens), "--micro_batch", str(args.micro_batch)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     return command
@@ -368,6 +388,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--suffix_tokens", type=int, default=32, help="Per-row prompt length (the question).")
     parser.add_argument("--completion_tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--micro_batch",
+        type=int,
+        default=4,
+        help="Episodes per forward/backward (the trainer's per_device_train_batch_size; the step accumulates "
+        "episodes/micro_batch of them). 0 = all episodes in one pass.",
+    )
     parser.add_argument("--two_processes", action="store_true", help="Also run 2-process DDP pairs.")
     parser.add_argument("--two_process_configs", default="full,lora")
     parser.add_argument("--gpu_configs", default="lora,lora_4bit", help="Configs for the Llama-1B shape on a GPU.")
@@ -383,6 +410,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.episodes, args.prefix_tokens, args.suffix_tokens, args.completion_tokens, args.steps = 4, 16, 4, 16, 1
+        args.micro_batch = 2
     return args
 
 
@@ -404,7 +432,8 @@ def main() -> None:
     print_table(
         HEADERS,
         table_rows(rows),
-        title=f"Peak memory of one training step ({args.episodes} episodes x {args.completion_tokens} tokens; "
+        title=f"Peak memory of one training step ({args.episodes} episodes x {args.completion_tokens} tokens in "
+        f"micro-batches of {args.micro_batch or args.episodes}; "
         "CPU: peak RSS, GPU: peak CUDA allocated)",
     )
     write_json(
@@ -418,6 +447,7 @@ def main() -> None:
                 "suffix_tokens": args.suffix_tokens,
                 "completion_tokens": args.completion_tokens,
                 "steps": args.steps,
+                "micro_batch": args.micro_batch or args.episodes,
             },
             "rows": rows,
             "mib": {

@@ -136,6 +136,16 @@ class Algorithm:
             loss = loss + self.settings.kl_coef * self.kl(logps, ref_logps)
         return loss
 
+    def distill(self, logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+        """Per-token distillation term on sampled tokens: k3 = r - log r - 1 with r = teacher / policy probability.
+
+        Its gradient, 1 - r, is non-zero wherever policy and teacher disagree; over tokens sampled from the policy it
+        is an unbiased estimate of the gradient of the cross-entropy to the teacher, KL(teacher || policy), so the
+        term pulls the policy towards the teacher (a plain ``logps - teacher_logps`` has zero expected gradient).
+        """
+        log_ratio = teacher_logps - logps
+        return torch.exp(log_ratio) - log_ratio - 1.0
+
     def reduce(
         self, token_losses: torch.Tensor, mask: torch.Tensor, num_tokens: float, num_sequences: float
     ) -> torch.Tensor:

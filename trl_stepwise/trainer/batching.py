@@ -25,6 +25,7 @@ def pad_trajectories(
     advantages: Sequence[Sequence[float]] | None = None,
     old_logps: Sequence[Sequence[float]] | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
+    teacher_logps: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
     pad_id = 0 if pad_id is None else pad_id
@@ -47,7 +48,13 @@ def pad_trajectories(
         "completion_width": completion_width,
         "prefix_ids": torch.tensor([trajectories[0].prompt_ids[:shared]], dtype=torch.long),
     }
-    for name, values in (("advantages", advantages), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+    per_token = {
+        "advantages": advantages,
+        "old_logps": old_logps,
+        "ref_logps": ref_logps,
+        "teacher_logps": teacher_logps,
+    }
+    for name, values in per_token.items():
         if values is not None:
             batch[name] = _pad_floats(values, completion_width)
     if device is not None:
@@ -62,6 +69,7 @@ def micro_batches(
     pad_id: int | None,
     old_logps: Sequence[Sequence[float]] | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
+    teacher_logps: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, torch.Tensor | int]]:
     """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
     order = sorted(
@@ -79,6 +87,7 @@ def micro_batches(
                 advantages=[advantages[i] for i in index],
                 old_logps=[old_logps[i] for i in index] if old_logps is not None else None,
                 ref_logps=[ref_logps[i] for i in index] if ref_logps is not None else None,
+                teacher_logps=[teacher_logps[i] for i in index] if teacher_logps is not None else None,
             )
         )
     return batches

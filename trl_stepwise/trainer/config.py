@@ -87,6 +87,43 @@ class StepwiseReinforceConfig(BaseConfig):
         default=None, metadata={"help": "Weights of the extra reward_funcs passed to the trainer (default 1 each)."}
     )
 
+    # ---- judge step rewards and teacher distillation
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LM that rewards every step (hub id, path, or smollm2-135m-instruct for the embedded "
+            "model); None = no judge. It is frozen and never trained."
+        },
+    )
+    judge_mode: str = field(
+        default="score",
+        metadata={"help": "score: expected 1-10 rating from digit probabilities; yes_no: mean P(yes) of questions."},
+    )
+    judge_weight: float = field(default=1.0, metadata={"help": "Weight of the judge's per-step reward (in [0, 1])."})
+    judge_prompt: str | None = field(
+        default=None,
+        metadata={"help": "File replacing the bundled judge prompt ({question}, {previous_steps}, {step})."},
+    )
+    judge_questions: str | None = field(
+        default=None, metadata={"help": "File of yes/no questions for judge_mode yes_no, one per line."}
+    )
+    judge_batch_size: int = field(default=16, metadata={"help": "Steps scored per judge forward pass."})
+    judge_device: str | None = field(
+        default=None, metadata={"help": "Device of the judge, e.g. cuda:1 (default: the policy's device)."}
+    )
+    judge_load_in_4bit: bool = field(default=False, metadata={"help": "Load the judge in 4-bit NF4 (bitsandbytes)."})
+    answer_reward_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the final-answer reward when combined with judge step rewards."}
+    )
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "Frozen teacher for distillation (hub id or path; same tokenizer as the policy)."},
+    )
+    distill_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the loss term pulling the log-probs of sampled tokens to the teacher's."},
+    )
+
     # ---- curriculum
     curriculum: list[str] | None = field(
         default=None,
@@ -175,6 +212,10 @@ class StepwiseReinforceConfig(BaseConfig):
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be >= 1.")
+        if self.judge_mode not in ("score", "yes_no"):
+            raise ValueError(f"judge_mode={self.judge_mode!r}; choose score or yes_no.")
+        if self.distill_coef < 0:
+            raise ValueError("distill_coef must be >= 0.")
         if self.max_step_tokens < 1 or self.max_episode_tokens < 1:
             raise ValueError("max_step_tokens and max_episode_tokens must be >= 1.")
 

@@ -69,6 +69,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         few_shot_dataset: Dataset | None = None,
         algorithm: Algorithm | None = None,
         curriculum: Any = None,
+        judge: Any = None,
+        teacher_model: str | PreTrainedModel | None = None,
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         if model is None or isinstance(model, str):
@@ -129,6 +131,10 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._has_ref_adapter = False
         if args.kl_coef > 0 and not is_peft_model(self.model):
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.judge = judge if judge is not None else _build_judge(args, self.accelerator.device)
+        self.teacher = _build_teacher(teacher_model or args.teacher_model, args, processing_class)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.accelerator.device)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[dict] = []
         self._buffer: list[dict] = []
@@ -222,6 +228,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         trajectories = engine.run(self.make_env, rows, group_ids=group_ids)
         generation_seconds = time.perf_counter() - started
         policy_logps, ref_logps = self._score(trajectories)
+        teacher_logps = self._teacher_logps(trajectories)
+        judged = self._judge_rewards(trajectories)
         scores = []
         for i, trajectory in enumerate(trajectories):
             step_kl = [0.0] * len(trajectory.episode.steps)
@@ -230,8 +238,10 @@ class StepwiseReinforceTrainer(BaseTrainer):
                     if trajectory.policy_mask[token] and trajectory.step_index[token] < len(step_kl):
                         step_kl[trajectory.step_index[token]] += lp - rp
             step_rewards = list(trajectory.episode.step_rewards)
+            if judged is not None:
+                step_rewards = [r + args.judge_weight * j for r, j in zip(step_rewards, judged[i], strict=True)]
             if step_rewards:  # EpisodeScores expects the final-answer reward on the last step
-                step_rewards[-1] += trajectory.episode.final_reward
+                step_rewards[-1] += args.answer_reward_weight * trajectory.episode.final_reward
             scores.append(EpisodeScores(trajectory.episode.group_id, step_rewards, step_kl))
         step_advantages = self.algorithm.advantages(scores)
         token_advantages = [
@@ -246,6 +256,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             pad_id=self.processing_class.pad_token_id,
             old_logps=policy_logps,
             ref_logps=ref_logps,
+            teacher_logps=teacher_logps,
         )
         for batch in batches:
             batch["num_tokens"] = num_tokens
@@ -283,6 +294,35 @@ class StepwiseReinforceTrainer(BaseTrainer):
                     ref = self._logps(model, trajectories)
         return policy, ref
 
+    @torch.no_grad()
+    def _teacher_logps(self, trajectories: list[Trajectory]) -> list[list[float]] | None:
+        """The frozen teacher's log-probs of the sampled tokens (for the distillation term)."""
+        if self.teacher is None or self.args.distill_coef <= 0:
+            return None
+        return self._logps(self.teacher, trajectories)
+
+    def _judge_rewards(self, trajectories: list[Trajectory]) -> list[list[float]] | None:
+        """Per-step rewards from the judge: every step of the batch is scored in one batched pass per question."""
+        if self.judge is None:
+            return None
+        from trl_stepwise.judge import judge_items
+
+        items, owners = [], []
+        for i, trajectory in enumerate(trajectories):
+            episode = trajectory.episode
+            steps = [step.text for step in episode.steps]
+            items.extend(judge_items(str(episode.row.get("question", "")), steps))
+            owners.extend([i] * len(steps))
+        started = time.perf_counter()
+        scores = self.judge.score(items)
+        per_episode: list[list[float]] = [[] for _ in trajectories]
+        for owner, score in zip(owners, scores, strict=True):
+            per_episode[owner].append(float(score))
+        if scores:
+            self._metrics["judge/step_score"].append(sum(scores) / len(scores))
+        self._metrics["time/judge_s"].append(time.perf_counter() - started)
+        return per_episode
+
     def _logps(self, model: PreTrainedModel, trajectories: list[Trajectory]) -> list[list[float]]:
         was_training = model.training
         model.eval()
@@ -312,6 +352,10 @@ class StepwiseReinforceTrainer(BaseTrainer):
         old = logps.detach() if old is None else old
         ref = inputs.get("ref_logps")
         token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"])
+        teacher = inputs.get("teacher_logps")
+        if teacher is not None:
+            distill = self.algorithm.distill(logps, teacher)
+            token_losses = token_losses + self.args.distill_coef * distill
         loss = self.algorithm.reduce(token_losses, mask, inputs["num_tokens"], inputs["num_sequences"])
         with torch.no_grad():
             m = mask.float()
@@ -319,6 +363,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self._metrics["entropy"].append(float((entropy * m).sum() / denominator))
             if ref is not None:
                 self._metrics["kl"].append(float((self.algorithm.kl(logps, ref) * m).sum() / denominator))
+            if teacher is not None:
+                self._metrics["distill/teacher_kl"].append(float((distill * m).sum() / denominator))
             ratio = torch.exp(logps - old)
             clipped = ((ratio - 1.0).abs() > self.args.epsilon).float()
             self._metrics["clip_ratio"].append(float((clipped * m).sum() / denominator))
@@ -535,6 +581,50 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 unwrapped.set_adapter("default")
                 self._has_ref_adapter = True
                 unwrapped.load_state_dict(reference, strict=False)
+
+
+def _build_judge(args: StepwiseReinforceConfig, policy_device: torch.device):
+    """The judge named by ``args.judge_model`` (None when unset), frozen, on ``judge_device`` or the policy's."""
+    if not args.judge_model:
+        return None
+    from trl_stepwise.judge import StepJudge
+
+    # the judge is never trained, so 4-bit needs no adapters (use_peft only lifts the training guard)
+    quantization = build_quantization_config(load_in_4bit=True, use_peft=True) if args.judge_load_in_4bit else None
+    return StepJudge(
+        args.judge_model,
+        mode=args.judge_mode,
+        prompt=args.judge_prompt,
+        questions=args.judge_questions,
+        batch_size=args.judge_batch_size,
+        device=args.judge_device or policy_device,
+        quantization_config=quantization,
+    )
+
+
+def _build_teacher(teacher, args: StepwiseReinforceConfig, tokenizer: PreTrainedTokenizerBase):
+    """The frozen distillation teacher; it must share the policy's vocabulary (log-probs of the same token ids)."""
+    if teacher is None:
+        if args.distill_coef > 0:
+            raise ValueError(
+                "distill_coef > 0 needs a teacher: set --teacher_model (a hub id or a local folder), or pass "
+                "teacher_model= to StepwiseReinforceTrainer."
+            )
+        return None
+    if args.distill_coef <= 0:
+        logger.warning("A teacher model was given but distill_coef is 0: the teacher is not used.")
+        return None
+    if isinstance(teacher, str):
+        teacher_vocab = load_tokenizer(teacher).get_vocab()
+        if teacher_vocab != tokenizer.get_vocab():
+            raise ValueError(
+                f"The teacher {teacher!r} has a different tokenizer from the policy: distillation compares "
+                "log-probabilities of the same token ids, so pick a teacher of the same model family."
+            )
+        teacher = load_model(teacher, dtype=args.model_dtype)
+    if teacher.get_output_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError("The teacher's vocabulary is smaller than the policy tokenizer's: use a same-family teacher.")
+    return teacher.eval().requires_grad_(False)
 
 
 def _attach_peft(model, peft_config):
