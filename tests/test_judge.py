@@ -186,3 +186,8 @@ def test_judge_built_from_config_by_path(tmp_path, tiny_model, tiny_model_dir, t
     )
     assert isinstance(trainer.judge, StepJudge) and trainer.judge.mode == "yes_no"
     assert trainer.judge.model is not trainer.model
+
+
+def test_config_rejects_unknown_judge_mode(tmp_path):
+    with pytest.raises(ValueError, match="judge_mode='stars'; choose score or yes_no"):
+        make_config(tmp_path, judge_mode="stars")
