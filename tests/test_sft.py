@@ -20,6 +20,22 @@ from trl_stepwise.sft import SFTDataError, SFTScriptArguments, run_sft, sft_data
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_sft_config(output_dir, **overrides) -> SFTConfig:
+    """A seconds-long CPU SFT configuration for the tiny model."""
+    base = dict(
+        output_dir=str(output_dir),
+        learning_rate=1e-2,
+        max_length=256,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+    return SFTConfig(**{**base, **overrides})
+
+
 def test_gsm8k_rows_become_stepwise_prompt_completion():
     rows = load_math_dataset("gsm8k", split="train", limit=2)
     data = sft_dataset(rows, "gsm8k")
@@ -109,21 +125,7 @@ def test_tiny_sft_run_trains_on_completions_only_and_saves(tiny_model_dir, token
 
     monkeypatch.setattr(sft_module, "SFTTrainer", RecordingSFTTrainer)
     output_dir = tmp_path / "sft"
-    training_args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_length=256,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    training_args = tiny_sft_config(output_dir, max_steps=2, per_device_train_batch_size=4, logging_steps=1, seed=0)
     summary = run_sft(
         SFTScriptArguments(dataset_name="gsm8k", train_limit=8),
         training_args,
@@ -160,18 +162,7 @@ def test_lora_sft_saves_an_adapter_that_the_evaluator_loader_reads(tiny_model_di
     from trl_stepwise.models import load_model
 
     output_dir = tmp_path / "sft-lora"
-    training_args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        max_length=256,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
-    )
+    training_args = tiny_sft_config(output_dir, max_steps=1, per_device_train_batch_size=2)
     model_args = ModelConfig(
         model_name_or_path=str(tiny_model_dir),
         use_peft=True,
