@@ -171,7 +171,9 @@ class StepJudge:
         if isinstance(model, PreTrainedModel):
             name = getattr(model.config, "_name_or_path", None)
         else:
-            name, model = model, load_model(model, quantization_config=quantization_config)
+            # quantized weights cannot be moved after loading: bitsandbytes places them on the device while loading
+            placement = {"device_map": {"": device}} if quantization_config is not None and device is not None else {}
+            name, model = model, load_model(model, quantization_config=quantization_config, **placement)
         self.tokenizer = tokenizer or load_tokenizer(name)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

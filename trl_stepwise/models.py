@@ -116,13 +116,18 @@ def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrained
     return tokenizer
 
 
-def build_quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, use_peft: bool = False):
-    """A ``BitsAndBytesConfig`` for 4/8-bit loading; 4-bit without LoRA is refused (its weights cannot train)."""
+def build_quantization_config(
+    load_in_4bit: bool = False, load_in_8bit: bool = False, use_peft: bool = False, frozen: bool = False
+):
+    """A ``BitsAndBytesConfig`` for 4/8-bit loading; 4-bit without LoRA is refused (its weights cannot train).
+
+    ``frozen`` marks a model that is never trained (a judge, a teacher): it needs no adapters.
+    """
     if not (load_in_4bit or load_in_8bit):
         return None
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
-    if not use_peft:
+    if not (use_peft or frozen):
         raise ValueError(
             "4-bit/8-bit weights cannot be trained directly: add --use_peft (LoRA adapters train on top of the "
             "quantized model), or drop --load_in_4bit/--load_in_8bit."

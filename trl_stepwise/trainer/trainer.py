@@ -297,9 +297,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
     @torch.no_grad()
     def _teacher_logps(self, trajectories: list[Trajectory]) -> list[list[float]] | None:
         """The frozen teacher's log-probs of the sampled tokens (for the distillation term)."""
-        if self.teacher is None or self.args.distill_coef <= 0:
-            return None
-        return self._logps(self.teacher, trajectories)
+        return None if self.teacher is None else self._logps(self.teacher, trajectories)
 
     def _judge_rewards(self, trajectories: list[Trajectory]) -> list[list[float]] | None:
         """Per-step rewards from the judge: every step of the batch is scored in one batched pass per question."""
@@ -589,8 +587,7 @@ def _build_judge(args: StepwiseReinforceConfig, policy_device: torch.device):
         return None
     from trl_stepwise.judge import StepJudge
 
-    # the judge is never trained, so 4-bit needs no adapters (use_peft only lifts the training guard)
-    quantization = build_quantization_config(load_in_4bit=True, use_peft=True) if args.judge_load_in_4bit else None
+    quantization = build_quantization_config(load_in_4bit=args.judge_load_in_4bit, frozen=True)
     return StepJudge(
         args.judge_model,
         mode=args.judge_mode,
