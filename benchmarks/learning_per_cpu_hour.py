@@ -16,11 +16,17 @@ go to ``benchmarks/results/learning_curves.png``.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import (
     base_parser,
     env_factory,
@@ -88,33 +94,44 @@ class CurveCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(model: Any, tokenizer: Any, rows: list[dict], builder: PromptBuilder, args: Any) -> dict[str, dict]:
-    """Greedy accuracy with Wilson 95% CIs in each protocol of ``--eval_modes``."""
-    flavour = "math" if dataset_flavour(args.eval_dataset) == "math" else "gsm8k"
-    out = {}
-    for mode in args.eval_modes.split(","):
-        direct = mode == "direct"
-        make_env = env_factory(flavour, args.eval_max_tokens, max_steps=1 if direct else None, calculator=not direct)
-        sampling = SamplingConfig(
-            temperature=0.0,
-            max_step_tokens=args.eval_max_tokens if direct else args.max_step_tokens,
-            batch_size=args.eval_batch_size,
-        )
-        started = time.perf_counter()
-        summary, _ = evaluate_problems(
-            model,
-            tokenizer,
-            rows,
-            builder,
-            make_env,
-            sampling,
-            progress=False,
-            step_delimiter=None if direct else "\n",
-            calculator=not direct,
-        )
-        keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total", "unparsable", "mean_tokens")
-        out[mode] = {k: summary[k] for k in keys} | {"seconds": time.perf_counter() - started}
-        print(f"  eval {mode}: {summary['correct']}/{summary['total']} = {summary['accuracy']:.3f}", flush=True)
+def evaluate(model: Any, tokenizer: Any, eval_sets: dict[str, list[dict]], args: Any) -> dict[str, dict]:
+    """Greedy accuracy with Wilson 95% CIs, per evaluation set and per protocol of ``--eval_modes``.
+
+    Each set is prompted with its own few-shot examples (as ``trl-stepwise evaluate`` would), the same for every model.
+    """
+    out: dict[str, dict] = {}
+    for name, rows in eval_sets.items():
+        flavour = "math" if dataset_flavour(name) == "math" else "gsm8k"
+        builder = prompt_builder(tokenizer, name, args.n_few_shot, seed=FEW_SHOT_SEED)
+        out[name] = {}
+        for mode in args.eval_modes.split(","):
+            direct = mode == "direct"
+            make_env = env_factory(
+                flavour, args.eval_max_tokens, max_steps=1 if direct else None, calculator=not direct
+            )
+            sampling = SamplingConfig(
+                temperature=0.0,
+                max_step_tokens=args.eval_max_tokens if direct else args.max_step_tokens,
+                batch_size=args.eval_batch_size,
+            )
+            started = time.perf_counter()
+            summary, _ = evaluate_problems(
+                model,
+                tokenizer,
+                rows,
+                builder,
+                make_env,
+                sampling,
+                progress=False,
+                step_delimiter=None if direct else "\n",
+                calculator=not direct,
+            )
+            keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total", "unparsable", "mean_tokens")
+            out[name][mode] = {k: summary[k] for k in keys} | {"seconds": time.perf_counter() - started}
+            print(
+                f"  eval {name} {mode}: {summary['correct']}/{summary['total']} = {summary['accuracy']:.3f}",
+                flush=True,
+            )
     return out
 
 
@@ -241,9 +258,11 @@ def parse_args() -> Any:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--budget_minutes", type=float, default=20.0, help="Wall-clock training budget per trainer.")
     parser.add_argument("--train_dataset", default="arithmetic:level=1")
-    parser.add_argument("--eval_dataset", default="gsm8k")
+    parser.add_argument(
+        "--eval_dataset", default="gsm8k", help="Comma list of evaluation sets, e.g. gsm8k,arithmetic:level=1."
+    )
     parser.add_argument("--eval_split", default="test")
-    parser.add_argument("--eval_problems", type=int, default=200)
+    parser.add_argument("--eval_problems", type=int, default=200, help="First N problems of each evaluation set.")
     parser.add_argument("--eval_modes", default="stepwise,direct", help="Comma list of stepwise, direct.")
     parser.add_argument("--eval_max_tokens", type=int, default=128, help="Token budget of one evaluation episode.")
     parser.add_argument("--eval_batch_size", type=int, default=100)
@@ -260,6 +279,14 @@ def parse_args() -> Any:
     parser.add_argument("--smoothing", type=int, default=5, help="Steps in the rolling mean of the plot.")
     parser.add_argument("--skip", default="", help="Comma list: stepwise, grpo.")
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/learning_curves.png).")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="Train both at the same time, one process pinned to one core each (same wall-clock window, same "
+        "machine load), instead of one after the other on all cores. Evaluations are split over the cores too.",
+    )
+    parser.add_argument("--save_models", default=None, help="Directory to keep the trained models in (<dir>/<key>).")
+    parser.add_argument("--phase", choices=("before", "train"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.plot = args.plot or str(result_path("learning_curves", args, suffix=".png"))
     if args.quick:
@@ -269,69 +296,116 @@ def parse_args() -> Any:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    setup_torch(args)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    initial, tokenizer = load_policy(args.tiny, seed=args.seed)
-    train = Dataset.from_list(load_problems(args.train_dataset, "train", None))
-    shots = Dataset.from_list(few_shot_rows(args.train_dataset))
-    builder = prompt_builder(tokenizer, args.train_dataset, args.n_few_shot, seed=FEW_SHOT_SEED)
-    eval_rows = load_problems(args.eval_dataset, args.eval_split, args.eval_problems)
-    print(f"train: {args.train_dataset} ({len(train)} problems); eval: {len(eval_rows)} {args.eval_dataset} problems")
+TRAINERS = {"stepwise": "StepwiseReinforceTrainer", "grpo": "TRL GRPOTrainer"}
 
-    print("evaluating the initial model (the same weights start both runs)", flush=True)
-    before = evaluate(initial, tokenizer, eval_rows, builder, args)
-    del initial
-    runs: dict[str, dict[str, Any]] = {}
-    for label, key in (("StepwiseReinforceTrainer", "stepwise"), ("TRL GRPOTrainer", "grpo")):
-        if key in skip:
-            continue
-        budget = BudgetCallback(args.budget_minutes * 60)
-        curve = CurveCallback(budget)
-        print(f"training {label} for {args.budget_minutes} min", flush=True)
-        with tempfile.TemporaryDirectory() as output_dir:
-            if key == "stepwise":
-                trainer = train_stepwise(args, tokenizer, train, shots, [budget, curve], output_dir)
-            else:
-                trainer = train_grpo(args, tokenizer, train, builder, [budget, curve], output_dir)
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            print(f"evaluating {label} after {budget.steps} steps", flush=True)
-            after = evaluate(model, tokenizer, eval_rows, builder, args)
-        hours = budget.elapsed / 3600
-        runs[key] = {
-            "trainer": label,
-            "steps": budget.steps,
-            "episodes": budget.steps * args.episodes_per_step,
-            "train_seconds": budget.elapsed,
-            "train_cpu_seconds": budget.cpu_seconds,
-            "before": before,
-            "after": after,
-            "gain_per_hour": {m: ratio(after[m]["accuracy"] - before[m]["accuracy"], hours) for m in after},
-            "curve": curve.points,
-        }
-        del trainer, model
 
+def train_and_evaluate(
+    args: Any, key: str, tokenizer: Any, train: Dataset, shots: Dataset, builder: PromptBuilder, eval_sets: dict
+) -> dict[str, Any]:
+    """Train one trainer for the budget, then evaluate it on every evaluation set."""
+    label = TRAINERS[key]
+    budget = BudgetCallback(args.budget_minutes * 60)
+    curve = CurveCallback(budget)
+    print(f"training {label} for {args.budget_minutes} min", flush=True)
+    with tempfile.TemporaryDirectory() as output_dir:
+        if key == "stepwise":
+            trainer = train_stepwise(args, tokenizer, train, shots, [budget, curve], output_dir)
+        else:
+            trainer = train_grpo(args, tokenizer, train, builder, [budget, curve], output_dir)
+        if args.save_models:
+            trainer.save_model(str(Path(args.save_models) / key))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        print(f"evaluating {label} after {budget.steps} steps", flush=True)
+        after = evaluate(model, tokenizer, eval_sets, args)
+    return {
+        "trainer": label,
+        "steps": budget.steps,
+        "episodes": budget.steps * args.episodes_per_step,
+        "train_seconds": budget.elapsed,
+        "train_cpu_seconds": budget.cpu_seconds,
+        "threads": torch.get_num_threads(),
+        "after": after,
+        "curve": curve.points,
+    }
+
+
+def run_on_cores(commands: list[list[str]]) -> None:
+    """Run the commands at the same time, each pinned to its own core with one thread; fail if any fails."""
+    cores = sorted(os.sched_getaffinity(0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    processes = []
+    for index, command in enumerate(commands):
+        core = {cores[index % len(cores)]}
+        processes.append(
+            subprocess.Popen(command, env=env, preexec_fn=lambda core=core: os.sched_setaffinity(0, core))
+        )
+    failed = [" ".join(c) for c, p in zip(commands, processes, strict=True) if p.wait() != 0]
+    if failed:
+        raise SystemExit("a parallel part failed:\n" + "\n".join(failed))
+
+
+def run_parallel(args: Any) -> tuple[dict, dict]:
+    """The initial evaluation split by protocol, then both trainers side by side; returns (before, runs)."""
+    parts = Path(tempfile.mkdtemp(prefix="learning_per_cpu_hour_"))
+    base = [sys.executable, str(Path(__file__).resolve()), *(a for a in sys.argv[1:] if a != "--parallel")]
+    base += ["--threads", "1"]
+    modes = args.eval_modes.split(",")
+    run_on_cores(
+        [[*base, "--phase", "before", "--eval_modes", m, "--output", str(parts / f"before-{m}.json")] for m in modes]
+    )
+    keys = [k for k in TRAINERS if k not in skipped(args)]
+    others = {k: ",".join(o for o in TRAINERS if o != k) for k in keys}
+    run_on_cores(
+        [[*base, "--phase", "train", "--skip", others[k], "--output", str(parts / f"train-{k}.json")] for k in keys]
+    )
+    before: dict[str, dict] = {}
+    for m in modes:
+        for name, result in json.loads((parts / f"before-{m}.json").read_text())["before"].items():
+            before.setdefault(name, {}).update(result)
+    runs = {k: json.loads((parts / f"train-{k}.json").read_text())["runs"][k] for k in keys}
+    return before, runs
+
+
+def skipped(args: Any) -> set[str]:
+    return {s.strip() for s in args.skip.split(",") if s.strip()}
+
+
+def with_interval(result: dict[str, float]) -> str:
+    return f"{result['accuracy']:.3f} [{result['accuracy_ci_low']:.3f}, {result['accuracy_ci_high']:.3f}]"
+
+
+def report(args: Any, before: dict, runs: dict, eval_sizes: dict[str, int]) -> None:
+    """Table of before/after per trainer, set and protocol; the reward curves; the JSON."""
     rows = []
     for run in runs.values():
-        for mode, result in run["after"].items():
-            b = run["before"][mode]
-            rows.append(
-                [
-                    run["trainer"],
-                    mode,
-                    run["steps"],
-                    run["train_seconds"] / 60,
-                    f"{b['accuracy']:.3f} [{b['accuracy_ci_low']:.3f}, {b['accuracy_ci_high']:.3f}]",
-                    f"{result['accuracy']:.3f} [{result['accuracy_ci_low']:.3f}, {result['accuracy_ci_high']:.3f}]",
-                    result["accuracy"] - b["accuracy"],
-                    run["gain_per_hour"][mode],
-                ]
-            )
+        hours = run["train_seconds"] / 3600
+        run["before"] = before
+        run["gain_per_hour"] = {
+            name: {m: ratio(r["accuracy"] - before[name][m]["accuracy"], hours) for m, r in results.items()}
+            for name, results in run["after"].items()
+        }
+        for name, results in run["after"].items():
+            for mode, result in results.items():
+                b = before[name][mode]
+                rows.append(
+                    [
+                        run["trainer"],
+                        name,
+                        mode,
+                        run["steps"],
+                        run["train_seconds"] / 60,
+                        with_interval(b),
+                        with_interval(result),
+                        result["accuracy"] - b["accuracy"],
+                        run["gain_per_hour"][name][mode],
+                    ]
+                )
+    sizes = ", ".join(f"{n} {name}" for name, n in eval_sizes.items())
     print_table(
         [
             "trainer",
-            "eval protocol",
+            "eval set",
+            "protocol",
             "steps",
             "train min",
             "before [95% CI]",
@@ -340,10 +414,50 @@ def main() -> None:
             "change/hour",
         ],
         rows,
-        title=f"Learning in {args.budget_minutes:g} minutes ({len(eval_rows)} {args.eval_dataset} problems)",
+        title=f"Learning in {args.budget_minutes:g} minutes ({sizes} problems)",
     )
     plot_curves({run["trainer"]: run["curve"] for run in runs.values()}, Path(args.plot), args.smoothing)
-    write_json(NAME, {"before": before, "runs": runs, "plot": args.plot}, args)
+    write_json(NAME, {"before": before, "runs": runs, "eval_problems": eval_sizes, "plot": args.plot}, args)
+
+
+def main() -> None:
+    args = parse_args()
+    names = [n.strip() for n in args.eval_dataset.split(",") if n.strip()]
+    if args.parallel and args.phase is None:
+        before, runs = run_parallel(args)
+        report(
+            args,
+            before,
+            runs,
+            {n: min(args.eval_problems, len(load_problems(n, args.eval_split, None))) for n in names},
+        )
+        return
+    setup_torch(args)
+    tokenizer = load_policy(args.tiny, seed=args.seed)[1]
+    train = Dataset.from_list(load_problems(args.train_dataset, "train", None))
+    shots = Dataset.from_list(few_shot_rows(args.train_dataset))
+    builder = prompt_builder(tokenizer, args.train_dataset, args.n_few_shot, seed=FEW_SHOT_SEED)
+    eval_sets = {n: load_problems(n, args.eval_split, args.eval_problems) for n in names}
+    sizes = {n: len(rows) for n, rows in eval_sets.items()}
+    print(f"train: {args.train_dataset} ({len(train)} problems); eval: {sizes}", flush=True)
+    before: dict = {}
+    if args.phase in (None, "before"):
+        print("evaluating the initial model (the same weights start both runs)", flush=True)
+        initial, _ = load_policy(args.tiny, seed=args.seed)
+        before = evaluate(initial, tokenizer, eval_sets, args)
+        del initial
+        if args.phase == "before":
+            write_json(NAME, {"before": before}, args)
+            return
+    runs = {
+        key: train_and_evaluate(args, key, tokenizer, train, shots, builder, eval_sets)
+        for key in TRAINERS
+        if key not in skipped(args)
+    }
+    if args.phase == "train":
+        write_json(NAME, {"runs": runs}, args)
+        return
+    report(args, before, runs, sizes)
 
 
 if __name__ == "__main__":

@@ -463,38 +463,43 @@ def main() -> None:
     ]
     print_table(headers, table_rows, title="Rollout throughput")
 
-    ablation: list[dict[str, Any]] = []
-    if "ablation" not in skip:
-        ablation = run_ablation(args, model, tokenizer, builder, problems, make_env, sampling)
-
-    write_json(
-        NAME,
-        {
-            "settings": {
-                "problems": len(problems),
-                "episodes_per_problem": args.episodes_per_problem,
-                "few_shot_prefix_tokens": prefix_tokens,
-                "sampling": asdict(sampling),
-                "max_episode_tokens": args.max_episode_tokens,
-            },
-            "systems": {key: m.to_json() for key, m in results.items()},
-            "roofline": roof,
-            "ratios": {
-                f"a_over_{key}_tokens_per_second": ratio(a.tokens_per_second, m.tokens_per_second)
-                for key, m in results.items()
-                if key != "a"
-            }
-            | ({"a_over_d_tokens_per_second": ratio(a.tokens_per_second, roof["tokens_per_second"])} if roof else {}),
-            "ablation": ablation,
+    payload = {
+        "settings": {
+            "problems": len(problems),
+            "episodes_per_problem": args.episodes_per_problem,
+            "few_shot_prefix_tokens": prefix_tokens,
+            "sampling": asdict(sampling),
+            "max_episode_tokens": args.max_episode_tokens,
         },
-        args,
-    )
+        "systems": {key: m.to_json() for key, m in results.items()},
+        "roofline": roof,
+        "ratios": {
+            f"a_over_{key}_tokens_per_second": ratio(a.tokens_per_second, m.tokens_per_second)
+            for key, m in results.items()
+            if key != "a"
+        }
+        | ({"a_over_d_tokens_per_second": ratio(a.tokens_per_second, roof["tokens_per_second"])} if roof else {}),
+        "ablation": [],
+    }
+    write_json(NAME, payload, args)  # the main figures are kept even if the (long) ablation is stopped
+    if "ablation" not in skip:
+        run_ablation(args, model, tokenizer, builder, problems, make_env, sampling, payload)
 
 
 def run_ablation(
-    args: Any, model: Any, tokenizer: Any, builder: PromptBuilder, problems: list[dict], make_env: Any, sampling: Any
+    args: Any,
+    model: Any,
+    tokenizer: Any,
+    builder: PromptBuilder,
+    problems: list[dict],
+    make_env: Any,
+    sampling: Any,
+    payload: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """(a) with one optimisation off at a time, all off, and at several batch sizes (same episodes, same seed)."""
+    """(a) with one optimisation off at a time, all off, and at several batch sizes (same episodes, same seed).
+
+    Each variant is appended to ``payload["ablation"]`` and the JSON rewritten: a stopped run keeps what it measured.
+    """
     rows, groups = repeat_rows(problems[: args.ablation_problems], args.episodes_per_problem)
     variants: list[tuple[str, dict[str, Any], int]] = [
         ("all on", {}, sampling.batch_size),
@@ -506,12 +511,13 @@ def run_ablation(
     for size in (int(s) for s in args.ablation_batch_sizes.split(",") if s.strip()):
         if size != sampling.batch_size:
             variants.append((f"batch size {size}", {}, size))
-    out = []
+    out = payload["ablation"]
     for label, switches, size in variants:
         config = SamplingConfig(**{**asdict(sampling), "batch_size": size})
         m = run_stepwise(label, model, tokenizer, builder, rows, groups, make_env, config, **switches)
         out.append({"variant": label, "batch_size": size, **switches, **m.to_json()})
         print(f"ablation: {label}: {m.tokens_per_second:.1f} tok/s", flush=True)
+        write_json(NAME, payload, args)
     reference = out[0]["tokens_per_second"]
     print_table(
         ["variant", "batch", "seconds", "policy tokens", "tokens/s", "vs all on", "model calls"],
