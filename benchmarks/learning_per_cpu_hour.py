@@ -425,15 +425,10 @@ def main() -> None:
     names = [n.strip() for n in args.eval_dataset.split(",") if n.strip()]
     if args.parallel and args.phase is None:
         before, runs = run_parallel(args)
-        report(
-            args,
-            before,
-            runs,
-            {n: min(args.eval_problems, len(load_problems(n, args.eval_split, None))) for n in names},
-        )
+        report(args, before, runs, {n: next(iter(before[n].values()))["total"] for n in names})
         return
     setup_torch(args)
-    tokenizer = load_policy(args.tiny, seed=args.seed)[1]
+    initial, tokenizer = load_policy(args.tiny, seed=args.seed)
     train = Dataset.from_list(load_problems(args.train_dataset, "train", None))
     shots = Dataset.from_list(few_shot_rows(args.train_dataset))
     builder = prompt_builder(tokenizer, args.train_dataset, args.n_few_shot, seed=FEW_SHOT_SEED)
@@ -443,12 +438,11 @@ def main() -> None:
     before: dict = {}
     if args.phase in (None, "before"):
         print("evaluating the initial model (the same weights start both runs)", flush=True)
-        initial, _ = load_policy(args.tiny, seed=args.seed)
         before = evaluate(initial, tokenizer, eval_sets, args)
-        del initial
-        if args.phase == "before":
-            write_json(NAME, {"before": before}, args)
-            return
+    del initial
+    if args.phase == "before":
+        write_json(NAME, {"before": before}, args)
+        return
     runs = {
         key: train_and_evaluate(args, key, tokenizer, train, shots, builder, eval_sets)
         for key in TRAINERS
