@@ -1,7 +1,8 @@
 """float32 against bfloat16 autocast on CPU: rollout throughput and one training step.
 
 Rollout: ``StepwiseRollout`` on the same episodes (default 16 GSM8K test problems x 4) with ``SamplingConfig.bf16``
-off and on (bfloat16 autocast around the decoding loop); tokens/s and accuracy.
+off and on (bfloat16 autocast around the decoding loop), and on a bfloat16 copy of the weights (autocast re-casts
+every weight at every call; a bfloat16 copy casts once); tokens/s and accuracy.
 
 Training step: the episodes of the float32 rollout (default 32) padded as the trainer pads them, then
 ``completion_logprobs`` -> ``reinforce_stable`` token loss (advantages fixed at +1/-1 per episode so the loss is not
@@ -144,14 +145,16 @@ def main() -> None:
         ),
     }
     settings["bf16"] = SamplingConfig(**{**asdict(settings["fp32"]), "bf16": True})
+    settings["bf16_weights"] = settings["fp32"]
+    models = {"fp32": model, "bf16": model, "bf16_weights": copy.deepcopy(model).to(torch.bfloat16)}
 
-    for sampling in settings.values():  # warm-up of both paths, untimed
-        rollout(model, tokenizer, builder, rows[:2], groups[:2], make_env, sampling)
-    runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
+    for name, sampling in settings.items():  # warm-up of every path, untimed
+        rollout(models[name], tokenizer, builder, rows[:2], groups[:2], make_env, sampling)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     trajectories: list[Trajectory] = []
     for _ in range(args.repeats):
         for name, sampling in settings.items():
-            figures, result = rollout(model, tokenizer, builder, rows, groups, make_env, sampling)
+            figures, result = rollout(models[name], tokenizer, builder, rows, groups, make_env, sampling)
             runs[name].append(figures)
             if name == "fp32" and not trajectories:
                 trajectories = result
@@ -197,21 +200,27 @@ def main() -> None:
         "rollout_speedup": ratio(
             rollout_summary["bf16"]["tokens_per_second"], rollout_summary["fp32"]["tokens_per_second"]
         ),
+        "rollout_speedup_bf16_weights": ratio(
+            rollout_summary["bf16_weights"]["tokens_per_second"], rollout_summary["fp32"]["tokens_per_second"]
+        ),
         "train_step_speedup": ratio(train_summary["fp32"]["step_seconds"], train_summary["bf16"]["step_seconds"]),
     }
 
+    labels = {"fp32": "float32", "bf16": "bfloat16 autocast", "bf16_weights": "bfloat16 weights (rollout only)"}
     print_table(
         ["precision", "rollout tok/s", "rollout accuracy", "train step s", "NLL", "policy loss"],
         [
             [
-                name,
+                labels[name],
                 rollout_summary[name]["tokens_per_second"],
                 rollout_summary[name]["accuracy"],
-                train_summary[name]["step_seconds"],
-                train_summary[name]["nll"],
-                train_summary[name]["loss"],
+                *(
+                    [train_summary[name]["step_seconds"], train_summary[name]["nll"], train_summary[name]["loss"]]
+                    if name in train_summary
+                    else ["-", "-", "-"]
+                ),
             ]
-            for name in ("fp32", "bf16")
+            for name in settings
         ],
         title=f"float32 vs bfloat16 autocast on CPU ({len(rows)} rollout episodes, {len(chosen)}-episode train batch)",
     )
