@@ -4,11 +4,11 @@ Rollout: ``StepwiseRollout`` on the same episodes (default 16 GSM8K test problem
 off and on (bfloat16 autocast around the decoding loop), and on a bfloat16 copy of the weights (autocast re-casts
 every weight at every call; a bfloat16 copy casts once); tokens/s and accuracy.
 
-Training step: the episodes of the float32 rollout (default 32) padded as the trainer pads them, then
-``completion_logprobs`` -> ``reinforce_stable`` token loss (advantages fixed at +1/-1 per episode so the loss is not
-zero, old log-probs = the float32 ones) -> backward -> AdamW step, from the same weights, in float32 and under
-``torch.autocast("cpu", torch.bfloat16)`` (what the Trainer does with ``bf16=True`` on CPU). Reported: seconds per
-step (median), and on the same batch the change of the mean token NLL, of the policy loss, of the per-token
+Training step: the first episodes of the float32 rollout (default 4: one micro-batch) padded as the trainer pads
+them, then ``completion_logprobs`` -> ``reinforce_stable`` token loss (advantages fixed at +1/-1 per episode so the
+loss is not zero, old log-probs = the float32 ones) -> backward -> AdamW step, from the same weights, in float32 and
+under ``torch.autocast("cpu", torch.bfloat16)`` (what the Trainer does with ``bf16=True`` on CPU). Reported: seconds
+per step (median), and on the same batch the change of the mean token NLL, of the policy loss, of the per-token
 log-probabilities, and the cosine between the two gradients.
 
     python benchmarks/precision.py            # full size
@@ -139,26 +139,27 @@ def main() -> None:
     builder = prompt_builder(tokenizer, args.dataset, args.n_few_shot, seed=args.seed)
     rows, groups = repeat_rows(problems, args.episodes_per_problem)
     make_env = env_factory("gsm8k", args.max_episode_tokens)
-    settings = {
-        "fp32": SamplingConfig(
-            args.temperature, max_step_tokens=args.max_step_tokens, batch_size=args.batch_size, seed=args.seed
-        ),
+    fp32 = SamplingConfig(
+        args.temperature, max_step_tokens=args.max_step_tokens, batch_size=args.batch_size, seed=args.seed
+    )
+    variants = {  # name -> (model, sampling): autocast on the float32 model, or float32 sampling on a bfloat16 copy
+        "fp32": (model, fp32),
+        "bf16": (model, SamplingConfig(**{**asdict(fp32), "bf16": True})),
+        "bf16_weights": (copy.deepcopy(model).to(torch.bfloat16), fp32),
     }
-    settings["bf16"] = SamplingConfig(**{**asdict(settings["fp32"]), "bf16": True})
-    settings["bf16_weights"] = settings["fp32"]
-    models = {"fp32": model, "bf16": model, "bf16_weights": copy.deepcopy(model).to(torch.bfloat16)}
 
-    for name, sampling in settings.items():  # warm-up of every path, untimed
-        rollout(models[name], tokenizer, builder, rows[:2], groups[:2], make_env, sampling)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    for policy, sampling in variants.values():  # warm-up of every path, untimed
+        rollout(policy, tokenizer, builder, rows[:2], groups[:2], make_env, sampling)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     trajectories: list[Trajectory] = []
     for _ in range(args.repeats):
-        for name, sampling in settings.items():
-            figures, result = rollout(models[name], tokenizer, builder, rows, groups, make_env, sampling)
+        for name, (policy, sampling) in variants.items():
+            figures, result = rollout(policy, tokenizer, builder, rows, groups, make_env, sampling)
             runs[name].append(figures)
             if name == "fp32" and not trajectories:
                 trajectories = result
             print(f"rollout {name}: {figures['tokens_per_second']:.1f} tok/s", flush=True)
+    del variants  # the bfloat16 copy is for rollouts only; free it before the training steps
     rollout_summary = {
         name: {
             "tokens_per_second": median([r["tokens_per_second"] for r in results]),
@@ -220,7 +221,7 @@ def main() -> None:
                     else ["-", "-", "-"]
                 ),
             ]
-            for name in settings
+            for name in runs
         ],
         title=f"float32 vs bfloat16 autocast on CPU ({len(rows)} rollout episodes, {len(chosen)}-episode train batch)",
     )
@@ -229,7 +230,7 @@ def main() -> None:
         NAME,
         {
             "settings": {
-                "sampling": asdict(settings["fp32"]),
+                "sampling": asdict(fp32),
                 "episodes": len(rows),
                 "train_episodes": len(chosen),
                 "train_tokens": int(mask.sum()),
