@@ -167,11 +167,19 @@ def _shared_prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
-    """Whether activation checkpointing is on (recomputation would re-append to a shared cache)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or hasattr(model, name):
-            return bool(getattr(model, name, False))
-    return False
+    """Whether activation checkpointing is on (recomputation would re-append to a shared cache).
+
+    Looks through wrappers that hold the model as ``.module`` (DDP, DeepSpeed's engine), which do not forward the
+    flag: under DDP the shared cache would otherwise meet a checkpointed forward and crash.
+    """
+    while True:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(model), name) or hasattr(model, name):
+                return bool(getattr(model, name, False))
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return False
+        model = inner
 
 
 def _config_of(model: torch.nn.Module):
