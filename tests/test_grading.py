@@ -107,6 +107,36 @@ GRADE_CASES = [
     ("five", "5", False),
     ("\\boxed{", "5", False),
     ("1e999999999", "5", False),
+    # the whole answer line handed to grade(): the phrase must not reach the symbolic parser
+    ("The answer is: $6\\sqrt{2}$", "6\\sqrt{2}", True),
+    ("The answer is: 6\\sqrt{2}", "6\\sqrt{2}", True),
+    ("The answer is: $x^2+1$", "x^2+1", True),
+    ("The answer is: $x^2+2$", "x^2+1", False),
+    ("The answer is: 8e-06", "8e-06", True),
+    ("The answer is: 8e-05", "8e-06", False),
+    ("The answer is: $\\boxed{\\text{Evelyn}}$.", "\\text{Evelyn}", True),
+    ("The answer is: \\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("The answer is: p - q", "p - q", True),
+    ("The answer is: q - p", "p - q", False),
+    ("The answer is:", "5", False),
+    # scientific notation, plain and LaTeX
+    ("8e-06", "0.000008", True),
+    ("8 \\times 10^{-6}", "8e-06", True),
+    ("8\\cdot10^{-6}", "0.000008", True),
+    ("8 \\times 10^{-5}", "8e-06", False),
+    ("1.8 \\times 10^{3}", "1800", True),
+    # mixed numbers: a whole number directly before a proper fraction is added to it (1 4/5 = 9/5)
+    ("1\\frac{4}{5}", "\\frac{9}{5}", True),
+    ("1 \\frac45", "1.8", True),
+    ("1 4/5", "1.8", True),
+    ("-2\\frac{1}{2}", "-2.5", True),
+    ("1\\frac{4}{5}", "0.8", False),
+    ("1\\frac{4}{5}", "\\frac{4}{5}", False),
+    # fractions with units or a percent sign
+    ("\\frac{14}{3} dollars", "\\frac{14}{3}", True),
+    ("\\frac{14}{3} \\text{ cm}", "\\frac{14}{3}", True),
+    ("\\frac{1}{3}\\%", "\\frac{1}{3}", True),
+    ("\\frac{1}{3} dollars", "\\frac{2}{3}", False),
 ]
 
 
@@ -312,3 +342,36 @@ def test_math500_gold_solutions_grade_correct() -> None:
             failures.append((row["unique_id"], row["answer"], verdict))
     print(f"MATH-500 gold pass rate: {500 - len(failures)}/500; failures: {failures}")
     assert len(failures) <= 5, failures
+
+
+def test_symbolic_grading_is_quiet(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """math-verify warns that its own timeout is off; ours (``time_limit``) is on, so the warning is noise."""
+    import math_verify.grader
+    import math_verify.parser
+
+    monkeypatched = pytest.MonkeyPatch()
+    for module in (math_verify.parser, math_verify.grader):  # as in a fresh process: the warning not yet shown
+        monkeypatched.setattr(module, "TIMEOUT_WARNING_SHOWN", False, raising=False)
+    try:
+        with caplog.at_level("DEBUG"):
+            assert grade("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}").reason == "symbolic_equal"
+    finally:
+        monkeypatched.undo()
+    captured = capfd.readouterr()
+    assert "Timeout is disabled" not in captured.out + captured.err + caplog.text
+
+
+def test_gold_answers_in_every_written_form_are_accepted_and_wrong_ones_rejected() -> None:
+    """The first answers of GSM8K test and MATH-500 through ``benchmarks/grader_acceptance.py`` (all of them there)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "grader_acceptance.py"
+    spec = importlib.util.spec_from_file_location("grader_acceptance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gsm8k = [extract_gsm8k_reference(row["answer"]) for row in read_jsonl(DATA_DIR / "gsm8k" / "test.jsonl")]
+    math500 = [row["answer"] for row in read_jsonl(DATA_DIR / "math" / "math500_test.jsonl")]
+    for name, answers in (("gsm8k", gsm8k[:150]), ("math500", math500[:100])):
+        result = module.run(name, answers, timeout_s=2.0)
+        assert result["misses"] == {} and result["false_accepts"] == [], result
+        assert len(result["accepted"]) >= 15 and all(total > 0 for _, total in result["rejected"].values())

@@ -5,6 +5,12 @@ equality, then exact rational comparison of plain numbers (regex + ``fractions``
 math-verify/sympy under a thread-safe time limit. Inputs that could blow up inside one uninterruptible C call (huge
 powers, factorials) are refused up front. ``grade`` never raises and never hangs: every failure is a ``Verdict`` with a
 machine-friendly ``reason``.
+
+``grade`` takes the answer alone or a whole answer line ("The answer is: $6\\sqrt{2}$", ``\\boxed{..}``). Accepted
+forms of a number: thousands separators (``1,234``, ``1{,}234``, ``1,\\!234``), units and currency signs, percent,
+``\\frac``/``a/b``, decimals, scientific notation (``8e-06``, ``8 \\times 10^{-6}``) and mixed numbers: a whole number
+directly before a proper fraction is added to it (``1\\frac{4}{5}`` and ``1 4/5`` are 9/5, as in the MATH data), never
+multiplied. ``benchmarks/grader_acceptance.py`` measures these forms on every bundled gold answer.
 """
 
 from __future__ import annotations
@@ -147,17 +153,25 @@ def _normalize(s: str) -> str:
 
 # --- numeric path ---
 
+_UNIT = r"(?P<unit>(?:\s+[A-Za-z]{2,}\.?)*)"  # trailing unit words ("18 dollars", "5 cm"), but not "5 x"
 _NUMBER = re.compile(
     r"(?:[A-Za-z]\w*\s*=\s*)?"  # "x = 5"
     r"(?P<sign>[-+])?\s*"
     r"(?P<int>\d{1,3}(?:,\d{3})+|\d*)(?:\.(?P<frac>\d*))?"
-    r"(?:[eE](?P<exp>[-+]?\d+))?"
-    r"\s*(?P<pct>%)?"
-    r"(?P<unit>(?:\s+[A-Za-z]{2,}\.?)*)"  # trailing unit words ("18 dollars", "5 cm"), but not "5 x"
+    r"(?:[eE](?P<exp>[-+]?\d+)"  # 8e-06
+    r"|\s*(?:\\times|\\cdot|\*|×)\s*10\s*(?:\^|\*\*)\s*\{?\s*(?P<exp10>[-+]?\d+)\s*\}?)?"  # 8 \times 10^{-6}
+    r"\s*(?P<pct>%)?" + _UNIT
 )
+_FRAC = r"(?:\\frac\s*(?:\{\s*(?P<n1>\d+)\s*\}|(?P<n2>\d))\s*(?:\{\s*(?P<d1>\d+)\s*\}|(?P<d2>\d)))"
+# A whole number right before a proper fraction is a mixed number, 1\frac{4}{5} = 1 4/5 = 9/5 (what the MATH data and
+# math-verify mean by it), never a product: "1 4/5" needs the space, or it would be the fraction 14/5.
 _FRACTION = re.compile(
-    r"(?P<sign>-)?\s*(?:\\frac\s*(?:\{\s*(?P<n1>\d+)\s*\}|(?P<n2>\d))\s*(?:\{\s*(?P<d1>\d+)\s*\}|(?P<d2>\d))"
-    r"|(?P<n3>\d+)\s*/\s*(?P<d3>\d+))"
+    r"(?P<sign>-)?\s*(?:(?P<whole>\d+)\s*(?=\\frac))?"
+    + _FRAC
+    + r"\s*(?P<pct>%)?"
+    + _UNIT
+    + r"|(?P<sign3>-)?\s*(?:(?P<whole3>\d+)\s+)?(?P<n3>\d+)\s*/\s*(?P<d3>\d+)\s*(?P<pct3>%)?"
+    + _UNIT.replace("unit", "unit3")
 )
 
 
@@ -172,21 +186,26 @@ class _Number:
 
 
 def _parse_number(s: str) -> _Number | None:
-    """Exact value of a plain number (``-1,000.50``, ``1e3``, ``50%``, ``18 dollars``, ``\\frac{1}{2}``, ``3/4``)."""
+    """Exact value of a plain number (``-1,000.50``, ``1e3``, ``50%``, ``18 dollars``, ``\\frac{1}{2}``, ``3/4``,
+    ``8 \\times 10^{-6}``, the mixed number ``1\\frac{4}{5}``)."""
     match = _FRACTION.fullmatch(s)
     if match:
         num = int(match["n1"] or match["n2"] or match["n3"])
         den = int(match["d1"] or match["d2"] or match["d3"])
-        if den == 0:
-            return None
-        return _Number(Fraction(-num if match["sign"] else num, den), False)
+        whole = match["whole"] or match["whole3"]
+        if den == 0 or (whole is not None and num >= den):
+            return None  # 1\frac{5}{4} is not a mixed number; leave it to the symbolic path
+        value = Fraction(num, den) + int(whole or 0)
+        negative = match["sign"] or match["sign3"]
+        return _Number(-value if negative else value, bool(match["pct"] or match["pct3"]))
     match = _NUMBER.fullmatch(s)
     if not match or not (match["int"] or match["frac"]):
         return None
     digits = match["int"].replace(",", "") + (match["frac"] or "")
     value = Fraction(int(digits), 10 ** len(match["frac"] or ""))
-    if match["exp"]:
-        exp = int(match["exp"])
+    exp_text = match["exp"] or match["exp10"]
+    if exp_text:
+        exp = int(exp_text)
         if abs(exp) > MAX_SCI_EXPONENT:
             raise _TooLarge
         value *= Fraction(10) ** exp
@@ -249,6 +268,22 @@ _warm_lock = threading.Lock()
 _warm = False
 
 
+class _QuietTimeoutNotice(logging.Filter):
+    """Drops math-verify's "Timeout is disabled..." warning: we turn its signal timeouts off because ``time_limit``
+    guards every call instead (and works outside the main thread), so the advice does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
+def silence_math_verify_timeout_notice() -> None:
+    """Install the filter on math-verify's loggers (idempotent; before its first parse or verify)."""
+    for name in ("math_verify.parser", "math_verify.grader"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _QuietTimeoutNotice) for f in log.filters):
+            log.addFilter(_QuietTimeoutNotice())
+
+
 def _warm_up(parse: Callable[..., list]) -> None:
     """math-verify's first parse builds its LaTeX grammar (~1-2 s): do that once, outside any time limit."""
     global _warm
@@ -264,6 +299,7 @@ def _math_verify_equal(prediction: str, reference: str, timeout_s: float) -> tup
     # interrupting an import half-way would leave a broken module behind.
     from math_verify import parse, verify
 
+    silence_math_verify_timeout_notice()
     _warm_up(parse)
     with time_limit(timeout_s):
         gold = parse(f"${reference}$", parsing_timeout=None)
@@ -280,7 +316,18 @@ def _math_verify_equal(prediction: str, reference: str, timeout_s: float) -> tup
 # --- grading ---
 
 
+def _answer_part(text: str) -> str:
+    """The answer inside "The answer is: X" or ``\\boxed{X}`` ("" if the marker holds nothing); else ``text``.
+
+    ``grade`` may be handed a whole answer line: the phrase must not reach the number or symbolic parsers.
+    """
+    if _PHRASE.search(text) or _BOXED.search(text):
+        return extract_final_answer(text) or ""
+    return text
+
+
 def _grade(prediction: str, reference: str, timeout_s: float) -> Verdict:
+    prediction, reference = _answer_part(prediction), _answer_part(reference)
     pred, ref = _normalize(prediction), _normalize(reference)
     if not pred:
         return Verdict(False, None, ref, "no_answer")
