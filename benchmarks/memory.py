@@ -17,6 +17,7 @@ Llama-3.2-1B-shaped model built from its config (random weights) with LoRA and 4
     python benchmarks/memory.py                       # full size, CPU configurations (+ GPU ones if a GPU is visible)
     python benchmarks/memory.py --two_processes
     python benchmarks/memory.py --quick               # seconds: a smoke run, not results
+    python benchmarks/memory.py --large_vocab --configs full --episodes 8 --completion_tokens 128   # 128k vocabulary
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ LLAMA_1B_SHAPE = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,
 }
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "tie_word_embeddings": True,
+}
+# Vocabulary of each model source; tiny_vocab128k is the tiny shape with Llama-3's vocabulary, where the completion
+# logits dominate the step's memory (the case chunked log-probs are for).
+SOURCE_VOCAB = {"embedded": 49152, "tiny": 49152, "tiny_vocab128k": 128256, "llama1b": 128256}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # as the LoRA recipes
 
 
@@ -63,7 +75,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def build_model(source: str, lora: bool, four_bit: bool, device: str, workdir: str) -> tuple[Any, int]:
-    """The policy for ``source`` (embedded, tiny, llama1b), maybe 4-bit and with LoRA, as the trainer sets it up."""
+    """The policy for ``source`` (see SOURCE_VOCAB), maybe 4-bit and with LoRA, as the trainer sets it up."""
     from trl_stepwise.models import build_quantization_config, load_model
 
     quantization = build_quantization_config(load_in_4bit=four_bit, use_peft=lora) if four_bit else None
@@ -74,19 +86,7 @@ def build_model(source: str, lora: bool, four_bit: bool, device: str, workdir: s
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        shape = (
-            LLAMA_1B_SHAPE
-            if source == "llama1b"
-            else {
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "intermediate_size": 128,
-                "vocab_size": 49152,
-                "tie_word_embeddings": True,
-            }
-        )
+        shape = LLAMA_1B_SHAPE if source == "llama1b" else {**TINY_SHAPE, "vocab_size": SOURCE_VOCAB[source]}
         config = LlamaConfig(**shape)
         torch.manual_seed(0)
         if quantization is None:
@@ -304,7 +304,7 @@ def launch(commands: list[list[str]], results: list[str], timeout: float) -> lis
 def measure(
     args: argparse.Namespace, configs: list[str], source: str, device: str, processes: int = 1
 ) -> list[dict[str, Any]]:
-    vocab = LLAMA_1B_SHAPE["vocab_size"] if source == "llama1b" else 49152
+    vocab = SOURCE_VOCAB[source]
     rows = []
     for config in configs:
         lora, four_bit, naive, target = CONFIGS[config]
@@ -398,6 +398,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--two_processes", action="store_true", help="Also run 2-process DDP pairs.")
     parser.add_argument("--two_process_configs", default="full,lora")
     parser.add_argument("--gpu_configs", default="lora,lora_4bit", help="Configs for the Llama-1B shape on a GPU.")
+    parser.add_argument(
+        "--large_vocab",
+        action="store_true",
+        help="CPU configurations on a tiny Llama with a 128,256-token vocabulary (Llama-3's): the completion logits "
+        "dominate memory, so this isolates the log-prob computation.",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds per worker before it is killed.")
     # worker-only arguments
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -420,7 +426,7 @@ def main() -> None:
     if args.worker:
         run_worker(args)
         return
-    source = "tiny" if args.tiny else "embedded"
+    source = "tiny_vocab128k" if args.large_vocab else "tiny" if args.tiny else "embedded"
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     rows = measure(args, configs, source, "cpu")
     if args.two_processes:

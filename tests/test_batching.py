@@ -65,3 +65,65 @@ def test_gradient_checkpointing_under_ddp_gives_the_plain_logprobs_and_gradients
     assert torch.allclose(got, expected, atol=1e-6)
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def unchunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The straightforward float32 formula the chunked version must match."""
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_chunked_logprobs_match_the_full_log_softmax_in_value_and_gradient(make_tiny_model, monkeypatch, temperature):
+    from trl_stepwise.trainer import batching
+
+    model = make_tiny_model().train()
+    batch = make_batch(model.config.vocab_size)
+    weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(2))
+    captured = {}
+
+    def keep_logits(module, inputs, output):
+        output.logits.retain_grad()
+        captured["logits"] = output.logits
+
+    model.register_forward_hook(keep_logits)
+    # chunks of 2 positions: several chunks per row, and a short last one (7, 6 and 5 columns)
+    monkeypatch.setattr(batching, "CHUNK_ELEMENTS", 2 * model.config.vocab_size)
+    got, entropy = completion_logprobs(model, batch, temperature=temperature, with_entropy=True)
+    (got * weights).sum().backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    got_logit_grad = captured["logits"].grad.clone()
+    model.zero_grad()
+
+    logits = captured["logits"].detach().requires_grad_(True)
+    targets = batch["input_ids"][:, -int(batch["completion_width"]) :]
+    expected = unchunked_logprobs(logits[:, :-1], targets, temperature)
+    (expected * weights).sum().backward()
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got_logit_grad, logits.grad, atol=1e-6)
+    scaled = logits.detach()[:, :-1] / (temperature if temperature > 0 else 1.0)
+    expected_entropy = -(scaled.softmax(-1) * scaled.log_softmax(-1)).sum(-1)
+    assert torch.allclose(entropy, expected_entropy, atol=1e-5)
+
+    model.zero_grad()  # the unchunked formula in the model's forward: the same gradient of every weight
+    monkeypatch.setattr(batching, "selective_log_softmax", lambda lg, t, s: unchunked_logprobs(lg, t, temperature))
+    again = completion_logprobs(model, batch, temperature=temperature)
+    (again * weights).sum().backward()
+    for got_grad, p in zip(got_grads, model.parameters(), strict=True):
+        assert torch.allclose(got_grad, p.grad, atol=1e-6)
+
+
+def test_chunked_logprobs_of_bfloat16_logits_are_computed_in_float32():
+    from trl_stepwise.trainer.batching import selective_log_softmax
+
+    logits = (torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(3)) * 4).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    got = selective_log_softmax(logits, targets)
+    got.sum().backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    expected = unchunked_logprobs(reference, targets, 1.0)
+    expected.sum().backward()
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-6)
+    assert logits.grad.dtype == torch.bfloat16 and torch.equal(logits.grad, reference.grad)
