@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
 from trl_stepwise.trainer._trl import BaseConfig
+from trl_stepwise.trainer.parallelism import check_launch
 
 
 @dataclass
@@ -169,6 +171,7 @@ class StepwiseReinforceConfig(BaseConfig):
     )
 
     def __post_init__(self) -> None:
+        check_launch(os.environ, self.deepspeed, self.fsdp)  # ZeRO-3 / FSDP: refused before any model loads
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
         super().__post_init__()

@@ -35,6 +35,7 @@ from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
 from trl_stepwise.trainer.batching import completion_logprobs, micro_batches, pad_trajectories
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
+from trl_stepwise.trainer.parallelism import check_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        check_accelerator(self.accelerator.state)
         self.reward_funcs = list(reward_funcs or [])
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
         flavour = args.env_flavour or "gsm8k"
