@@ -25,6 +25,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
 from trl_stepwise.data import load_math_dataset, normalise_columns
@@ -34,6 +35,12 @@ from trl_stepwise.prompting import PromptBuilder, load_system_prompt
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
 from trl_stepwise.trainer.batching import completion_logprobs, micro_batches, pad_trajectories
+from trl_stepwise.trainer.checkpoints import (
+    publish_checkpoint,
+    remove_stale_staging,
+    resolve_resume_checkpoint,
+    staging_dir,
+)
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 from trl_stepwise.trainer.parallelism import check_accelerator
 
@@ -525,10 +532,44 @@ class StepwiseReinforceTrainer(BaseTrainer):
         return metrics
 
     # ------------------------------------------------------------------ train, checkpoints and resume
-    def train(self, *args: Any, **kwargs: Any):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint`` True or "true" resumes from the newest *complete*
+        checkpoint in ``output_dir`` (a folder whose save was interrupted is never picked)."""
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        output = super().train(resume, *args, **kwargs)
         self.plot_curves()
         return output
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` under a hidden staging folder and rename it once complete (crash-safe)."""
+        if self.hp_search_backend is not None and trial is not None:
+            return super()._save_checkpoint(model, trial)
+        output_dir = self.args.output_dir
+        staging = staging_dir(output_dir, self.state.global_step)
+        if self.args.should_save:
+            remove_stale_staging(output_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
+        if self.args.should_save:
+            final = publish_checkpoint(staging, output_dir)
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging:
+                self.state.best_model_checkpoint = str(final)
+            rotate_checkpoints(
+                output_dir=output_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_run_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
 
     def plot_curves(self) -> Path | None:
         """Write ``output_dir/training_curves.png`` (reward and eval accuracy over steps) from the log history."""
