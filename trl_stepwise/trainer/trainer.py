@@ -43,12 +43,18 @@ from trl_stepwise.trainer.checkpoints import (
 )
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 from trl_stepwise.trainer.parallelism import check_accelerator
+from trl_stepwise.trainer.reference import (
+    REFERENCE_ADAPTER,
+    add_reference_adapter,
+    copy_policy_to_reference,
+    needs_initial_snapshot,
+    policy_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "stepwise_state.json"
 REFERENCE_FILE = "reference_model.pt"
-REFERENCE_ADAPTER = "reference"
 
 
 class StepwiseReinforceTrainer(BaseTrainer):
@@ -138,8 +144,12 @@ class StepwiseReinforceTrainer(BaseTrainer):
         )
         self.ref_model: PreTrainedModel | None = None
         self._has_ref_adapter = False
+        self._policy_adapter = policy_adapter(self.model) if is_peft_model(self.model) else None
         if args.kl_coef > 0 and not is_peft_model(self.model):
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        elif args.kl_coef > 0 and needs_initial_snapshot(self.model, self._policy_adapter):
+            copy_policy_to_reference(self.model, self._policy_adapter)  # PiSSA/OLoRA: the base alone is not it
+            self._has_ref_adapter = True
         self.judge = judge if judge is not None else _build_judge(args, self.accelerator.device)
         self.teacher = _build_teacher(teacher_model or args.teacher_model, args, processing_class)
         if self.teacher is not None:
@@ -297,7 +307,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 try:
                     ref = self._logps(model, trajectories)
                 finally:
-                    model.set_adapter("default")
+                    model.set_adapter(self._policy_adapter)
             else:
                 with model.disable_adapter():
                     ref = self._logps(model, trajectories)
@@ -392,16 +402,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         if self.ref_model is not None:
             self.ref_model.load_state_dict(model.state_dict())
             return
-        if not self._has_ref_adapter:
-            model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config["default"]))
-            self._has_ref_adapter = True
-            model.set_adapter("default")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, param in params.items():
-                if f".{REFERENCE_ADAPTER}." in name:
-                    param.copy_(params[name.replace(f".{REFERENCE_ADAPTER}.", ".default.")])
-                    param.requires_grad_(False)
+        copy_policy_to_reference(model, self._policy_adapter)
+        self._has_ref_adapter = True
         self._metrics["ref_syncs"].append(1.0)
 
     # ------------------------------------------------------------------ metrics and logging
@@ -616,10 +618,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             if self.ref_model is not None:
                 self.ref_model.load_state_dict(reference)
             elif state.get("has_ref_adapter"):
-                # transformers' own resume already loads the checkpoint's `reference/` adapter folder
-                if REFERENCE_ADAPTER not in unwrapped.peft_config:
-                    unwrapped.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(unwrapped.peft_config["default"]))
-                unwrapped.set_adapter("default")
+                add_reference_adapter(unwrapped, self._policy_adapter)
                 self._has_ref_adapter = True
                 unwrapped.load_state_dict(reference, strict=False)
 

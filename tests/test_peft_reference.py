@@ -1,0 +1,64 @@
+"""The LoRA reference adapter: PiSSA / OLoRA initialisations, any adapter name, and what save_model writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_training import length_reward, make_config
+
+from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+
+def peft_trainer(model, tokenizer, dataset, output_dir, init="pissa", adapter="policy", **overrides):
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=init
+    )
+    peft_model = get_peft_model(model, config, adapter_name=adapter)
+    return StepwiseReinforceTrainer(
+        model=peft_model,
+        args=make_config(output_dir, log_rollouts=False, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+    )
+
+
+def weights(model, marker: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if marker in k}
+
+
+def flat(rows) -> torch.Tensor:
+    return torch.tensor([x for row in rows for x in row])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path, init
+):
+    trainer = peft_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, init=init)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = {k: v.detach().clone() for k, v in model.named_parameters() if "base_layer" in k}
+    trajectories = trainer.rollout_engine().run(
+        trainer.make_env, [dict(r) for r in arithmetic_problems.select(range(2))]
+    )
+    policy = flat(trainer._logps(model, trajectories))
+    # the initial adapter is not zero for PiSSA / OLoRA: the reference is the initial policy, not the bare base
+    _, reference = trainer._score(trajectories)
+    assert torch.allclose(flat(reference), policy, atol=1e-5)
+
+    with torch.no_grad():  # a training step moved the policy adapter
+        for name, param in model.named_parameters():
+            if ".policy." in name:
+                param.add_(0.01)
+    trainer.sync_reference()
+    after = {k: v.detach() for k, v in model.named_parameters() if "base_layer" in k}
+    assert base.keys() == after.keys() and all(torch.equal(base[k], after[k]) for k in base)  # not re-initialised
+    snapshot = {k.replace(".reference.", "."): v for k, v in weights(model, ".reference.").items()}
+    policy_adapter = {k.replace(".policy.", "."): v for k, v in weights(model, ".policy.").items()}
+    assert snapshot and snapshot.keys() == policy_adapter.keys()
+    assert all(torch.equal(snapshot[k], policy_adapter[k]) for k in snapshot)
+    assert model.active_adapter == "policy"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
+    _, reference = trainer._score(trajectories)
+    assert torch.allclose(flat(reference), flat(trainer._logps(model, trajectories)), atol=1e-5)
