@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_training import length_reward, make_config
 
 from trl_stepwise.trainer import StepwiseReinforceTrainer
@@ -62,3 +64,64 @@ def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
     _, reference = trainer._score(trajectories)
     assert torch.allclose(flat(reference), flat(trainer._logps(model, trajectories)), atol=1e-5)
+
+
+def lora_trainer(model, tokenizer, dataset, output_dir, **overrides):
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
+    return StepwiseReinforceTrainer(
+        model=model,
+        args=make_config(output_dir, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+        peft_config=config,
+    )
+
+
+def test_save_model_writes_the_policy_adapter_only(make_tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    trainer = lora_trainer(
+        make_tiny_model(), tokenizer, arithmetic_problems, tmp_path / "run", max_steps=2, ref_sync_steps=1,
+        save_strategy="steps", save_steps=2, log_rollouts=False,
+    )  # fmt: skip
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer._has_ref_adapter
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    for folder in (final, tmp_path / "run" / "checkpoint-2"):
+        assert (folder / "adapter_model.safetensors").is_file(), folder
+        assert not (folder / "reference").exists(), folder  # the frozen reference stays out of the user's output
+    loaded = PeftModel.from_pretrained(make_tiny_model(), str(final))
+    assert list(loaded.peft_config) == ["default"]
+    trained = {k: v for k, v in model.state_dict().items() if "lora_" in k and ".default." in k}
+    restored = loaded.state_dict()
+    assert trained and all(torch.equal(restored[k], v) for k, v in trained.items())
+
+
+@pytest.mark.parametrize("push_rollouts", [False, True])
+def test_push_to_hub_uploads_rollouts_only_when_asked(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch, push_rollouts
+):
+    import transformers.trainer
+    from huggingface_hub.utils import filter_repo_objects
+
+    trainer = lora_trainer(
+        make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=1, push_rollouts=push_rollouts
+    )
+    trainer.train()
+    assert (tmp_path / "rollouts.jsonl").is_file()
+    uploaded: list[str] = []
+
+    class FakeApi:
+        def upload_folder(self, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+            files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            uploaded.extend(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(trainer, "create_model_card", lambda *a, **k: None)
+    trainer.hub_model_id = "someone/stepwise-test"
+    trainer.push_to_hub()
+    assert "adapter_model.safetensors" in uploaded
+    assert ("rollouts.jsonl" in uploaded) == push_rollouts

@@ -149,6 +149,9 @@ class StepwiseReinforceConfig(BaseConfig):
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together during evaluation."})
     log_rollouts: bool = field(default=True, metadata={"help": "Append every rollout to output_dir/rollouts.jsonl."})
+    push_rollouts: bool = field(
+        default=False, metadata={"help": "Upload rollouts*.jsonl with push_to_hub (off: they stay local)."}
+    )
     num_completions_to_print: int = field(default=1, metadata={"help": "Sample transcripts printed at each log."})
     model_init_kwargs: dict | None = field(
         default=None, metadata={"help": "Extra from_pretrained kwargs when the trainer loads the model by name."}

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -42,6 +43,7 @@ from trl_stepwise.trainer.checkpoints import (
     staging_dir,
 )
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
+from trl_stepwise.trainer.hub import ROLLOUT_FILES, uploads_ignoring
 from trl_stepwise.trainer.parallelism import check_accelerator
 from trl_stepwise.trainer.reference import (
     REFERENCE_ADAPTER,
@@ -580,6 +582,29 @@ class StepwiseReinforceTrainer(BaseTrainer):
         from trl_stepwise.plotting import plot_training_curves
 
         return plot_training_curves(self.state.log_history, Path(self.args.output_dir) / "training_curves.png")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the model as transformers does, but a PEFT policy without the frozen reference adapter."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self._has_ref_adapter and is_peft_model(model)):
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self.args.should_save:
+            model.save_pretrained(output_dir, state_dict=state_dict, selected_adapters=[self._policy_adapter])
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """Upload as transformers does; ``rollouts*.jsonl`` only with ``push_rollouts=True``."""
+        with uploads_ignoring(() if self.args.push_rollouts else ROLLOUT_FILES):
+            return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with uploads_ignoring(() if self.args.push_rollouts else ROLLOUT_FILES):
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Save the trainer's own state next to the RNG state (before trainer_state.json, the completion marker)."""
