@@ -262,18 +262,19 @@ def test_resume_restores_step_optimizer_and_reference(make_tiny_model, tokenizer
     def spy_optimizer(path):
         load_optimizer(path)
         loaded["optimizer"] = copy.deepcopy(second.optimizer.state_dict())
+        loaded["reference"] = snapshot(second.ref_model)
+        loaded["ref_syncs"] = second._ref_syncs
 
     def spy_checkpoint(path, model=None):
         load_checkpoint(path, model)
-        loaded["reference"] = snapshot(second.ref_model)
-        loaded["ref_syncs"] = second._ref_syncs
+        loaded["model_loaded"] = True
 
     second._load_optimizer_and_scheduler = spy_optimizer
     second._load_from_checkpoint = spy_checkpoint
     second.train(resume_from_checkpoint=str(checkpoint))
 
     assert second.state.global_step == 4
-    assert loaded["ref_syncs"] == 1
+    assert loaded["model_loaded"] and loaded["ref_syncs"] == 1
     for key, value in saved_reference.items():
         assert torch.equal(loaded["reference"][key], value), key
     saved, restored = saved_optimizer["state"], loaded["optimizer"]["state"]
@@ -294,15 +295,15 @@ def test_lora_resume_after_reference_sync(make_tiny_model, tokenizer, arithmetic
 
     second = make_lora_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=4, **settings)
     loaded = {}
-    load_checkpoint = second._load_from_checkpoint
+    load_state = second._load_optimizer_and_scheduler
 
-    def spy(path, model=None):
-        load_checkpoint(path, model)
+    def spy(path):
+        load_state(path)
         peft_model = second.accelerator.unwrap_model(second.model)
         loaded["reference"] = adapter_weights(peft_model, "reference")
         loaded["trainable"] = [n for n, p in peft_model.named_parameters() if p.requires_grad]
 
-    second._load_from_checkpoint = spy
+    second._load_optimizer_and_scheduler = spy
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert second.state.global_step == 4 and second._has_ref_adapter
     assert saved and all(torch.equal(loaded["reference"][k], v) for k, v in saved.items())

@@ -627,9 +627,16 @@ class StepwiseReinforceTrainer(BaseTrainer):
             return
         _atomic_torch_save(reference, Path(output_dir) / REFERENCE_FILE)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint)
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Also restore the trainer's own state. transformers calls this on every resume and backend, after the
+        weights are loaded; ``_load_from_checkpoint`` is skipped under DeepSpeed and FSDP."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_stepwise_state(checkpoint)
+
+    def _load_stepwise_state(self, checkpoint: str) -> None:
+        """Reference weights (model or adapter), refresh counter, baseline state and curriculum stage."""
+        path = Path(checkpoint)
         if not (path / STATE_FILE).is_file():
             return
         state = json.loads((path / STATE_FILE).read_text())
