@@ -64,7 +64,8 @@ def test_local_jsonl_with_custom_field_names(tmp_path):
     assert dataset["question"] == ["What is 2+3?", "1+1?"]
     assert dataset["answer"] == ["5", "2"]  # numbers become strings
     assert dataset["solution"] == ["2+3=5", ""]
-    assert set(dataset.column_names) == {"question", "answer", "solution"}
+    # the schema's columns, and the source's own kept for reward functions
+    assert set(dataset.column_names) == {"question", "answer", "solution", "q", "gold", "work"}
 
 
 def test_local_jsonl_with_recognised_field_names(tmp_path):
@@ -125,3 +126,16 @@ def test_normalise_columns_splits_gsm8k_style_answers():
     raw = Dataset.from_dict({"question": ["q"], "answer": ["3 + 4 = <<3+4=7>>7 apples\n#### 7"]})
     row = normalise_columns(raw)[0]
     assert row["answer"] == "7" and row["solution"].endswith("#### 7")
+
+
+def test_normalise_columns_keeps_extra_columns_and_reads_conversational_prompts():
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+    ]
+    raw = Dataset.from_dict({"prompt": [prompt], "answer": ["5"], "difficulty": [3], "source": ["mine"]})
+    row = normalise_columns(raw)[0]
+    assert row["question"] == "What is 2 + 3?"  # the user's message, not str(list)
+    assert row["answer"] == "5"
+    assert row["difficulty"] == 3 and row["source"] == "mine"  # every other column reaches the reward functions
+    assert row["prompt"] == prompt  # kept as TRL gives it: reward functions receive it as `prompts`

@@ -1,8 +1,9 @@
 """Load math problems from bundled names, hub ids or local files into one schema.
 
 Every loader returns a ``datasets.Dataset`` with the columns ``question``, ``answer`` (final answer only) and
-``solution`` (worked solution, empty when the source has none), plus ``subject``/``level`` where the source has them,
-so the environments, the trainer and the evaluator never care where the problems came from.
+``solution`` (worked solution, empty when the source has none), plus ``subject``/``level`` where the source has them
+and every other column of the source (for reward functions), so the environments, the trainer and the evaluator
+never care where the problems came from.
 """
 
 from __future__ import annotations
@@ -126,7 +127,12 @@ def normalise_columns(
     source: str = "dataset",
     missing_answer: str = "error",
 ) -> Dataset:
-    """Map source fields to ``question``/``answer``/``solution``; split GSM8K ``#### N`` solutions into both."""
+    """Map source fields to ``question``/``answer``/``solution``; split GSM8K ``#### N`` solutions into both.
+
+    Every source column is kept (reward functions get them as keyword arguments, as in TRL). A conversational
+    question field (a list of chat messages, TRL's ``prompt``) gives the last user message as ``question`` and keeps
+    the messages in their own column.
+    """
     columns = list(raw.column_names)
     q_field = _pick_field(columns, question_field, QUESTION_FIELDS, "question", source)
     a_field = _pick_field(columns, answer_field, ANSWER_FIELDS, "answer", source)
@@ -135,7 +141,7 @@ def normalise_columns(
         raise DatasetFieldError(_missing_message("solution", solution_field, columns, source))
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
-        question, answer = row[q_field], row[a_field]
+        question, answer = _message_text(row[q_field]), row[a_field]
         if question is None or str(question).strip() == "":
             raise DatasetFieldError(f"Row {index} of {source} has an empty {q_field!r} field.")
         if (answer is None or str(answer).strip() == "") and missing_answer == "error":
@@ -156,11 +162,18 @@ def normalise_columns(
 
     if missing_answer not in ("error", "drop", "keep"):
         raise ValueError(f"missing_answer must be 'error', 'drop' or 'keep', not {missing_answer!r}.")
-    keep = {"question", "answer", "solution", "subject", "level", "id"}
     converted = raw.map(convert, with_indices=True, desc=f"Normalising {Path(source).name}")
     if missing_answer == "drop":
         converted = converted.filter(lambda row: row["answer"] != "")
-    return converted.remove_columns([c for c in converted.column_names if c not in keep])
+    return converted  # every other column stays: reward functions receive them (TRL's convention)
+
+
+def _message_text(value: Any) -> Any:
+    """The last user message of a conversational prompt (TRL's list of {role, content}); other values unchanged."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        users = [m for m in value if m.get("role") == "user"] or value
+        return str(users[-1]["content"] or "")
+    return value
 
 
 def _pick_field(columns: list[str], chosen: str | None, candidates: tuple[str, ...], role: str, source: str) -> str:

@@ -1,12 +1,15 @@
 """Built-in reward functions in TRL's batched signature, and the one place rewards are weighted and summed.
 
-A reward function is `fn(completions: list, **columns) -> list[float | None]`, where each dataset column arrives as
-a list aligned with `completions` (TRL's `GRPOTrainer` convention), so the same functions work in TRL and here.
-`None` means "not applicable": it adds 0 to the total and is left out of the per-function components.
+A reward function is called as TRL's `GRPOTrainer` calls it: `fn(prompts=..., completions=..., completion_ids=...,
+trainer_state=..., log_metric=..., **columns) -> list[float | None]`, where each dataset column arrives as a list
+aligned with `completions`, so the same functions work in TRL and here. A function without `**kwargs` gets only the
+arguments it names (the early form `fn(completions, answer)` keeps working). `None` means "not applicable": it adds
+0 to the total and is left out of the per-function components.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -64,10 +67,12 @@ def combine_rewards(
     rows: Sequence[Mapping[str, Any]],
     *,
     prompts: Sequence[Any] | None = None,
+    **extra: Any,
 ) -> tuple[list[float], list[dict[str, float]]]:
     """Call every function once on the whole batch and return weighted totals plus unweighted components.
 
     `rows[i]` holds the dataset columns of `completions[i]`; they are passed as column lists (`answer=[...]`).
+    `extra` (TRL's `completion_ids`, `trainer_state`, `log_metric`) is passed to every function as given.
     `components[i]` maps each function's name to its raw score for completion i, omitting `None` scores.
     """
     if weights is None:
@@ -83,6 +88,7 @@ def combine_rewards(
     columns: dict[str, list[Any]] = {key: [row.get(key) for row in rows] for key in keys}
     if prompts is not None:
         columns["prompts"] = list(prompts)
+    columns.update(extra)
 
     totals = [0.0] * len(completions)
     components: list[dict[str, float]] = [{} for _ in completions]
@@ -90,7 +96,7 @@ def combine_rewards(
     for func, weight in zip(funcs, weights, strict=True):
         name = unique_name(reward_name(func), names)
         names.add(name)
-        scores = list(func(completions=list(completions), **columns))
+        scores = list(_call(func, completions=list(completions), **columns))
         if len(scores) != len(completions):
             raise ValueError(
                 f"reward function {name!r} returned {len(scores)} scores for {len(completions)} completions"
@@ -101,3 +107,14 @@ def combine_rewards(
             totals[i] += float(weight) * float(score)
             components[i][name] = float(score)
     return totals, components
+
+
+def _call(func: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``func`` with the keyword arguments it accepts (all of them when it takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature: pass everything
+        return func(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return func(**kwargs)
+    return func(**{key: value for key, value in kwargs.items() if key in parameters})

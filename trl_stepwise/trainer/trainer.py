@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.envs import StepwiseMathEnv
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+from trl_stepwise.rewards import combine_rewards, unique_name
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
 from trl_stepwise.trainer.batching import completion_logprobs, micro_batches, pad_trajectories
@@ -173,8 +175,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             max_steps=args.max_episode_steps,
             max_episode_tokens=max_episode_tokens or args.max_episode_tokens,
             calculator=args.calculator,
-            reward_funcs=self.reward_funcs or None,
-            reward_weights=args.reward_weights,
+            # the trainer's reward functions are called once per rollout, batched (_add_reward_funcs), not per episode
             format_reward_weight=args.format_reward_weight,
             step_penalty=args.step_penalty,
         )
@@ -248,10 +249,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
         engine = self.rollout_engine()
         trajectories = engine.run(self.make_env, rows, group_ids=group_ids)
         generation_seconds = time.perf_counter() - started
+        self._add_reward_funcs(trajectories)
         policy_logps, ref_logps = self._score(trajectories)
         teacher_logps = self._teacher_logps(trajectories)
         judged = self._judge_rewards(trajectories)
-        scores = []
+        scores, returns = [], []
         for i, trajectory in enumerate(trajectories):
             step_kl = [0.0] * len(trajectory.episode.steps)
             if ref_logps is not None and policy_logps is not None:
@@ -264,6 +266,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             if step_rewards:  # EpisodeScores expects the final-answer reward on the last step
                 step_rewards[-1] += args.answer_reward_weight * trajectory.episode.final_reward
             scores.append(EpisodeScores(trajectory.episode.group_id, step_rewards, step_kl))
+            returns.append(sum(step_rewards))
         step_advantages = self.algorithm.advantages(scores)
         token_advantages = [
             [adv[min(s, len(adv) - 1)] if adv else 0.0 for s in trajectory.step_index]
@@ -282,7 +285,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         for batch in batches:
             batch["num_tokens"] = num_tokens
             batch["num_sequences"] = float(len(trajectories))
-        self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds)
+        self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds, returns, judged)
         if self.curriculum is not None:
             accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in trajectories]
             if self.accelerator.num_processes > 1:  # every process must promote at the same step
@@ -291,6 +294,36 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 self._metrics["curriculum/promoted"].append(1.0)
         self._last_rollout_end = time.perf_counter()
         return batches
+
+    def _add_reward_funcs(self, trajectories: list[Trajectory]) -> None:
+        """Call the reward functions once on the whole rollout with TRL's arguments; add the weighted sums to each
+        episode's final reward and their raw scores to its reward components."""
+        if not self.reward_funcs:
+            return
+        episodes = [t.episode for t in trajectories]
+        prompts = [e.row.get("prompt", e.row.get("question")) for e in episodes]
+        conversational = any(_is_messages(p) for p in prompts)
+        completions = [
+            [{"role": "assistant", "content": e.completion}] if conversational else e.completion for e in episodes
+        ]
+        totals, components = combine_rewards(
+            self.reward_funcs,
+            self.args.reward_weights,
+            completions,
+            [e.row for e in episodes],
+            prompts=prompts,
+            completion_ids=[list(t.completion_ids) for t in trajectories],
+            trainer_state=self.state,
+            log_metric=self._log_metric,
+        )
+        for episode, total, parts in zip(episodes, totals, components, strict=True):
+            episode.final_reward += total
+            for name, value in parts.items():
+                episode.reward_components[unique_name(name, episode.reward_components)] = value
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """TRL's ``log_metric`` for reward functions: averaged into the next log line."""
+        self._metrics[name].append(float(value))
 
     @torch.no_grad()
     def _score(self, trajectories: list[Trajectory]) -> tuple[list[list[float]] | None, list[list[float]] | None]:
@@ -409,10 +442,20 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._metrics["ref_syncs"].append(1.0)
 
     # ------------------------------------------------------------------ metrics and logging
-    def _record_rollout_metrics(self, trajectories, engine, generation_seconds, optimisation_seconds) -> None:
+    def _record_rollout_metrics(
+        self, trajectories, engine, generation_seconds, optimisation_seconds, returns=None, judged=None
+    ) -> None:
+        """``reward`` is the return the advantages start from (weights and judge included, before any KL);
+        ``rewards/<name>/mean`` and ``/std`` the raw score of each reward function, as TRL logs them."""
         episodes = [t.episode for t in trajectories]
+        if returns is None:
+            returns = [e.final_reward + sum(s.reward for s in e.steps) for e in episodes]
+        names = list(dict.fromkeys(name for e in episodes for name in e.reward_components))
+        components = {name: [e.reward_components.get(name, math.nan) for e in episodes] for name in names}
+        if judged is not None:
+            components["judge"] = [sum(steps) for steps in judged]
         local = {
-            "reward": [e.final_reward + sum(s.reward for s in e.steps) for e in episodes],
+            "reward": list(returns),
             "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in episodes],
             "steps_per_episode": [float(len(e.steps)) for e in episodes],
             "tokens_per_episode": [float(t.num_policy_tokens) for t in trajectories],
@@ -420,13 +463,20 @@ class StepwiseReinforceTrainer(BaseTrainer):
         }
         for reason in ("answer", "eos", "max_steps", "token_budget"):
             local[f"end/{reason}"] = [float(_reason(e) == reason) for e in episodes]
-        gathered = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        gathered = (
+            gather_object([(local, components)]) if self.accelerator.num_processes > 1 else [(local, components)]
+        )
         for key in local:
-            values = [v for part in gathered for v in part[key]]
+            values = [v for part, _ in gathered for v in part[key]]
             self._metrics[key].append(sum(values) / max(len(values), 1))
-        rewards = [v for part in gathered for v in part["reward"]]
-        mean = sum(rewards) / max(len(rewards), 1)
-        self._metrics["reward_std"].append((sum((r - mean) ** 2 for r in rewards) / max(len(rewards), 1)) ** 0.5)
+        for name in dict.fromkeys(name for _, part in gathered for name in part):
+            values = [v for _, part in gathered for v in part.get(name, []) if not math.isnan(v)]
+            if values:
+                mean = sum(values) / len(values)
+                self._metrics[f"rewards/{name}/mean"].append(mean)
+                self._metrics[f"rewards/{name}/std"].append(_std(values, mean))
+        rewards = [v for part, _ in gathered for v in part["reward"]]
+        self._metrics["reward_std"].append(_std(rewards, sum(rewards) / max(len(rewards), 1)))
         self._metrics["rollout_tokens_per_second"].append(engine.stats.tokens_per_second)
         self._metrics["time/generation_s"].append(generation_seconds)
         self._metrics["time/optimisation_s"].append(optimisation_seconds)
@@ -738,6 +788,16 @@ def _chunks_by_tokens(trajectories: list[Trajectory], max_tokens: int) -> list[l
     if current:
         chunks.append(current)
     return chunks
+
+
+def _std(values: list[float], mean: float) -> float:
+    """Population standard deviation (0 for fewer than two values)."""
+    return (sum((v - mean) ** 2 for v in values) / max(len(values), 1)) ** 0.5
+
+
+def _is_messages(value: Any) -> bool:
+    """Whether a prompt is conversational (a list of chat messages), as TRL's ``is_conversational`` decides."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _reason(episode) -> str | None:
