@@ -115,7 +115,7 @@ class Algorithm:
 
     # -------------------------------------------------------------- loss
     def kl(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-        """Per-token KL estimate to the reference (k1: log-ratio, unbiased; k3: always >= 0, low variance)."""
+        """Per-token KL(pi || ref) estimate, for metrics and rewards (k1: log-ratio, unbiased; k3: >= 0, low variance)."""
         log_ratio = ref_logps - logps
         if self.settings.kl_estimator == "k1":
             return -log_ratio
@@ -133,8 +133,24 @@ class Algorithm:
         clipped = torch.clamp(ratio, 1.0 - self.settings.epsilon, 1.0 + self.settings.epsilon)
         loss = -torch.min(ratio * advantages, clipped * advantages)
         if ref_logps is not None and self.settings.kl_coef > 0.0 and not self.settings.kl_in_reward:
-            loss = loss + self.settings.kl_coef * self.kl(logps, ref_logps)
+            loss = loss + self.settings.kl_coef * self.kl_loss(logps, old_logps, ref_logps)
         return loss
+
+    def kl_loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        """Per-token KL term of the loss: its value is the estimator's, its gradient pulls towards the reference.
+
+        k3 (``r - log r - 1``, r = ref / pi): the gradient ``(1 - r) grad log pi`` is, over tokens sampled from pi,
+        an unbiased estimate of the gradient of KL(ref || pi) (the reverse direction of the k1 value it reports).
+
+        k1 (``log pi - log ref``): differentiated as it stands its expected gradient is zero (E_pi[grad log pi] = 0),
+        so the term uses its score-function form, ``sg(ratio * k1) * grad log pi`` with ratio = pi / pi_rollout:
+        over tokens sampled from the rollout policy it estimates the gradient of KL(pi || ref) (per token).
+        """
+        if self.settings.kl_estimator != "k1":
+            return self.kl(logps, ref_logps)
+        k1 = (logps - ref_logps).detach()
+        weight = (torch.exp(logps - old_logps) * k1).detach()
+        return k1 + weight * (logps - logps.detach())
 
     def distill(self, logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
         """Per-token distillation term on sampled tokens: k3 = r - log r - 1 with r = teacher / policy probability.
