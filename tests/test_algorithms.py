@@ -40,7 +40,9 @@ NUM_TOKENS, NUM_SEQUENCES = 5.0, 2.0
 
 
 def settings(**overrides) -> AlgorithmSettings:
-    return AlgorithmSettings(**{"gamma": 0.5, "kl_coef": 0.5, **overrides})
+    """The worked example's settings; the hand cases use the per-episode baseline (tests/test_step_baseline.py
+    covers the per-step one, the default)."""
+    return AlgorithmSettings(**{"gamma": 0.5, "kl_coef": 0.5, "baseline_per_step": False, **overrides})
 
 
 def token_advantages(step_advantages: list[list[float]]) -> torch.Tensor:
@@ -299,10 +301,10 @@ def test_readme_custom_algorithm_example(tiny_model, tokenizer, arithmetic_probl
     args = namespace["args"]
     assert args.algorithm == "sign_reinforce" and args.baseline == "batch_mean"  # the subclass's default applies
 
-    # it changes the advantages. gamma 1: returns A [1.0, 1.0], B [0.25, 0.0]; batch mean of episode returns 0.625
-    # -> plain advantages A [0.375, 0.375], B [-0.375, -0.625]; the custom algorithm keeps only their signs
+    # it changes the advantages. gamma 1: returns A [1.0, 1.0], B [0.25, 0.0]; batch mean per step 0.625 and 0.5
+    # -> plain advantages A [0.375, 0.5], B [-0.375, -0.5]; the custom algorithm keeps only their signs
     custom = sign_cls(args.algorithm_settings())
-    assert Algorithm(args.algorithm_settings()).advantages(EPISODES) == [[0.375, 0.375], [-0.375, -0.625]]
+    assert Algorithm(args.algorithm_settings()).advantages(EPISODES) == [[0.375, 0.5], [-0.375, -0.5]]
     assert custom.advantages(EPISODES) == [[1.0, 1.0], [-1.0, -1.0]]
 
     # and the trainer picks it by name: the advantages of a real rollout are all -1, 0 or +1

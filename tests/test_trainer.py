@@ -48,7 +48,7 @@ def test_leave_one_out_needs_two_generations(tmp_path):
 
 
 def test_batch_size_must_be_a_multiple_of_num_generations(tmp_path):
-    with pytest.raises(ValueError, match=r"per_device_train_batch_size \(6\).*multiple of num_generations \(4\)"):
+    with pytest.raises(ValueError, match=r"generation batch \(6 x 1 = 6 episodes.*divisible by num_generations \(4\)"):
         make_config(tmp_path, per_device_train_batch_size=6, num_generations=4)
 
 
@@ -213,7 +213,7 @@ def test_lora_trains_only_adapters_and_reference_is_the_base_model(
 
 def test_lora_reference_adapter_sync(make_tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch):
     trainer = make_lora_trainer(
-        make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=4, ref_sync_steps=2
+        make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=3, ref_sync_steps=2
     )
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     at_sync: dict[str, dict[str, torch.Tensor]] = {}
@@ -247,13 +247,13 @@ def test_resume_restores_step_optimizer_and_reference(make_tiny_model, tokenizer
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / STATE_FILE).is_file() and (checkpoint / REFERENCE_FILE).is_file()
     saved_state = json.loads((checkpoint / STATE_FILE).read_text())
-    assert saved_state["ref_syncs"] == 1  # refreshed once, at step 1
+    assert saved_state["ref_syncs"] == 2  # refreshed after the updates of steps 1 and 2 (before the checkpoint)
     saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     saved_reference = torch.load(checkpoint / REFERENCE_FILE, weights_only=True)
 
     fresh = make_tiny_model()
     initial = snapshot(fresh)
-    # the saved reference is the policy after step 1, not the initial weights: restoring it is observable
+    # the saved reference is the policy after step 2, not the initial weights: restoring it is observable
     assert any(not torch.equal(initial[k], saved_reference[k]) for k in initial)
     second = make_trainer(fresh, tokenizer, arithmetic_problems, tmp_path, max_steps=4, **settings)
     loaded: dict = {}
@@ -274,7 +274,7 @@ def test_resume_restores_step_optimizer_and_reference(make_tiny_model, tokenizer
     second.train(resume_from_checkpoint=str(checkpoint))
 
     assert second.state.global_step == 4
-    assert loaded["model_loaded"] and loaded["ref_syncs"] == 1
+    assert loaded["model_loaded"] and loaded["ref_syncs"] == 2
     for key, value in saved_reference.items():
         assert torch.equal(loaded["reference"][key], value), key
     saved, restored = saved_optimizer["state"], loaded["optimizer"]["state"]

@@ -22,6 +22,7 @@ import torch
 
 BASELINES = ("leave_one_out", "batch_mean", "moving_average", "none")
 KL_ESTIMATORS = ("k1", "k3")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
@@ -39,7 +40,9 @@ class AlgorithmSettings:
 
     gamma: float = 1.0
     baseline: str = "leave_one_out"
-    scale_advantages: bool = False
+    scale_advantages: bool = False  # older spelling of scale_rewards="batch"
+    scale_rewards: str = "none"  # divide advantages by a return std: "group", "batch" or "none" (GRPO's names)
+    baseline_per_step: bool = True  # compare step t with step t of the others (vs. with their episode returns)
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in_reward: bool = False
@@ -56,7 +59,7 @@ class Algorithm:
 
     def __init__(self, settings: AlgorithmSettings) -> None:
         self.settings = settings
-        self.running_baseline: float | None = None
+        self.running_baseline: float | list[float] | None = None  # a list (one per step index) when per step
 
     # -------------------------------------------------------------- advantages
     def step_rewards(self, episode: EpisodeScores) -> list[float]:
@@ -82,16 +85,9 @@ class Algorithm:
             mean = sum(episode_returns) / n
             return [mean] * n
         if kind == "moving_average":
-            previous = self.running_baseline if self.running_baseline is not None else 0.0
-            mean = sum(episode_returns) / n
-            decay = self.settings.moving_average_decay
-            self.running_baseline = mean if self.running_baseline is None else decay * previous + (1 - decay) * mean
-            return [previous] * n
-        groups: dict[int, list[int]] = {}
-        for i, g in enumerate(group_ids):
-            groups.setdefault(g, []).append(i)
+            return [self._moving_average([sum(episode_returns) / n], per_step=False)[0]] * n
         out = [0.0] * n
-        for members in groups.values():
+        for members in _groups(group_ids).values():
             if len(members) < 2:
                 raise ValueError(
                     "The leave-one-out baseline needs at least 2 episodes per problem (num_generations >= 2)."
@@ -101,21 +97,69 @@ class Algorithm:
                 out[i] = (total - episode_returns[i]) / (len(members) - 1)
         return out
 
+    def _moving_average(self, means: Sequence[float], per_step: bool) -> list[float]:
+        """The running baseline before this batch (one value per step index, lagging one batch), then updated.
+
+        Step indices not seen yet start from the last known one, so without step rewards (every step's return is
+        the episode return) the per-step average equals the per-episode one.
+        """
+        running = self.running_baseline
+        history = [] if running is None else (list(running) if isinstance(running, list) else [float(running)])
+        previous = [history[min(t, len(history) - 1)] if history else 0.0 for t in range(len(means))]
+        decay = self.settings.moving_average_decay
+        updated = [decay * p + (1 - decay) * m if history else m for p, m in zip(previous, means, strict=True)]
+        updated += history[len(updated) :]
+        self.running_baseline = updated if per_step else updated[0]
+        return previous
+
+    def scales(self, returns: Sequence[float], group_ids: Sequence[int]) -> list[float]:
+        """Divisor of each episode's advantage: 1, or the return std of its group / of the batch, plus 1e-4."""
+        kind = self.settings.scale_rewards
+        if kind == "none" and self.settings.scale_advantages:
+            kind = "batch"
+        if kind == "none":
+            return [1.0] * len(returns)
+        if kind == "batch":
+            return [_std(returns) + 1e-4] * len(returns)
+        out = [1.0] * len(returns)
+        for members in _groups(group_ids).values():
+            std = _std([returns[i] for i in members])
+            for i in members:
+                out[i] = std + 1e-4
+        return out
+
     def advantages(self, episodes: Sequence[EpisodeScores]) -> list[list[float]]:
-        """Per-step advantages: return of the step minus the episode's baseline, optionally scaled."""
+        """Per-step advantages: return of the step minus its baseline, optionally scaled.
+
+        Per step (the default), step t of an episode is compared with step t of the others (an episode that ended
+        earlier counts with its last step's return), so that a tied group has zero advantages at every step even
+        with per-step rewards or gamma < 1; otherwise every step uses the baseline of the episode returns.
+        """
         step_returns = [self.returns(self.step_rewards(e)) for e in episodes]
-        episode_returns = [r[0] if r else 0.0 for r in step_returns]
-        baselines = self.baselines(episode_returns, [e.group_id for e in episodes])
-        advantages = [[g - b for g in returns] for returns, b in zip(step_returns, baselines, strict=True)]
-        if self.settings.scale_advantages and len(episode_returns) > 1:
-            mean = sum(episode_returns) / len(episode_returns)
-            std = math.sqrt(sum((r - mean) ** 2 for r in episode_returns) / (len(episode_returns) - 1))
-            advantages = [[a / (std + 1e-4) for a in adv] for adv in advantages]
-        return advantages
+        group_ids = [e.group_id for e in episodes]
+        if not self.settings.baseline_per_step:
+            episode_returns = [r[0] if r else 0.0 for r in step_returns]
+            baselines = self.baselines(episode_returns, group_ids)
+            scales = self.scales(episode_returns, group_ids)
+            return [
+                [(g - b) / s for g in returns] for returns, b, s in zip(step_returns, baselines, scales, strict=True)
+            ]
+        width = max((len(r) for r in step_returns), default=0)
+        columns = [[r[min(t, len(r) - 1)] if r else 0.0 for r in step_returns] for t in range(width)]
+        if self.settings.baseline == "moving_average":
+            previous = self._moving_average([sum(c) / len(c) for c in columns], per_step=True)
+            baselines = [[p] * len(episodes) for p in previous]
+        else:
+            baselines = [self.baselines(column, group_ids) for column in columns]
+        scales = [self.scales(column, group_ids) for column in columns]
+        return [
+            [(g - baselines[t][i]) / scales[t][i] for t, g in enumerate(returns)]
+            for i, returns in enumerate(step_returns)
+        ]
 
     # -------------------------------------------------------------- loss
     def kl(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-        """Per-token KL(pi || ref) estimate, for metrics and rewards (k1: log-ratio, unbiased; k3: >= 0, low variance)."""
+        """Per-token KL(pi || ref) estimate for metrics and rewards (k1: log-ratio, unbiased; k3: >= 0, low var.)."""
         log_ratio = ref_logps - logps
         if self.settings.kl_estimator == "k1":
             return -log_ratio
@@ -171,6 +215,21 @@ class Algorithm:
             per_sequence = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
             return per_sequence.sum() / max(num_sequences, 1.0)
         return (token_losses * mask).sum() / max(num_tokens, 1.0)
+
+
+def _groups(group_ids: Sequence[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    return groups
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (0 for fewer than two values), as torch.std and GRPO use."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}

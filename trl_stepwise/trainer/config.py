@@ -27,7 +27,12 @@ class StepwiseReinforceConfig(BaseConfig):
         default=None, metadata={"help": "Most reasoning steps per episode (default: the environment flavour's)."}
     )
     max_step_tokens: int = field(default=96, metadata={"help": "Most tokens the policy may write in one step."})
-    max_episode_tokens: int = field(default=384, metadata={"help": "Token budget of one episode (policy tokens)."})
+    max_episode_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of one episode (policy tokens; default 384)."}
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Alias of max_episode_tokens (TRL's GRPO name): the episode token budget."}
+    )
     step_delimiter: str = field(
         default="\n", metadata={"help": "Text that ends a step. Use single-step mode with --max_episode_steps 1."}
     )
@@ -43,7 +48,9 @@ class StepwiseReinforceConfig(BaseConfig):
     system_prompt: str | None = field(
         default=None, metadata={"help": "System prompt: a bundled name (gsm8k, math, arithmetic) or a file path."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of training rollouts."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of training rollouts (> 0; evaluation is greedy)."}
+    )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of training rollouts (1.0 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of training rollouts (0 = off)."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together in one batch."})
@@ -59,16 +66,48 @@ class StepwiseReinforceConfig(BaseConfig):
         default=None,
         metadata={"help": "leave_one_out, batch_mean, moving_average or none (default: the algorithm's)."},
     )
-    scale_advantages: bool = field(default=False, metadata={"help": "Divide advantages by the batch return std."})
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "Weight of the KL to the reference model (0 = no reference)."}
+    baseline_per_step: bool = field(
+        default=True,
+        metadata={
+            "help": "Baseline per step index: step t of an episode is compared with step t of the others (episodes "
+            "that ended earlier count with their last step's return). Without step rewards and with gamma 1 it "
+            "equals the per-episode baseline; with step rewards (judge, kl_in_reward, step_penalty, gamma < 1) a "
+            "tied group gets zero advantages. False: every step uses the baseline of the episode returns."
+        },
     )
+    scale_rewards: str | None = field(
+        default=None,
+        metadata={
+            "help": "Divide advantages by a return std, like GRPO's scale_rewards: group, batch or none (default "
+            "none here; GRPO's default is group). With baseline_per_step the std is taken per step index."
+        },
+    )
+    scale_advantages: bool = field(
+        default=False, metadata={"help": "Older spelling of scale_rewards=batch: divide by the batch return std."}
+    )
+    kl_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the KL to the reference model (0 = no reference; default 0.05)."}
+    )
+    beta: float | None = field(default=None, metadata={"help": "Alias of kl_coef (TRL's GRPO name)."})
     kl_estimator: str | None = field(default=None, metadata={"help": "k1 or k3 (default: the algorithm's, else k3)."})
     kl_in_reward: bool | None = field(
         default=None, metadata={"help": "Apply the KL as a per-step reward penalty instead of a loss term."}
     )
-    ref_sync_steps: int = field(
-        default=0, metadata={"help": "Refresh the reference from the policy every N optimizer steps (0 = never)."}
+    ref_sync_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Refresh the reference from the policy after every N-th optimizer step (default 0 = never)."
+        },
+    )
+    ref_model_sync_steps: int | None = field(
+        default=None, metadata={"help": "Alias of ref_sync_steps (TRL's GRPO name)."}
+    )
+    ref_model_mixup_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Soft refresh (TRL's name, from TR-DPO): pi_ref = alpha * pi + (1 - alpha) * pi_ref at each "
+            "refresh. 1.0 (default here; GRPO's is 0.6) copies the policy."
+        },
     )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer steps per batch of rollouts (> 1 uses the clipped importance ratio)."}
@@ -175,6 +214,16 @@ class StepwiseReinforceConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         check_launch(os.environ, self.deepspeed, self.fsdp)  # ZeRO-3 / FSDP: refused before any model loads
+        self.kl_coef = _alias(self.kl_coef, "kl_coef", self.beta, "beta", 0.05)
+        self.ref_sync_steps = _alias(
+            self.ref_sync_steps, "ref_sync_steps", self.ref_model_sync_steps, "ref_model_sync_steps", 0
+        )
+        self.max_episode_tokens = _alias(
+            self.max_episode_tokens, "max_episode_tokens", self.max_completion_length, "max_completion_length", 384
+        )
+        if self.scale_rewards is None:
+            self.scale_rewards = "batch" if self.scale_advantages else "none"
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
         super().__post_init__()
@@ -206,16 +255,28 @@ class StepwiseReinforceConfig(BaseConfig):
                 "The leave_one_out baseline needs num_generations >= 2 (it compares each episode with the others of "
                 "its problem). Raise --num_generations, or pick --baseline batch_mean / moving_average / none."
             )
-        if self.per_device_train_batch_size % self.num_generations != 0:
+        if self.generation_batch_size % self.num_generations != 0:
+            per_device, accumulation = self.per_device_train_batch_size, self.gradient_accumulation_steps
             raise ValueError(
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts episodes and must be a "
-                f"multiple of num_generations ({self.num_generations}) so that each problem's group stays together. "
-                f"Try per_device_train_batch_size={self.num_generations * max(1, self.problems_per_batch)}."
+                f"The generation batch ({per_device} x {accumulation} = {self.generation_batch_size} episodes: "
+                "per_device_train_batch_size x gradient_accumulation_steps, rolled out together) must be divisible "
+                f"by num_generations ({self.num_generations}) so that each problem's group stays together; set "
+                f"--per_device_train_batch_size to a multiple of {self.num_generations} or adjust the accumulation."
             )
         if self.kl_coef < 0 or self.ref_sync_steps < 0:
             raise ValueError("kl_coef and ref_sync_steps must be >= 0.")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy).")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature={self.temperature} cannot train: every episode of a group would be identical and every "
+                "advantage 0; set --temperature > 0 (e.g. 0.7) for training (evaluation always decodes greedily)."
+            )
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(
+                f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in (0, 1]: pi_ref = alpha * pi + "
+                "(1 - alpha) * pi_ref at each refresh; use 1.0 for a plain copy."
+            )
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose group, batch or none.")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be >= 1.")
         if self.judge_mode not in ("score", "yes_no"):
@@ -227,14 +288,25 @@ class StepwiseReinforceConfig(BaseConfig):
 
     @property
     def problems_per_batch(self) -> int:
-        """Problems behind one micro-batch of episodes."""
+        """Problems behind one micro-batch of episodes (0 when a micro-batch is smaller than a group)."""
         return self.per_device_train_batch_size // self.num_generations
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Episodes rolled out together on one process for one optimizer step (GRPO's generation batch)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def problems_per_rollout(self) -> int:
+        """Problems behind one rollout: ``generation_batch_size / num_generations``."""
+        return self.generation_batch_size // self.num_generations
 
     def algorithm_settings(self) -> AlgorithmSettings:
         return AlgorithmSettings(
             gamma=self.gamma,
             baseline=self.baseline,
-            scale_advantages=self.scale_advantages,
+            scale_rewards=self.scale_rewards,
+            baseline_per_step=self.baseline_per_step,
             kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator,
             kl_in_reward=bool(self.kl_in_reward),
@@ -242,3 +314,14 @@ class StepwiseReinforceConfig(BaseConfig):
             loss_normalization=self.loss_normalization,
             moving_average_decay=self.moving_average_decay,
         )
+
+
+def _alias(value, name: str, alias_value, alias_name: str, default):
+    """Resolve a flag and its TRL-named alias: either may be set, both only when they agree."""
+    if alias_value is not None and value is not None and alias_value != value:
+        raise ValueError(
+            f"{alias_name}={alias_value} and {name}={value} disagree: {alias_name} is an alias of {name}; set one."
+        )
+    if value is not None:
+        return value
+    return alias_value if alias_value is not None else default

@@ -93,13 +93,15 @@ class StepwiseReinforceTrainer(BaseTrainer):
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         if model is None or isinstance(model, str):
             model_name = model
-            quantization = (args.model_init_kwargs or {}).get("quantization_config")
-            model = load_model(model_name, dtype=args.model_dtype, quantization_config=quantization)
+            init_kwargs = dict(args.model_init_kwargs or {})  # every from_pretrained kwarg (attn_implementation, ...)
+            dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", args.model_dtype))
+            model = load_model(model_name, dtype=dtype, **init_kwargs)
         else:
             model_name = _model_id(model)
         if processing_class is None:
             processing_class = load_tokenizer(model_name)
         model = _attach_peft(model, peft_config)
+        _check_trainable_precision(model, args)
         if curriculum is None and args.curriculum:
             from trl_stepwise.curriculum import Curriculum
 
@@ -146,6 +148,17 @@ class StepwiseReinforceTrainer(BaseTrainer):
             seed=args.few_shot_seed,
             max_example_chars=args.max_example_chars,
         )
+        if is_peft_model(self.model) and args.kl_coef > 0 and args.ref_model_mixup_alpha < 1.0:
+            raise ValueError(
+                f"ref_model_mixup_alpha={args.ref_model_mixup_alpha} cannot soft-refresh a peft reference (mixing "
+                "LoRA factors does not mix the adapters' weight updates); use --ref_model_mixup_alpha 1.0 with peft."
+            )
+        if args.kl_coef > 0 and args.ref_sync_steps == 1 and args.ref_model_mixup_alpha == 1.0:
+            logger.warning(
+                "ref_sync_steps=1 copies the policy into the reference after every step, so each rollout is scored "
+                "against itself: the KL is 0 except on later iterations of a batch (num_iterations > 1). Use "
+                "--ref_sync_steps >= 2 or a soft refresh (--ref_model_mixup_alpha < 1)."
+            )
         self.ref_model: PreTrainedModel | None = None
         self._has_ref_adapter = False
         self._policy_adapter = policy_adapter(self.model) if is_peft_model(self.model) else None
@@ -164,6 +177,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._buffer_uses = 0
         self._ref_syncs = 0
         self._last_rollout_end: float | None = None
+        self.add_callback(_ReferenceRefreshCallback(self))
 
     # ------------------------------------------------------------------ environment and rollout
     def make_env(self, max_episode_tokens: int | None = None) -> StepwiseMathEnv:
@@ -205,7 +219,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         loader = DataLoader(
             self.train_dataset,
-            batch_size=self.args.problems_per_batch,
+            batch_size=max(1, self.args.problems_per_batch),  # 1 when a micro-batch is smaller than a group
             sampler=RandomSampler(self.train_dataset, generator=generator),
             collate_fn=_identity,
             drop_last=True,
@@ -218,15 +232,17 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self._buffer_uses += 1
             return self._buffer, None
         problems: list[dict] = []
-        pulled = 0
-        for _ in range(num_batches):
+        wanted = max(1, num_batches * self.args.per_device_train_batch_size // self.args.num_generations)
+        while len(problems) < wanted:
             try:
                 problems.extend(next(epoch_iterator))
-                pulled += 1
             except StopIteration:
                 break
         if not problems:
             return [], None
+        pulled = min(
+            num_batches, -(-len(problems) * self.args.num_generations // self.args.per_device_train_batch_size)
+        )
         if self.curriculum is not None:
             problems = self.curriculum.sample(
                 len(problems), rank=self.accelerator.process_index, world_size=self.accelerator.num_processes
@@ -239,7 +255,6 @@ class StepwiseReinforceTrainer(BaseTrainer):
         args = self.args
         started = time.perf_counter()
         optimisation_seconds = started - self._last_rollout_end if self._last_rollout_end else 0.0
-        self._maybe_sync_reference()
         rank = self.accelerator.process_index
         rows, group_ids = [], []
         for p, problem in enumerate(problems):
@@ -267,12 +282,12 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 step_rewards[-1] += args.answer_reward_weight * trajectory.episode.final_reward
             scores.append(EpisodeScores(trajectory.episode.group_id, step_rewards, step_kl))
             returns.append(sum(step_rewards))
-        step_advantages = self.algorithm.advantages(scores)
+        step_advantages = self._advantages(scores)
         token_advantages = [
             [adv[min(s, len(adv) - 1)] if adv else 0.0 for s in trajectory.step_index]
             for trajectory, adv in zip(trajectories, step_advantages, strict=True)
         ]
-        num_tokens = float(sum(t.num_policy_tokens for t in trajectories))
+        num_tokens, num_sequences = self._global_normalisers(trajectories)
         batches = micro_batches(
             trajectories,
             token_advantages,
@@ -284,7 +299,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         )
         for batch in batches:
             batch["num_tokens"] = num_tokens
-            batch["num_sequences"] = float(len(trajectories))
+            batch["num_sequences"] = num_sequences
         self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds, returns, judged)
         if self.curriculum is not None:
             accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in trajectories]
@@ -324,6 +339,27 @@ class StepwiseReinforceTrainer(BaseTrainer):
     def _log_metric(self, name: str, value: float) -> None:
         """TRL's ``log_metric`` for reward functions: averaged into the next log line."""
         self._metrics[name].append(float(value))
+
+    def _advantages(self, scores: list[EpisodeScores]) -> list[list[float]]:
+        """Advantages over the episodes of every process (batch baselines and batch scaling see the global batch,
+        as in GRPO); each process keeps its own episodes' share."""
+        if self.accelerator.num_processes == 1:
+            return self.algorithm.advantages(scores)
+        parts = gather_object([scores])
+        advantages = self.algorithm.advantages([s for part in parts for s in part])
+        start = sum(len(part) for part in parts[: self.accelerator.process_index])
+        return advantages[start : start + len(scores)]
+
+    def _global_normalisers(self, trajectories: list[Trajectory]) -> tuple[float, float]:
+        """Policy tokens and episodes of the step over all processes, divided by the process count: each process
+        then holds sum_local / (count / P), and DDP's mean of the P gradients is the gradient of sum_all / count."""
+        local = torch.tensor(
+            [float(sum(t.num_policy_tokens for t in trajectories)), float(len(trajectories))],
+            device=self.accelerator.device,
+        )
+        processes = self.accelerator.num_processes
+        total = self.accelerator.gather(local).reshape(processes, 2).sum(0) if processes > 1 else local
+        return float(total[0]) / processes, float(total[1]) / processes
 
     @torch.no_grad()
     def _score(self, trajectories: list[Trajectory]) -> tuple[list[list[float]] | None, list[list[float]] | None]:
@@ -382,7 +418,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         try:
             for chunk in _chunks_by_tokens(trajectories, self.args.logprob_batch_tokens):
                 batch = pad_trajectories(chunk, pad_id=self.processing_class.pad_token_id, device=model.device)
-                logps = completion_logprobs(model, batch, temperature=self.args.temperature)
+                with self.accelerator.autocast():  # the reference and teacher sit outside accelerator.prepare
+                    logps = completion_logprobs(model, batch, temperature=self.args.temperature)
                 for row, trajectory in zip(logps.tolist(), chunk, strict=True):
                     out.append(row[: len(trajectory.completion_ids)])
         finally:
@@ -411,19 +448,29 @@ class StepwiseReinforceTrainer(BaseTrainer):
         loss = self.algorithm.reduce(token_losses, mask, inputs["num_tokens"], inputs["num_sequences"])
         with torch.no_grad():
             m = mask.float()
-            denominator = m.sum().clamp(min=1.0)
-            self._metrics["entropy"].append(float((entropy * m).sum() / denominator))
+            sums = {"entropy": (entropy * m).sum()}
             if ref is not None:
-                self._metrics["kl"].append(float((self.algorithm.kl(logps, ref) * m).sum() / denominator))
+                sums["kl"] = (self.algorithm.kl(logps, ref) * m).sum()
             if teacher is not None:
-                self._metrics["distill/teacher_kl"].append(float((distill * m).sum() / denominator))
+                sums["distill/teacher_kl"] = (distill * m).sum()
             ratio = torch.exp(logps - old)
-            clipped = ((ratio - 1.0).abs() > self.args.epsilon).float()
-            self._metrics["clip_ratio"].append(float((clipped * m).sum() / denominator))
+            sums["clip_ratio"] = (((ratio - 1.0).abs() > self.args.epsilon).float() * m).sum()
+            for key, value in self._gathered_token_means(sums, m.sum()).items():
+                self._metrics[key].append(value)
         return loss
+
+    def _gathered_token_means(self, sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+        """Token means over every process's micro-batch (one gather for all metrics), not rank 0's alone."""
+        values = torch.stack([*sums.values(), count]).float()
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values).reshape(self.accelerator.num_processes, -1).sum(0)
+        denominator = values[-1].clamp(min=1.0)
+        return {key: float(values[i] / denominator) for i, key in enumerate(sums)}
 
     # ------------------------------------------------------------------ reference model
     def _maybe_sync_reference(self) -> None:
+        """After the optimizer step of every ``ref_sync_steps``-th step (like TRL's ``SyncRefModelCallback``): the
+        step's own rollout was scored against the previous reference, and the next rollout sees the new one."""
         steps = self.args.ref_sync_steps
         step = self.state.global_step
         if self.args.kl_coef <= 0 or steps <= 0 or step == 0 or step % steps != 0 or step == self._ref_syncs:
@@ -432,10 +479,18 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._ref_syncs = step
 
     def sync_reference(self) -> None:
-        """Copy the current policy into the reference (for peft: into a frozen second adapter, adapter-sized)."""
+        """Move the reference to the policy: a copy, or with ``ref_model_mixup_alpha`` < 1 the soft update
+        ``ref = alpha * policy + (1 - alpha) * ref`` (for peft: into a frozen second adapter, adapter-sized)."""
         model = self.accelerator.unwrap_model(self.model)
+        alpha = self.args.ref_model_mixup_alpha
         if self.ref_model is not None:
-            self.ref_model.load_state_dict(model.state_dict())
+            if alpha >= 1.0:
+                self.ref_model.load_state_dict(model.state_dict())
+            else:
+                with torch.no_grad():
+                    for ref, param in zip(self.ref_model.parameters(), model.parameters(), strict=True):
+                        ref.lerp_(param.to(ref.dtype), alpha)
+            self._metrics["ref_syncs"].append(1.0)
             return
         copy_policy_to_reference(model, self._policy_adapter)
         self._has_ref_adapter = True
@@ -826,3 +881,27 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 __all__ = ["StepwiseReinforceTrainer", "build_quantization_config"]
+
+
+class _ReferenceRefreshCallback(TrainerCallback):
+    """Refresh the reference after the optimizer step (``on_step_end``), as TRL's ``SyncRefModelCallback`` does."""
+
+    def __init__(self, trainer: StepwiseReinforceTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._maybe_sync_reference()
+
+
+def _check_trainable_precision(model: torch.nn.Module, args: StepwiseReinforceConfig) -> None:
+    """Warn when full weights train in 16-bit: at small learning rates most AdamW updates round away."""
+    if is_peft_model(model):
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    if dtypes & {torch.bfloat16, torch.float16}:
+        logger.warning(
+            "The trainable weights are %s: at learning_rate=%g most AdamW updates are smaller than their rounding "
+            "step and are lost. Load the model in float32 (--model_dtype float32) and train with --bf16 autocast.",
+            ", ".join(sorted(str(d) for d in dtypes)),
+            args.learning_rate,
+        )
