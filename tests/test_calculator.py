@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 
+from trl_stepwise import calculator
 from trl_stepwise.calculator import (
     CALC_CLOSE,
     CALC_OPEN,
@@ -64,7 +65,7 @@ HANG_GUARD_S = 10.0  # generous: catches hangs, not a benchmark
         ("-0.00004", "0"),
         ("0.00005", "0.0001"),  # half away from zero
         ("2.99999", "3"),
-        ("1" * 150, "1" * 150),
+        ("9" * 20, "9" * 20),  # the largest result that is inserted
     ],
 )
 def test_evaluate_expression(expr: str, value: str) -> None:
@@ -98,6 +99,9 @@ def test_evaluate_expression(expr: str, value: str) -> None:
         ("(1/3)**5000", "too_large"),
         ("10**10**10", "too_large"),
         ("1" * 201, "too_long"),
+        ("1" * 21, "too_large"),  # inserted results are capped at 20 digits: never hundreds of forced tokens
+        ("9^1000", "too_large"),
+        ("10**20", "too_large"),
     ],
 )
 def test_bad_expressions(expr: str, error: str) -> None:
@@ -185,3 +189,11 @@ def test_gsm8k_train_annotations_agree_with_calculator() -> None:
     share = 1 - len(mismatches) / len(annotations)
     print(f"GSM8K train annotations matched: {len(annotations) - len(mismatches)}/{len(annotations)} = {share:.4%}")
     assert share >= 0.98, mismatches[:20]
+
+
+def test_stop_strings_pause_where_a_calculation_can_complete():
+    """Without an open `<<` the engine pauses at `<<`; with one open, at `=` or `>>` (what completion_for answers)."""
+    assert calculator.stop_strings("Ann has 4 pens") == ("<<",)
+    assert calculator.stop_strings("4+5 = <<4+5") == ("=", ">>")
+    assert calculator.stop_strings("4+5 = <<4+5=9>>9 and 2*3 = ") == ("<<",)
+    assert calculator.stop_strings("<<x=") == ("<<",)  # a failed calculation cannot complete again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -9,6 +10,8 @@ from trl_stepwise.envs import StepwiseMathEnv
 from trl_stepwise.kv_cache import growing_cache
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
+
+from scripted_engine import ScriptedEngine
 
 EXAMPLE = FewShotExample("Tom has 2 apples and buys 3 more. How many?", ["2+3 = <<2+3=5>>5\n", "The answer is: 5\n"])
 ROWS = [
@@ -43,7 +46,7 @@ def test_batched_direct_rollout_matches_one_sequence_greedy_decoding(make_tiny_m
         step_delimiter=None,
         calculator=False,
     )
-    engine.eos_ids = set()  # a random model may emit EOS at any time; compare fixed-length decoding
+    engine.eos_ids = engine.engine.stop_token_ids = set()  # a random model may emit EOS: compare fixed lengths
 
     def make_env():
         return StepwiseMathEnv("gsm8k", max_steps=1, calculator=False)
@@ -74,37 +77,20 @@ def test_growing_cache_gives_the_same_logits_as_dynamic_cache(make_tiny_model):
         torch.testing.assert_close(a, b)
 
 
-class _ScriptedModelOutput:
-    def __init__(self, logits):
-        self.logits = logits
-
-
-def test_calculator_tokens_are_forced_and_masked_out(make_tiny_model, tokenizer):
-    """A step that opens `<<4+5=` gets `9>>9` from the calculator; those tokens are excluded from the policy mask."""
-    model = make_tiny_model(seed=0).eval()
-    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
-    script = (
+def _calculator_script(tokenizer) -> list[int]:
+    return (
         tokenizer("4+5 = <<4+5=", add_special_tokens=False)["input_ids"]
         + tokenizer(" pens\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
     )
-    engine = StepwiseRollout(model, tokenizer, builder, SamplingConfig(temperature=0.0, max_step_tokens=40))
-    position = {"i": 0}
 
-    def scripted_sample(logits):  # the "policy" writes the script; forced tokens do not consume it
-        token = script[min(position["i"], len(script) - 1)]
-        position["i"] += 1
-        return torch.full((logits.shape[0],), token)
 
-    original_advance = engine._advance
-
-    def advance(envs, row, token, from_policy):
-        if not from_policy:
-            position["i"] -= 1  # a forced token replaced the sampled one: replay the script position
-        return original_advance(envs, row, token, from_policy)
-
-    engine._sample = scripted_sample
-    engine._advance = advance
-    (trajectory,) = engine.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
+@pytest.mark.parametrize("cheap_stops", [True, False])
+def test_calculator_tokens_are_forced_and_masked_out(tokenizer, cheap_stops):
+    """A step that opens `<<4+5=` gets `9>>9` from the calculator; those tokens are excluded from the policy mask."""
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    engine = ScriptedEngine(tokenizer, _calculator_script(tokenizer), cheap_stops=cheap_stops)
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
     episode = trajectory.episode
     assert episode.completion.startswith("4+5 = <<4+5=9>>9 pens\n")
     assert episode.final_answer == "9" and episode.verdict.correct
@@ -115,3 +101,51 @@ def test_calculator_tokens_are_forced_and_masked_out(make_tiny_model, tokenizer)
     assert episode.steps[0].calc_calls == 1
     assert [s.from_policy for s in episode.steps[0].segments] == [True, False, True]
     assert trajectory.step_index[-1] == 1 and trajectory.step_index[0] == 0
+    assert all(lp == 0.0 for lp, p in zip(trajectory.sampling_logps, trajectory.policy_mask, strict=True) if not p)
+    assert all(lp == -0.5 for lp, p in zip(trajectory.sampling_logps, trajectory.policy_mask, strict=True) if p)
+
+
+def test_engine_without_cheap_stops_pauses_only_for_the_calculator(tokenizer):
+    """vLLM-style: one request runs across step boundaries; the loop splits the steps from the returned ids."""
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    script = tokenizer("Ann has 4.\nShe buys 5.\nThe answer is: 9\nextra words\n", add_special_tokens=False)
+    engine = ScriptedEngine(tokenizer, script["input_ids"], cheap_stops=False)
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=5), ROWS[:1])
+    assert [s.text for s in trajectory.episode.steps] == ["Ann has 4.\n", "She buys 5.\n", "The answer is: 9\n"]
+    assert len(engine.requests) == 1  # no stop at step boundaries
+    assert "\n" not in engine.requests[0].stop_strings and "<<" in engine.requests[0].stop_strings
+    # tokens written after the answer are not part of the trajectory
+    assert tokenizer.decode(trajectory.completion_ids) == "Ann has 4.\nShe buys 5.\nThe answer is: 9\n"
+
+
+def test_forced_tokens_count_towards_the_step_and_episode_budgets(tokenizer):
+    """A calculator insert fills the step's token limit: the step closes there and the episode budget counts it."""
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    prefix = tokenizer("<<123456*654321=", add_special_tokens=False)["input_ids"]
+    engine = ScriptedEngine(tokenizer, prefix + tokenizer(" more text\n", add_special_tokens=False)["input_ids"])
+    limit = len(prefix) + 2
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=limit), engine=engine)
+    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=1), ROWS[:1])
+    first = trajectory.episode.steps[0]
+    assert first.calc_calls == 1
+    assert first.num_tokens == limit + (len(trajectory.completion_ids) - limit)  # every token, forced ones too
+    assert trajectory.episode.num_tokens == len(trajectory.completion_ids) > trajectory.num_policy_tokens
+
+
+def test_segments_join_to_the_step_text_with_a_sentencepiece_tokenizer():
+    """SentencePiece drops a piece's leading space when decoded alone; segments decoded in context still join."""
+    from sentencepiece_tokenizer import sentencepiece_tokenizer
+
+    spm = sentencepiece_tokenizer()
+    builder = PromptBuilder(spm, [EXAMPLE], k=1)
+    script = spm("Ann has 4 and buys 5 so 4+5 = <<4+5=", add_special_tokens=False)["input_ids"]
+    script += spm(" pens in all\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
+    engine = ScriptedEngine(spm, script)
+    rollout = StepwiseRollout(None, spm, builder, SamplingConfig(max_step_tokens=60), engine=engine)
+    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
+    step = trajectory.episode.steps[0]
+    assert [s.from_policy for s in step.segments] == [True, False, True]
+    assert "".join(s.text for s in step.segments) == step.text
+    assert step.text.startswith("Ann has 4 and buys 5 so 4+5 = <<4+5=9>>9 pens in all")
+    assert trajectory.episode.verdict.correct

@@ -23,7 +23,8 @@ CALC_OPEN = "<<"
 CALC_CLOSE = ">>"
 
 MAX_EXPRESSION_CHARS = 200
-MAX_RESULT_DIGITS = 1_000  # anything bigger is not a grade-school answer, and would be slow to format
+MAX_RESULT_DIGITS = 1_000  # intermediate values: anything bigger is not a grade-school answer, and slow to format
+MAX_INSERTED_DIGITS = 20  # a result is inserted as tokens: bigger ones are refused ("too_large"), never inserted
 DECIMAL_PLACES = 4
 
 _UNICODE_OPERATORS = str.maketrans({"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-", "^": "**"})
@@ -134,7 +135,10 @@ def evaluate_expression(expr: str, timeout_s: float = 1.0) -> CalcResult:
                 tree = ast.parse(source, mode="eval")
             except (SyntaxError, ValueError, RecursionError, MemoryError):
                 raise _CalcError("syntax") from None
-            return CalcResult(expr, _format_value(_fold(tree, source)), None)
+            value = _fold(tree, source)
+            if abs(value) >= 10**MAX_INSERTED_DIGITS:
+                raise _CalcError("too_large")
+            return CalcResult(expr, _format_value(value), None)
     except _CalcError as exc:
         return CalcResult(expr, None, exc.kind)
     except Timeout:
@@ -160,6 +164,21 @@ def pending_calculation(text: str) -> tuple[str, str] | None:
                 return expr, trigger
             return None
     return None
+
+
+def stop_strings(step_text: str) -> tuple[str, ...]:
+    """Where generation must pause for the calculator, given the step so far.
+
+    No calculation open: at ``<<``. One open (``<<`` with no ``=``, ``>>`` or newline after it): at ``=`` or ``>>``,
+    the two endings ``pending_calculation`` answers. An engine that stops only there lets the calculator act at
+    exactly the token where a token-by-token loop would.
+    """
+    start = step_text.rfind(CALC_OPEN)
+    if start >= 0:
+        body = step_text[start + len(CALC_OPEN) :]
+        if "=" not in body and CALC_CLOSE not in body and "\n" not in body:
+            return ("=", CALC_CLOSE)
+    return (CALC_OPEN,)
 
 
 def completion_for(text: str, timeout_s: float = 1.0) -> tuple[str | None, CalcResult | None]:

@@ -1,54 +1,47 @@
-"""Batched stepwise generation over an ``EnvBatch``: the hot path of training and evaluation.
+"""Stepwise episodes over any generation engine: the hot path of training and evaluation.
 
-One decoding loop advances every active episode by one token per model call:
+The loop asks an engine (``trl_stepwise.engines``) to extend every active episode, and reads what comes back token by
+token, exactly as if it had been sampled one token at a time:
 
-* the shared few-shot prefix is encoded once and its key/value cache is shared by all episodes of a chunk;
-* each episode keeps its own cache for the steps already written, so a new step never re-encodes the prompt;
-* a step ends at the step delimiter (or EOS, or ``max_step_tokens``) and is handed to the environment at once;
-  with ``step_delimiter=None`` ("direct" mode) nothing is split: the whole solution is one step that ends at EOS,
-  ``max_step_tokens``, or the end of the line that gives the final answer;
-  the episode then goes on writing its next step in the same loop, or leaves the batch when it is done, so
-  finished episodes cost nothing;
-* when a step opens a calculation (``<<expr=``), the environment's calculator result is fed as forced tokens,
-  marked ``from_policy=False`` so the trainer excludes them from the loss.
+* a step ends at the step delimiter (or EOS, or ``max_step_tokens`` tokens) and is handed to the environment; with
+  ``step_delimiter=None`` ("direct" mode) the whole solution is one step that ends at EOS, ``max_step_tokens``, or
+  the end of the line that gives the final answer; tokens sampled after the episode ended are dropped;
+* when a step opens a calculation (``<<expr=``), the environment's calculator result is appended as forced tokens
+  (``policy_mask`` False: the trainer excludes them from the loss; they count towards the step and episode token
+  budgets) and the engine continues the sequence from there;
+* an engine whose stops are cheap (transformers) is asked to stop at every step delimiter so a finished episode leaves
+  the batch at once; the others (vLLM) stop only where the calculator must act, and continuous batching queues each
+  continuation while the other episodes keep decoding.
 
-The engine knows nothing about grading; it returns one ``Trajectory`` (token ids, policy mask, step index per
-token, and the environment's ``Episode`` record) per episode.
+Masks come from token ids: the policy is trained on exactly the ids it sampled. Text is decoded from those ids with
+the tokens before it as context, so the pieces join exactly (SentencePiece tokenizers drop a leading space when a
+piece is decoded alone).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trl_stepwise import grading
+from trl_stepwise import calculator, grading
+from trl_stepwise.engines import (
+    Continuation,
+    GenerationEngine,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingConfig,
+    TransformersEngine,
+)
 from trl_stepwise.envs import EnvBatch, Episode, Segment, StepAction, StepwiseMathEnv
-from trl_stepwise.kv_cache import grouped_query_attention, growing_cache
 from trl_stepwise.prompting import PromptBuilder
 
-PRUNE_AT = 0.75  # shrink the batch once a quarter of its rows have finished
+__all__ = ["RolloutStats", "SamplingConfig", "StepwiseRollout", "Trajectory"]
 
-
-@dataclass
-class SamplingConfig:
-    """How steps are sampled; the same settings serve training rollouts and evaluation."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_step_tokens: int = 96
-    batch_size: int = 64
-    bf16: bool = False
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+ENCODE_ANCHOR = "0"  # encoded before inserted text and dropped, so the text is not encoded as a new word
+DECODE_CONTEXT = 4  # tokens decoded before a piece so that its first character (e.g. a leading space) is right
 
 
 @dataclass
@@ -60,6 +53,7 @@ class Trajectory:
     completion_ids: list[int] = field(default_factory=list)
     policy_mask: list[bool] = field(default_factory=list)
     step_index: list[int] = field(default_factory=list)
+    sampling_logps: list[float] = field(default_factory=list)  # the engine's log-prob of each token (0 if forced)
 
     @property
     def num_policy_tokens(self) -> int:
@@ -74,6 +68,7 @@ class RolloutStats:
     forced_tokens: int = 0
     prompt_tokens: int = 0
     model_calls: int = 0
+    engine_requests: int = 0
     seconds: float = 0.0
 
     @property
@@ -82,39 +77,40 @@ class RolloutStats:
 
 
 @dataclass
-class _Row:
-    """Decoding state of one episode inside the loop."""
+class _Play:
+    """Book-keeping of one episode while it is played."""
 
     index: int
     trajectory: Trajectory
-    step_ids: list[int] = field(default_factory=list)
-    step_policy: list[bool] = field(default_factory=list)
-    forced: list[int] = field(default_factory=list)
+    step_start: int = 0  # where the current step starts in completion_ids
     step_number: int = 0
-    last_token: int = 0
 
 
 class StepwiseRollout:
-    """Generate stepwise episodes for a batch of problems with one model, as fast as this machine allows."""
+    """Play stepwise episodes for a batch of problems with one engine (default: the model's own decoding loop)."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | None,
         tokenizer: PreTrainedTokenizerBase,
         prompt_builder: PromptBuilder,
         sampling: SamplingConfig | None = None,
         step_delimiter: str | None = "\n",
         calculator: bool = True,
+        engine: GenerationEngine | None = None,
     ) -> None:
-        self.model = model
+        if engine is None:
+            if model is None:
+                raise ValueError("StepwiseRollout needs a model or an engine")
+            engine = TransformersEngine(model, tokenizer)
+        self.engine = engine
         self.tokenizer = tokenizer
         self.prompt_builder = prompt_builder
         self.sampling = sampling or SamplingConfig()
         self.step_delimiter = step_delimiter
         self.calculator = calculator
-        self.eos_ids = _eos_token_ids(model, tokenizer)
+        self.eos_ids = set(engine.stop_token_ids)
         self.stats = RolloutStats()
-        self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ public API
     def run(
@@ -126,123 +122,113 @@ class StepwiseRollout:
     ) -> list[Trajectory]:
         """Play one episode per row to the end; ``progress(n)`` is called as episodes finish."""
         envs = EnvBatch(make_env, rows, group_ids=group_ids)
-        trajectories: list[Trajectory | None] = [None] * len(rows)
-        by_prefix: dict[str, list[int]] = {}
-        suffix_ids: dict[int, list[int]] = {}
-        for index, row in enumerate(rows):
+        plays, requests = [], []
+        prefix_ids: dict[str, list[int]] = {}
+        for index, (row, episode) in enumerate(zip(rows, envs.episodes(), strict=True)):
             prefix, suffix = self.prompt_builder.render_parts(row["question"])
-            by_prefix.setdefault(prefix, []).append(index)
-            suffix_ids[index] = self._encode(suffix)
-        was_training = self.model.training
-        self.model.eval()
+            if prefix not in prefix_ids:
+                prefix_ids[prefix] = self._encode(prefix)
+            prompt_ids = prefix_ids[prefix] + self._encode(suffix)
+            play = _Play(index=index, trajectory=Trajectory(episode=episode, prompt_ids=prompt_ids))
+            plays.append(play)
+            requests.append(GenerationRequest(index, prompt_ids, *self._limits(envs, play)))
+            self.stats.prompt_tokens += len(prompt_ids)
+
+        def on_stop(output: GenerationOutput) -> Continuation | None:
+            self.stats.engine_requests += 1
+            continuation = self._consume(envs, plays[output.request_id], output)
+            if continuation is None and progress is not None:
+                progress(1)
+            return continuation
+
+        calls_before = getattr(self.engine, "model_calls", 0)
         started = time.perf_counter()
         try:
-            with torch.no_grad(), self._autocast(), grouped_query_attention():
-                for prefix, indices in by_prefix.items():
-                    prefix_ids = self._encode(prefix)
-                    for start in range(0, len(indices), self.sampling.batch_size):
-                        chunk = indices[start : start + self.sampling.batch_size]
-                        for index in chunk:
-                            trajectories[index] = Trajectory(
-                                episode=envs.episodes()[index], prompt_ids=prefix_ids + suffix_ids[index]
-                            )
-                        self._decode_chunk(envs, prefix_ids, chunk, suffix_ids, trajectories, progress)
+            self.engine.generate(requests, self.sampling, on_stop)
         finally:
             self.stats.seconds += time.perf_counter() - started
-            if was_training:
-                self.model.train()
-        episodes = envs.episodes()
-        for trajectory, episode in zip(trajectories, episodes, strict=True):
-            trajectory.episode = episode
-        return trajectories  # type: ignore[return-value]
+            self.stats.model_calls += getattr(self.engine, "model_calls", 0) - calls_before
+        unfinished = [play.index for play in plays if not envs.envs[play.index].done]
+        if unfinished:
+            raise RuntimeError(f"the engine stopped before episodes {unfinished} ended")
+        for play, episode in zip(plays, envs.episodes(), strict=True):
+            play.trajectory.episode = episode
+        return [play.trajectory for play in plays]
 
-    # ------------------------------------------------------------------ decoding loop
-    def _decode_chunk(
-        self,
-        envs: EnvBatch,
-        prefix_ids: list[int],
-        chunk: list[int],
-        suffix_ids: dict[int, list[int]],
-        trajectories: list[Trajectory | None],
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        device = self.model.device
-        rows = [_Row(index=i, trajectory=trajectories[i]) for i in chunk]  # type: ignore[arg-type]
-        cache = self._prefix_cache(prefix_ids, len(rows))
-        prefix_len = len(prefix_ids)
-        width = max(len(suffix_ids[r.index]) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), prefix_len + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for b, row in enumerate(rows):
-            ids = suffix_ids[row.index]
-            input_ids[b, width - len(ids) :] = torch.tensor(ids)
-            mask[b, prefix_len + width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = self._forward(input_ids, mask, positions[:, prefix_len:].to(device), cache)
-        self.stats.prompt_tokens += prefix_len + sum(len(suffix_ids[r.index]) for r in rows)
-        next_position = positions[:, -1].to(device) + 1
-
-        finished = [False] * len(rows)
-        while True:
-            tokens = self._sample(logits)
-            for b, row in enumerate(rows):
-                if finished[b]:
+    # ------------------------------------------------------------------ reading the engine's output
+    def _consume(self, envs: EnvBatch, play: _Play, output: GenerationOutput) -> Continuation | None:
+        """Read the sampled tokens one by one; returns how to go on, or None when the episode has ended."""
+        for kept, (token, logp) in enumerate(zip(output.token_ids, output.logprobs, strict=True), start=1):
+            self._append(play, token, logp, from_policy=True)
+            self.stats.generated_tokens += 1
+            eos = token in self.eos_ids
+            text = self._step_text(play)
+            if not eos and not self._step_ended(text):
+                inserted = envs.calculator_insert(play.index, text) if self.calculator else None
+                if inserted:  # the rest of this output (if any) was sampled without the result: drop it
+                    forced = self._encode_after(play.trajectory.completion_ids, inserted)
+                    return self._insert(envs, play, forced, kept)
+                if self._step_length(play) < self.sampling.max_step_tokens:
                     continue
-                if row.forced:
-                    token, from_policy = row.forced.pop(0), False
-                    self.stats.forced_tokens += 1
-                else:
-                    token, from_policy = int(tokens[b]), True
-                    self.stats.generated_tokens += 1
-                row.last_token = token
-                if not self._advance(envs, row, token, from_policy):
-                    finished[b] = True
-                    if progress is not None:
-                        progress(1)
-            alive = [b for b in range(len(rows)) if not finished[b]]
-            if not alive:
-                break
-            if len(alive) <= PRUNE_AT * len(rows):  # drop finished rows, in bulk: each prune copies the cache
-                index = torch.tensor(alive, device=device)
-                cache.batch_select_indices(index)
-                mask, next_position = mask[index], next_position[index]
-                rows = [rows[b] for b in alive]
-                finished = [False] * len(rows)
-            feed = torch.tensor([[row.last_token] for row in rows], device=device)
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-            logits = self._forward(feed, mask, next_position[:, None], cache)
-            next_position = next_position + 1
+            if self._close_step(envs, play, eos):
+                return None
+        if output.finish_reason == "length" and not output.token_ids:
+            # the engine cannot extend this sequence any further (its context is full): end the episode
+            self._close_step(envs, play, eos=True)
+            return None
+        return Continuation([], *self._limits(envs, play))
 
-    def _advance(self, envs: EnvBatch, row: _Row, token: int, from_policy: bool) -> bool:
-        """Record one token; close the step when it ends. Returns whether the episode goes on."""
-        trajectory = row.trajectory
+    def _insert(self, envs: EnvBatch, play: _Play, forced: list[int], keep: int) -> Continuation | None:
+        """Append tool output as forced tokens; they count towards the step's token limit."""
+        for token in forced:
+            self._append(play, token, 0.0, from_policy=False)
+        self.stats.forced_tokens += len(forced)
+        if self._step_length(play) >= self.sampling.max_step_tokens and self._close_step(envs, play, eos=False):
+            return None
+        return Continuation(forced, *self._limits(envs, play), keep=keep)
+
+    def _append(self, play: _Play, token: int, logp: float, from_policy: bool) -> None:
+        trajectory = play.trajectory
         trajectory.completion_ids.append(token)
         trajectory.policy_mask.append(from_policy)
-        trajectory.step_index.append(row.step_number)
-        row.step_ids.append(token)
-        row.step_policy.append(from_policy)
-        if row.forced:
-            return True
-        eos = from_policy and token in self.eos_ids
-        text = self._decode(row.step_ids)
-        if not eos and not self._step_ended(text):
-            if self.calculator and from_policy:
-                inserted = envs.calculator_insert(row.index, text)
-                if inserted:
-                    row.forced = self._encode(inserted)
-                    return True
-            if sum(row.step_policy) < self.sampling.max_step_tokens:
-                return True
+        trajectory.step_index.append(play.step_number)
+        trajectory.sampling_logps.append(logp)
+
+    def _close_step(self, envs: EnvBatch, play: _Play, eos: bool) -> bool:
+        """Hand the current step to the environment; returns whether the episode ended."""
+        segments = self._segments(play)
         action = StepAction(
-            text=text, eos=eos, num_tokens=sum(row.step_policy), segments=self._segments(row.step_ids, row.step_policy)
+            text="".join(s.text for s in segments), eos=eos, num_tokens=self._step_length(play), segments=segments
         )
-        _, _, done, _ = envs.step({row.index: action})[row.index]
-        row.step_ids, row.step_policy = [], []
-        row.step_number += 1
-        return not done
+        _, _, done, _ = envs.step({play.index: action})[play.index]
+        play.step_start = len(play.trajectory.completion_ids)
+        play.step_number += 1
+        return done
+
+    def _limits(self, envs: EnvBatch, play: _Play) -> tuple[int, tuple[str, ...]]:
+        """``(max_tokens, stop_strings)`` of the next request: stop where the environment must act."""
+        env = envs.envs[play.index]
+        episode = env.episode
+        in_step = self._step_length(play)
+        step_limit = self.sampling.max_step_tokens
+        steps_left = max(getattr(env, "max_steps", 1) - len(episode.steps), 1)
+        max_tokens = steps_left * step_limit - in_step
+        budget = getattr(env, "max_episode_tokens", None)
+        if budget is not None:
+            max_tokens = min(max_tokens, budget - episode.num_tokens - in_step + step_limit)
+        stops: list[str] = []
+        if self.engine.cheap_stops:
+            stops.append(self.step_delimiter or "\n")
+        if self.calculator and getattr(env, "calculator", True):
+            stops.extend(calculator.stop_strings(self._step_text(play)))
+        return max(max_tokens, 1), tuple(stops)
+
+    # ------------------------------------------------------------------ text of the current step
+    def _step_length(self, play: _Play) -> int:
+        return len(play.trajectory.completion_ids) - play.step_start
+
+    def _step_text(self, play: _Play) -> str:
+        return self._text(play.trajectory.completion_ids, play.step_start, len(play.trajectory.completion_ids))
 
     def _step_ended(self, text: str) -> bool:
         if self.step_delimiter is not None:
@@ -250,80 +236,40 @@ class StepwiseRollout:
         # Direct mode: stop once a finished line holds the final answer, so the model cannot run on past it.
         return text.endswith("\n") and grading.extract_final_answer(text) is not None
 
-    def _segments(self, ids: list[int], policy: list[bool]) -> list[Segment]:
+    def _segments(self, play: _Play) -> list[Segment]:
+        """The step split into runs of policy and forced tokens, decoded so that they join to the step's text."""
+        ids, mask = play.trajectory.completion_ids, play.trajectory.policy_mask
         segments: list[Segment] = []
-        start = 0
-        for end in range(1, len(ids) + 1):
-            if end == len(ids) or policy[end] != policy[start]:
-                segments.append(Segment(text=self._decode(ids[start:end]), from_policy=policy[start]))
+        start = play.step_start
+        for end in range(start + 1, len(ids) + 1):
+            if end == len(ids) or mask[end] != mask[start]:
+                segments.append(Segment(text=self._text(ids, start, end), from_policy=mask[start]))
                 start = end
         return segments
 
-    # ------------------------------------------------------------------ model helpers
-    def _prefix_cache(self, prefix_ids: list[int], batch: int) -> DynamicCache:
-        """Encode the shared prefix once and repeat its key/value cache over the batch."""
-        cache = growing_cache(self.model.config)
-        if not prefix_ids:  # nothing shared (e.g. a template that renders few-shot turns unstably): start empty
-            return cache
-        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.model.device)
-        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.stats.model_calls += 1
-        cache.batch_repeat_interleave(batch)
-        return cache
+    def _text(self, ids: list[int], start: int, end: int) -> str:
+        """Text of ``ids[start:end]`` as it reads after ``ids[:start]`` (end-of-turn tokens left out)."""
+        context = max(0, start - DECODE_CONTEXT)
+        before = self._decode(ids[context:start])
+        full = self._decode(ids[context:end])
+        if full.startswith(before):
+            return full[len(before) :]
+        return self._decode(ids[start:end])  # the context ends inside a character: decode the piece alone
 
-    def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.stats.model_calls += 1
-        return out.logits[:, -1, :].float()
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.sampling.greedy:
-            return logits.argmax(-1).cpu()
-        logits = logits / self.sampling.temperature
-        if self.sampling.top_k > 0:
-            kth = torch.topk(logits, min(self.sampling.top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.sampling.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > self.sampling.top_p
-            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=self._rng(logits.device)).squeeze(-1).cpu()
-
-    def _rng(self, device: torch.device) -> torch.Generator | None:
-        if self.sampling.seed is None:
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
-        return self._generator
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.sampling.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
+    def _encode_after(self, ids: list[int], text: str) -> list[int]:
+        """Token ids that read as ``text`` right after ``ids``: SentencePiece would otherwise add a leading space."""
+        plain = self._encode(text)
+        if self._text(ids + plain, len(ids), len(ids) + len(plain)) == text:
+            return plain
+        anchor = self._encode(ENCODE_ANCHOR)
+        anchored = self._encode(ENCODE_ANCHOR + text)
+        candidate = anchored[len(anchor) :]
+        if anchored[: len(anchor)] == anchor and self._text(ids + candidate, len(ids), len(ids) + len(candidate)) == text:
+            return candidate
+        return plain
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=False)
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Every id that ends a turn: the tokenizer's EOS and the generation config's (chat models often have several)."""
-    ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source is not None:
-            ids.update(int(i) for i in source)
-    return ids

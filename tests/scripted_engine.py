@@ -1,0 +1,57 @@
+"""A generation engine that writes a fixed script of token ids, with a real engine's stop semantics.
+
+It lets rollout tests drive episodes token by token without a model: stops at stop strings (checked on the text
+sampled since the request started), end-of-turn ids and ``max_tokens``, honours ``Continuation.keep`` by rewinding
+the script, and records every request it served.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from trl_stepwise.engines import GenerationOutput, GenerationRequest
+
+
+class ScriptedEngine:
+    """Each request id plays its own script (or all share one); an exhausted script writes EOS."""
+
+    def __init__(self, tokenizer, scripts, cheap_stops: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.cheap_stops = cheap_stops
+        self.stop_token_ids = {tokenizer.eos_token_id}
+        self.requests: list[GenerationRequest] = []
+        self.synced = 0
+
+    def sync_weights(self, named_parameters) -> None:
+        self.synced += 1
+
+    def _script(self, request_id: int) -> list[int]:
+        return self.scripts[request_id] if isinstance(self.scripts, dict) else self.scripts
+
+    def generate(self, requests, sampling, on_stop) -> None:
+        queue = deque(requests)
+        position = {r.request_id: 0 for r in requests}
+        while queue:
+            request = queue.popleft()
+            self.requests.append(request)
+            script = self._script(request.request_id)
+            start = position[request.request_id]
+            out: list[int] = []
+            reason = "length"
+            while len(out) < request.max_tokens:
+                i = start + len(out)
+                token = script[i] if i < len(script) else self.tokenizer.eos_token_id
+                out.append(token)
+                text = self.tokenizer.decode(out)
+                if token in self.stop_token_ids or any(s in text for s in request.stop_strings):
+                    reason = "stop"
+                    break
+            continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), reason))
+            if continuation is None:
+                continue
+            keep = len(out) if continuation.keep is None else continuation.keep
+            position[request.request_id] = start + keep
+            queue.append(
+                GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings)
+            )

@@ -1,0 +1,28 @@
+"""Generation engines: token ids in, sampled token ids (and log-probs) out; the rollout loop runs on any of them.
+
+* ``TransformersEngine``: the policy model's own batched decoding loop (needs nothing extra; the fallback).
+* ``VLLMEngine``: vLLM in the trainer's process (``vllm_mode="colocate"``) or ``VLLMServerEngine``: a running
+  ``trl vllm-serve`` server (``vllm_mode="server"``). Both receive new policy weights after every optimizer step.
+"""
+
+from trl_stepwise.engines.base import (
+    Continuation,
+    GenerationEngine,
+    GenerationOutput,
+    GenerationRequest,
+    OnStop,
+    SamplingConfig,
+    eos_token_ids,
+)
+from trl_stepwise.engines.transformers_engine import TransformersEngine
+
+__all__ = [
+    "Continuation",
+    "GenerationEngine",
+    "GenerationOutput",
+    "GenerationRequest",
+    "OnStop",
+    "SamplingConfig",
+    "TransformersEngine",
+    "eos_token_ids",
+]

@@ -1,0 +1,97 @@
+"""What every generation engine takes and returns: token ids in, sampled token ids (and their log-probs) out.
+
+An engine knows nothing about environments, steps or grading. The rollout loop hands it requests; when a request
+stops (a stop string, an end-of-turn token, its token limit) the engine calls ``on_stop`` with what was sampled,
+and the loop answers with a ``Continuation`` (tokens to append without sampling them, e.g. a tool result, and new
+stop settings) or None when the sequence is finished. An engine with continuous batching queues the continuation at
+once while the other sequences keep decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are sampled; the same settings serve training rollouts and evaluation, on every engine."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_step_tokens: int = 96
+    batch_size: int = 64
+    bf16: bool = False
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to extend: ``prompt_ids`` is everything so far (prompt, earlier output, appended tokens)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationOutput:
+    """What was sampled for one request since it was (re)started; ``logprobs`` of the sampling distribution."""
+
+    request_id: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop string or end-of-turn token) or "length"
+
+
+@dataclass
+class Continuation:
+    """Go on with the same sequence: keep the first ``keep`` sampled tokens (None: all), append ``forced_ids`` (not
+    sampled, e.g. a tool result) and sample again under these limits."""
+
+    forced_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 1
+    stop_strings: tuple[str, ...] = ()
+    keep: int | None = None
+
+
+OnStop = Callable[[GenerationOutput], Continuation | None]
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """A generator of token ids; ``cheap_stops`` says whether stopping at every step costs nothing extra.
+
+    Engines whose stops are cheap (the transformers loop keeps each sequence's cache) are asked to stop at every step
+    delimiter, so finished episodes leave the batch at once; the others (vLLM) are asked to stop only where the
+    environment must act, and step boundaries are found in the returned ids.
+    """
+
+    cheap_stops: bool
+    stop_token_ids: set[int]
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
+        """Run every request (and its continuations) to the end."""
+
+    def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take new policy weights (checkpoint names, full precision) before the next generation."""
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
+    """Every id that ends a turn: the tokenizer's EOS and the generation config's (chat models often have several)."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
