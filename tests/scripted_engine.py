@@ -52,6 +52,4 @@ class ScriptedEngine:
                 continue
             keep = len(out) if continuation.keep is None else continuation.keep
             position[request.request_id] = start + keep
-            queue.append(
-                GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings)
-            )
+            queue.append(GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scripted_engine import ScriptedEngine
 from transformers import DynamicCache
 
 from trl_stepwise.envs import StepwiseMathEnv
 from trl_stepwise.kv_cache import growing_cache
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
-
-from scripted_engine import ScriptedEngine
 
 EXAMPLE = FewShotExample("Tom has 2 apples and buys 3 more. How many?", ["2+3 = <<2+3=5>>5\n", "The answer is: 5\n"])
 ROWS = [

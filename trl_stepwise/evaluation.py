@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trl_stepwise.engines import GenerationEngine
 from trl_stepwise.envs import EndReason, EnvBatch, Episode, StepAction, StepwiseMathEnv
 from trl_stepwise.prompting import PromptBuilder, solution_to_steps
 from trl_stepwise.rollout import RolloutStats, SamplingConfig, StepwiseRollout, Trajectory
@@ -201,8 +202,11 @@ def evaluate_problems(
     progress: bool = True,
     step_delimiter: str | None = "\n",
     calculator: bool = True,
+    engine: GenerationEngine | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Play ``num_samples`` episodes per problem, all batched together, and return ``(summary, records)``.
+
+    ``engine`` generates (default: the transformers engine around ``model``).
 
     With a multi-process ``accelerator`` each process plays rows ``i::n`` and the records are gathered, so every
     process returns the same summary and records (sorted by problem, then sample) as a single process would.
@@ -213,7 +217,13 @@ def evaluate_problems(
     episode_rows = [dict(rows[p]) for p in problems for _ in range(num_samples)]
     keys = [(p, s) for p in problems for s in range(num_samples)]
     rollout = StepwiseRollout(
-        model, tokenizer, prompt_builder, sampling=sampling, step_delimiter=step_delimiter, calculator=calculator
+        model,
+        tokenizer,
+        prompt_builder,
+        sampling=sampling,
+        step_delimiter=step_delimiter,
+        calculator=calculator,
+        engine=engine,
     )
     bar = tqdm(  # the main process's own share: other processes advance at about the same pace
         total=len(episode_rows),

@@ -264,7 +264,10 @@ class StepwiseRollout:
         anchor = self._encode(ENCODE_ANCHOR)
         anchored = self._encode(ENCODE_ANCHOR + text)
         candidate = anchored[len(anchor) :]
-        if anchored[: len(anchor)] == anchor and self._text(ids + candidate, len(ids), len(ids) + len(candidate)) == text:
+        if (
+            anchored[: len(anchor)] == anchor
+            and self._text(ids + candidate, len(ids), len(ids) + len(candidate)) == text
+        ):
             return candidate
         return plain
 

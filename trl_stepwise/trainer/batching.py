@@ -27,6 +27,7 @@ def pad_trajectories(
     old_logps: Sequence[Sequence[float]] | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
     teacher_logps: Sequence[Sequence[float]] | None = None,
+    sampling_logps: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
     pad_id = 0 if pad_id is None else pad_id
@@ -54,6 +55,7 @@ def pad_trajectories(
         "old_logps": old_logps,
         "ref_logps": ref_logps,
         "teacher_logps": teacher_logps,
+        "sampling_logps": sampling_logps,
     }
     for name, values in per_token.items():
         if values is not None:
@@ -71,6 +73,7 @@ def micro_batches(
     old_logps: Sequence[Sequence[float]] | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
     teacher_logps: Sequence[Sequence[float]] | None = None,
+    sampling_logps: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, torch.Tensor | int]]:
     """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
     order = sorted(
@@ -89,6 +92,7 @@ def micro_batches(
                 old_logps=[old_logps[i] for i in index] if old_logps is not None else None,
                 ref_logps=[ref_logps[i] for i in index] if ref_logps is not None else None,
                 teacher_logps=[teacher_logps[i] for i in index] if teacher_logps is not None else None,
+                sampling_logps=[sampling_logps[i] for i in index] if sampling_logps is not None else None,
             )
         )
     return batches

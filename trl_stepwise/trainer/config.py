@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
+from trl_stepwise.engines.config import GenerationEngineArguments
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.parallelism import check_launch
 
 
 @dataclass
-class StepwiseReinforceConfig(BaseConfig):
+class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     """Configuration of ``StepwiseReinforceTrainer``.
 
     Batch sizes follow TRL's GRPO convention: ``per_device_train_batch_size`` counts episodes (completions), and
@@ -242,6 +243,7 @@ class StepwiseReinforceConfig(BaseConfig):
         self._check()
 
     def _check(self) -> None:
+        self.check_engine_arguments()
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline={self.baseline!r}; choose one of {', '.join(BASELINES)}.")
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -31,6 +31,9 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
 from trl_stepwise.data import load_math_dataset, normalise_columns
+from trl_stepwise.engines import GenerationEngine, TransformersEngine
+from trl_stepwise.engines.factory import build_engine
+from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import StepwiseMathEnv
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt
@@ -178,6 +181,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._ref_syncs = 0
         self._last_rollout_end: float | None = None
         self.add_callback(_ReferenceRefreshCallback(self))
+        self._engine: GenerationEngine | None = None
+        self._engine_step: int | None = None  # global step of the weights the engine holds (None: not yet pushed)
 
     # ------------------------------------------------------------------ environment and rollout
     def make_env(self, max_episode_tokens: int | None = None) -> StepwiseMathEnv:
@@ -205,13 +210,27 @@ class StepwiseReinforceTrainer(BaseTrainer):
             bf16=args.rollout_bf16,
         )
         return StepwiseRollout(
-            self.accelerator.unwrap_model(self.model),
+            None,
             self.processing_class,
             self.prompt_builder,
             sampling,
             step_delimiter=args.step_delimiter,
             calculator=args.calculator,
+            engine=self.generation_engine(),
         )
+
+    def generation_engine(self) -> GenerationEngine:
+        """The engine that generates rollouts, holding the current policy weights (pushed after each update)."""
+        if self._engine is None:
+            model = self.accelerator.unwrap_model(self.model)
+            self._engine = build_engine(self.args, model, self.processing_class, seed=self.args.seed)
+        if not isinstance(self._engine, TransformersEngine) and self._engine_step != self.state.global_step:
+            started = time.perf_counter()
+            with policy_weights(self.accelerator.unwrap_model(self.model)) as weights:
+                self._engine.sync_weights(weights)
+            self._engine_step = self.state.global_step
+            self._metrics["time/weight_sync_s"].append(time.perf_counter() - started)
+        return self._engine
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -288,6 +307,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             for trajectory, adv in zip(trajectories, step_advantages, strict=True)
         ]
         num_tokens, num_sequences = self._global_normalisers(trajectories)
+        correct = args.use_vllm and args.vllm_importance_sampling_correction
         batches = micro_batches(
             trajectories,
             token_advantages,
@@ -296,7 +316,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
             old_logps=policy_logps,
             ref_logps=ref_logps,
             teacher_logps=teacher_logps,
+            sampling_logps=[t.sampling_logps for t in trajectories] if args.use_vllm else None,
         )
+        if not correct:
+            for batch in batches:
+                batch.pop("sampling_logps", None)
         for batch in batches:
             batch["num_tokens"] = num_tokens
             batch["num_sequences"] = num_sequences
@@ -440,7 +464,15 @@ class StepwiseReinforceTrainer(BaseTrainer):
         old = inputs.get("old_logps")
         old = logps.detach() if old is None else old
         ref = inputs.get("ref_logps")
-        token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"])
+        advantages = inputs["advantages"]
+        sampling = inputs.get("sampling_logps")
+        if sampling is not None:  # the engine sampled from slightly different log-probs: weight each token's term
+            weights = importance_weights(
+                old, sampling, self.args.vllm_importance_sampling_mode, self.args.vllm_importance_sampling_clip_max
+            )
+            # the policy term is linear in the advantage, so this weights it alone (the KL term is not weighted)
+            advantages = advantages * weights
+        token_losses = self.algorithm.token_loss(logps, old, ref, advantages)
         teacher = inputs.get("teacher_logps")
         if teacher is not None:
             distill = self.algorithm.distill(logps, teacher)
@@ -455,6 +487,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 sums["distill/teacher_kl"] = (distill * m).sum()
             ratio = torch.exp(logps - old)
             sums["clip_ratio"] = (((ratio - 1.0).abs() > self.args.epsilon).float() * m).sum()
+            if sampling is not None:  # how far the engine's log-probs are from the trainer's
+                sums["vllm/logprob_abs_diff"] = ((logps - sampling).abs() * m).sum()
+                sums["vllm/is_weight_mean"] = (weights * m).sum()
             for key, value in self._gathered_token_means(sums, m.sum()).items():
                 self._metrics[key].append(value)
         return loss
@@ -628,6 +663,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             progress=False,
             step_delimiter=self.args.step_delimiter,
             calculator=self.args.calculator,
+            engine=self.generation_engine(),
         )
         metrics = {
             f"{metric_key_prefix}_accuracy": summary["accuracy"],
@@ -758,6 +794,14 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 add_reference_adapter(unwrapped, self._policy_adapter)
                 self._has_ref_adapter = True
                 unwrapped.load_state_dict(reference, strict=False)
+
+
+def importance_weights(old: torch.Tensor, sampling: torch.Tensor, mode: str, clip_max: float) -> torch.Tensor:
+    """Per-token truncated importance weights trainer/engine: min(ratio, C) (token_truncate) or 1[ratio <= C]."""
+    ratio = torch.exp(old.detach() - sampling)
+    if mode == "token_mask":
+        return (ratio <= clip_max).to(ratio.dtype)
+    return ratio.clamp(max=clip_max)
 
 
 def _build_judge(args: StepwiseReinforceConfig, policy_device: torch.device):

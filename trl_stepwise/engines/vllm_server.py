@@ -1,0 +1,127 @@
+"""A running vLLM server (``vllm_mode="server"``, started with ``trl vllm-serve``) as a generation engine.
+
+Each sequence is one ``/v1/completions`` request with token ids in and out (``return_token_ids``); requests run
+concurrently, so the server batches them continuously, and a continuation is sent as soon as its request returns.
+Weights are pushed with TRL's ``VLLMClient`` (its NCCL weight-transfer engine: GPU machines only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import requests
+import torch
+
+from trl_stepwise.engines.base import GenerationOutput, GenerationRequest, OnStop, SamplingConfig, eos_token_ids
+
+CONCURRENCY = 64  # sequences in flight at once
+
+
+class VLLMServerError(RuntimeError):
+    """The server cannot be reached or refused a request; the message names the URL."""
+
+
+class VLLMServerEngine:
+    """Generation on a vLLM server; ``sync_weights`` pushes the policy through TRL's client."""
+
+    cheap_stops = False
+
+    def __init__(self, base_url: str, tokenizer: Any, *, timeout: float = 240.0, generation_config: Any = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.tokenizer = tokenizer
+        self.stop_token_ids = eos_token_ids(tokenizer, generation_config)
+        self.session = requests.Session()
+        self.model = self._wait_for_server()
+        self._client = None
+        self.weight_syncs = 0
+
+    def _wait_for_server(self) -> str:
+        """The served model's id, once ``/health`` answers; a clear error after ``timeout`` seconds."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if self.session.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return self.session.get(f"{self.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+            except (requests.RequestException, KeyError, IndexError, ValueError):
+                pass
+            if time.monotonic() >= deadline:
+                raise VLLMServerError(
+                    f"The vLLM server at {self.base_url} did not answer within {self.timeout:g} s. Start it with "
+                    "`trl vllm-serve --model <model>` (or check --vllm_server_base_url / --vllm_server_host / "
+                    "--vllm_server_port), or raise --vllm_server_timeout."
+                )
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+    def generate(self, requests_: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
+        with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+            running: dict[Future, tuple[GenerationRequest, list[int]]] = {}
+            for request in requests_:
+                running[pool.submit(self._complete, request, sampling)] = (request, list(request.prompt_ids))
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    request, context = running.pop(future)
+                    output = future.result()
+                    continuation = on_stop(output)
+                    if continuation is None:
+                        continue
+                    keep = len(output.token_ids) if continuation.keep is None else continuation.keep
+                    context = context + output.token_ids[:keep] + list(continuation.forced_ids)
+                    follow_up = GenerationRequest(
+                        request.request_id, context, continuation.max_tokens, continuation.stop_strings
+                    )
+                    running[pool.submit(self._complete, follow_up, sampling)] = (follow_up, context)
+
+    def _complete(self, request: GenerationRequest, sampling: SamplingConfig) -> GenerationOutput:
+        payload = {
+            "model": self.model,
+            "prompt": [list(request.prompt_ids)],
+            "max_tokens": request.max_tokens,
+            "temperature": max(sampling.temperature, 0.0),
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+            "stop": list(request.stop_strings),
+            "include_stop_str_in_output": True,
+            "stop_token_ids": sorted(self.stop_token_ids),
+            "skip_special_tokens": False,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+        }
+        if sampling.seed is not None:
+            payload["seed"] = sampling.seed + request.request_id
+        try:
+            response = self.session.post(f"{self.base_url}/v1/completions", json=payload, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise VLLMServerError(f"The vLLM server at {self.base_url} stopped answering: {err}") from err
+        if response.status_code != 200:
+            raise VLLMServerError(f"The vLLM server at {self.base_url} refused a request: {response.text[:300]}")
+        choice = response.json()["choices"][0]
+        token_ids = [int(t) for t in choice["token_ids"]]
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(token_ids)
+        logprobs = [0.0 if value is None or math.isnan(value) else float(value) for value in logprobs]
+        reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        return GenerationOutput(request.request_id, token_ids, logprobs, reason)
+
+    def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU)."""
+        if not torch.cuda.is_available():
+            raise VLLMServerError(
+                "vllm_mode=server pushes weights over NCCL, which needs a GPU in the trainer's process; on a CPU "
+                "machine use vllm_mode=colocate."
+            )
+        if self._client is None:
+            from trl.generation.vllm_client import VLLMClient
+
+            self._client = VLLMClient(base_url=self.base_url, connection_timeout=self.timeout)
+            self._client.init_communicator(device=torch.cuda.current_device())
+        pairs = [(name, tensor.detach()) for name, tensor in named_parameters]
+        metadata = [(name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)) for name, tensor in pairs]
+        self._client.update_named_params(metadata, iter(pairs))
+        self._client.reset_prefix_cache()
+        self.weight_syncs += 1
