@@ -52,6 +52,8 @@ def test_reward_functions_are_called_once_per_rollout_with_trl_signature(tiny_mo
                 kwargs=sorted(kwargs),
             )
         )
+        kwargs["log_metric"]("spy/calls", 1.0)
+        kwargs["log_extra"]("length", [len(ids) for ids in completion_ids])
         return [float(len(ids)) for ids in completion_ids]
 
     trainer = trainer_for(tiny_model, tokenizer, tmp_path, [spy_reward], max_steps=2)
@@ -64,7 +66,10 @@ def test_reward_functions_are_called_once_per_rollout_with_trl_signature(tiny_mo
     assert all(isinstance(ids, list) and ids and isinstance(ids[0], int) for ids in call["completion_ids"])
     assert call["question"][0] == call["prompts"][0][-1]["content"]
     assert all(d in (0, 1, 2) for d in call["difficulty"]) and all(a.isdigit() for a in call["answer"])
-    assert "log_metric" in call["kwargs"]
+    assert {"log_metric", "log_extra"} <= set(call["kwargs"])
+    assert trainer.state.log_history[0]["spy/calls"] == 1.0  # TRL's log_metric
+    records = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["length"] for r in records[:4]] == [len(ids) for ids in call["completion_ids"]]  # TRL's log_extra
 
 
 def test_old_style_reward_functions_still_work(tiny_model, tokenizer, tmp_path, arithmetic_problems):

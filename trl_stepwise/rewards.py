@@ -1,10 +1,10 @@
 """Built-in reward functions in TRL's batched signature, and the one place rewards are weighted and summed.
 
 A reward function is called as TRL's `GRPOTrainer` calls it: `fn(prompts=..., completions=..., completion_ids=...,
-trainer_state=..., log_metric=..., **columns) -> list[float | None]`, where each dataset column arrives as a list
-aligned with `completions`, so the same functions work in TRL and here. A function without `**kwargs` gets only the
-arguments it names (the early form `fn(completions, answer)` keeps working). `None` means "not applicable": it adds
-0 to the total and is left out of the per-function components.
+trainer_state=..., log_metric=..., log_extra=..., **columns) -> list[float | None]`, where each dataset column
+arrives as a list aligned with `completions`, so the same functions work in TRL and here. A function without
+`**kwargs` gets only the arguments it names (the early form `fn(completions, answer)` keeps working). `None` means
+"not applicable": it adds 0 to the total and is left out of the per-function components.
 """
 
 from __future__ import annotations

@@ -176,6 +176,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self.teacher = self.teacher.to(self.accelerator.device)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[dict] = []
+        self._rollout_extra: dict[str, list] = {}  # columns reward functions log with TRL's log_extra
         self._buffer: list[dict] = []
         self._buffer_uses = 0
         self._ref_syncs = 0
@@ -337,6 +338,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
     def _add_reward_funcs(self, trajectories: list[Trajectory]) -> None:
         """Call the reward functions once on the whole rollout with TRL's arguments; add the weighted sums to each
         episode's final reward and their raw scores to its reward components."""
+        self._rollout_extra = defaultdict(list)
         if not self.reward_funcs:
             return
         episodes = [t.episode for t in trajectories]
@@ -354,6 +356,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             completion_ids=[list(t.completion_ids) for t in trajectories],
             trainer_state=self.state,
             log_metric=self._log_metric,
+            log_extra=lambda column, values: self._rollout_extra[column].extend(values),
         )
         for episode, total, parts in zip(episodes, totals, components, strict=True):
             episode.final_reward += total
@@ -584,7 +587,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         path = Path(self.args.output_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
-            for e in episodes:
+            extra = self._rollout_extra
+            for i, e in enumerate(episodes):
                 record = {
                     "step": self.state.global_step,
                     "group_id": e.group_id,
@@ -596,6 +600,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                     "reward": e.final_reward,
                     "end_reason": _reason(e),
                 }
+                record.update({column: values[i] for column, values in extra.items() if len(values) == len(episodes)})
                 handle.write(json.dumps(record) + "\n")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
