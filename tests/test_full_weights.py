@@ -32,6 +32,15 @@ def test_model_init_kwargs_are_all_honoured(tiny_model_dir, tokenizer, arithmeti
     assert "Load the model in float32" in caplog.text  # 16-bit trainable weights are worth a warning
 
 
+def test_model_init_kwargs_with_a_loaded_model_warn(tiny_model, tokenizer, arithmetic_problems, tmp_path, caplog):
+    args = make_config(tmp_path, model_init_kwargs={"attn_implementation": "eager"})
+    with caplog.at_level(logging.WARNING):
+        StepwiseReinforceTrainer(
+            model=tiny_model, args=args, train_dataset=arithmetic_problems, processing_class=tokenizer
+        )
+    assert "model_init_kwargs (attn_implementation) are ignored" in caplog.text
+
+
 def test_full_weights_recipe_keeps_fp32_master_weights_so_updates_land(tiny_model_dir):
     recipe = yaml.safe_load(FULL_RECIPE.read_text())
     dtype = recipe.get("model_dtype", StepwiseReinforceConfig.__dataclass_fields__["model_dtype"].default)

@@ -101,6 +101,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
             model = load_model(model_name, dtype=dtype, **init_kwargs)
         else:
             model_name = _model_id(model)
+            if args.model_init_kwargs:
+                logger.warning(
+                    "model_init_kwargs (%s) are ignored: the model was passed already loaded; pass its name instead.",
+                    ", ".join(sorted(args.model_init_kwargs)),
+                )
         if processing_class is None:
             processing_class = load_tokenizer(model_name)
         model = _attach_peft(model, peft_config)
