@@ -62,6 +62,8 @@ def test_scale_rewards_takes_grpo_values(tmp_path):
     assert make_config(tmp_path, scale_rewards="batch").algorithm_settings().scale_rewards == "batch"
     with pytest.raises(ValueError, match=r"scale_rewards='std'.*group, batch or none"):
         make_config(tmp_path, scale_rewards="std")
+    with pytest.raises(ValueError, match=r"scale_rewards='group'.*num_generations >= 2"):
+        make_config(tmp_path, scale_rewards="group", num_generations=1, baseline="batch_mean")
 
 
 def test_num_generations_divides_the_generation_batch_like_grpo(tmp_path):

@@ -279,6 +279,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             )
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose group, batch or none.")
+        if self.scale_rewards == "group" and self.num_generations < 2:
+            raise ValueError(
+                "scale_rewards='group' divides by the std of each problem's group, which needs num_generations >= 2; "
+                "raise --num_generations or use --scale_rewards batch / none."
+            )
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be >= 1.")
         if self.judge_mode not in ("score", "yes_no"):
