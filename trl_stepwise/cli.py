@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
+from trl_stepwise.engines.config import GenerationEngineArguments
+
 logger = logging.getLogger(__name__)
 
 PROG = "trl-stepwise"
@@ -32,8 +34,8 @@ class UsageError(Exception):
 
 
 @dataclass
-class EvaluateArguments:
-    """Flags of ``trl-stepwise evaluate``."""
+class EvaluateArguments(GenerationEngineArguments):
+    """Flags of ``trl-stepwise evaluate`` (the generation-engine flags are the trainer's: --use_vllm, ...)."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -187,6 +189,7 @@ def _check_arguments(args: EvaluateArguments) -> None:
         (args.max_steps is None or args.max_steps >= 1, "--max_steps must be >= 1"),
         (args.max_step_tokens >= 1 and args.max_new_tokens >= 1, "--max_step_tokens/--max_new_tokens must be >= 1"),
     ]
+    args.check_engine_arguments()
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
@@ -266,6 +269,7 @@ GOLD_MAX_STEPS = 200
 def run_evaluate(args: EvaluateArguments) -> int:
     """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
     from trl_stepwise.data import DatasetFieldError, dataset_flavour
+    from trl_stepwise.engines.factory import build_engine
     from trl_stepwise.envs import StepwiseMathEnv
     from trl_stepwise.evaluation import evaluate_gold, evaluate_problems
     from trl_stepwise.models import ModelLoadError, load_model, load_tokenizer
@@ -291,7 +295,8 @@ def run_evaluate(args: EvaluateArguments) -> int:
             model = load_model(args.model_name_or_path, dtype=args.dtype).to(accelerator.device)
             tokenizer = load_tokenizer(args.model_name_or_path)
             prompt_builder = _prompt_builder(args, tokenizer, flavour)
-    except (UsageError, DatasetFieldError, ModelLoadError, FileNotFoundError, ValueError) as err:
+            engine = build_engine(args, model, tokenizer, seed=args.seed + accelerator.process_index)
+    except (UsageError, DatasetFieldError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as err:
         if accelerator.is_main_process:
             print(f"{PROG} evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
         return USAGE_ERROR
@@ -317,6 +322,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
             progress=not args.no_progress,
             step_delimiter=None if direct else "\n",
             calculator=make_env().calculator,
+            engine=engine,
         )
     if accelerator.is_main_process:
         title = f"{'Gold solutions' if args.gold else args.model_name_or_path or 'embedded model'} on {args.dataset}"
