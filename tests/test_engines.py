@@ -27,6 +27,7 @@ ROW = {"question": "Ann has 4 pens and buys 5 more. How many pens?", "answer": "
         ({"vllm_mode": "remote"}, "--vllm_mode"),
         ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization"),
         ({"vllm_kv_cache_space_gb": 0}, "--vllm_kv_cache_space_gb"),
+        ({"vllm_kv_cache_space_gb": 0.5}, "--vllm_kv_cache_space_gb"),
         ({"vllm_server_port": 70000}, "--vllm_server_port"),
         ({"vllm_server_timeout": 0}, "--vllm_server_timeout"),
         ({"vllm_importance_sampling_mode": "sequence"}, "--vllm_importance_sampling_mode"),

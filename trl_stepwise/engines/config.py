@@ -39,8 +39,8 @@ class GenerationEngineArguments:
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Share of GPU memory colocated vLLM may take (weights + KV cache)."}
     )
-    vllm_kv_cache_space_gb: float = field(
-        default=2.0, metadata={"help": "KV-cache size in GiB of colocated vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."}
+    vllm_kv_cache_space_gb: int = field(
+        default=2, metadata={"help": "KV-cache size in whole GiB of colocated vLLM on CPU (VLLM_CPU_KVCACHE_SPACE)."}
     )
     vllm_max_model_length: int | None = field(
         default=None, metadata={"help": "Context length of colocated vLLM (default: the model's)."}
@@ -83,8 +83,10 @@ class GenerationEngineArguments:
             raise ValueError(
                 f"--vllm_gpu_memory_utilization {self.vllm_gpu_memory_utilization} must lie in (0, 1], e.g. 0.3."
             )
-        if self.vllm_kv_cache_space_gb <= 0:
-            raise ValueError(f"--vllm_kv_cache_space_gb {self.vllm_kv_cache_space_gb} must be > 0 (GiB), e.g. 2.")
+        if not (isinstance(self.vllm_kv_cache_space_gb, int) and self.vllm_kv_cache_space_gb >= 1):
+            raise ValueError(
+                f"--vllm_kv_cache_space_gb {self.vllm_kv_cache_space_gb} must be a whole number of GiB >= 1, e.g. 2."
+            )
         if not 0 < self.vllm_server_port < 65536:
             raise ValueError(f"--vllm_server_port {self.vllm_server_port} is not a port; use 1-65535, e.g. 8000.")
         if self.vllm_server_timeout <= 0:

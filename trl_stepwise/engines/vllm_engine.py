@@ -50,7 +50,7 @@ class VLLMEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.3,
-        kv_cache_space_gb: float = 2.0,
+        kv_cache_space_gb: int = 2,
         enable_sleep_mode: bool = False,
         enforce_eager: bool | None = None,
         seed: int = 0,
@@ -58,7 +58,7 @@ class VLLMEngine:
     ) -> None:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:  # the CPU backend sizes its key/value cache from this variable, in GiB
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_space_gb:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_space_gb)))
         vllm = import_vllm()
         kwargs: dict[str, Any] = {
             "model": model,
