@@ -1,7 +1,8 @@
-"""Helper of ``tests/test_trainer.py``: ``accelerate launch --cpu --num_processes 2 ddp_train_script.py OUT MODEL``.
+"""Helper of the 2-process tests: ``accelerate launch ... ddp_train_script.py OUT MODEL [CONFIG_JSON]``.
 
-Trains the tiny model saved at MODEL for 2 steps and writes OUT/rank{N}.json with a checksum of the weights, so the
-test can check that both processes end with identical weights.
+Trains the tiny model saved at MODEL for 2 steps (with the config overrides of CONFIG_JSON, e.g. ``{"use_vllm":
+true}``) and writes OUT/rank{N}.json with a checksum of the weights, so the test can check that both processes end
+with identical weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def checksum(model: torch.nn.Module) -> str:
 
 def main() -> None:
     output_dir, model_dir = Path(sys.argv[1]), sys.argv[2]
-    args = make_config(output_dir, max_steps=2)
+    overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    args = make_config(output_dir, **{"max_steps": 2, **overrides})
     trainer = StepwiseReinforceTrainer(
         model=model_dir,
         args=args,
@@ -51,6 +53,7 @@ def main() -> None:
         "initial_checksum": initial,
         "checksum": checksum(trainer.accelerator.unwrap_model(trainer.model)),
         "questions": questions,
+        "weight_syncs": getattr(trainer._engine, "weight_syncs", None),
     }
     (output_dir / f"rank{rank}.json").write_text(json.dumps(state))
 

@@ -28,7 +28,7 @@ def tiny_sft_config(output_dir, **overrides) -> SFTConfig:
         max_length=256,
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        gradient_checkpointing=False,  # the name transformers 5.19-5.2x all accept
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,

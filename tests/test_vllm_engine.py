@@ -162,3 +162,33 @@ def test_trainer_with_use_vllm_pushes_weights_and_logs_the_engine_mismatch(
     logged = [entry for entry in trainer.state.log_history if "vllm/logprob_abs_diff" in entry]
     assert logged and all(0.0 <= entry["vllm/logprob_abs_diff"] < 1.0 for entry in logged)
     assert all(0.0 < entry["vllm/is_weight_mean"] <= 3.0 for entry in logged)
+
+
+def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tmp_path):
+    """2 gloo processes, each with its own colocated engine: ranks stay identical and each pushes its weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = tmp_path / "model"
+    # vLLM's CPU attention needs a real head size (32 here), unlike the tiny models of the other tests
+    make_tiny_model(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
+    ).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    overrides = json.dumps({"use_vllm": True, "vllm_kv_cache_space_gb": 1, "vllm_max_model_length": 1024})
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(repo / "tests" / "ddp_train_script.py"), str(tmp_path), str(model_dir), overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
+    assert [r["weight_syncs"] for r in ranks] == [2, 2]  # before each step's rollout, on each rank
