@@ -133,3 +133,37 @@ def test_server_engine_plays_episodes_through_a_stub_server(tokenizer):
 def test_a_server_that_does_not_answer_names_the_url_and_the_timeout(tokenizer):
     with pytest.raises(VLLMServerError, match=r"http://127\.0\.0\.1:9 did not answer within 0\.5 s"):
         VLLMServerEngine("http://127.0.0.1:9", tokenizer, timeout=0.5)
+
+
+def test_lora_weights_for_the_engine_equal_merge_and_unload_and_leave_the_model_untouched(make_tiny_model):
+    """The pushed weights are W + delta per adapted layer, computed out of place: peft's merge/unmerge would make
+    the frozen base weights drift by rounding at every push."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from trl_stepwise.engines.weights import policy_weights
+
+    lora = get_peft_model(
+        make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    expected = copy.deepcopy(lora).merge_and_unload().state_dict()
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    for _ in range(3):
+        with policy_weights(lora) as weights:
+            pushed = dict(weights)
+    assert sorted(pushed) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=1e-6)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in lora.state_dict().items())
+
+
+def test_a_quantized_base_is_refused_for_the_engine(make_tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    from trl_stepwise.engines.weights import policy_weights
+
+    lora = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.base_model.model.is_loaded_in_4bit = True
+    with pytest.raises(ValueError, match="--use_vllm false"), policy_weights(lora):
+        pass
