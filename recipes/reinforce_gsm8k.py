@@ -17,12 +17,9 @@ Launch lines:
 Every flag of the config, the script and TRL's ModelConfig can be given on the command line; `--help` lists them.
 """
 
-from trl import ModelConfig, TrlParser
+import sys
 
-from trl_stepwise.recipe import ReinforceScriptArguments, run_reinforce
-from trl_stepwise.trainer import StepwiseReinforceConfig
+from trl_stepwise.recipe import main
 
 if __name__ == "__main__":
-    parser = TrlParser((ReinforceScriptArguments, StepwiseReinforceConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    run_reinforce(script_args, training_args, model_args)
+    sys.exit(main())

@@ -11,15 +11,9 @@ Launch lines:
 `--help` lists every flag.
 """
 
-from trl import ModelConfig, TrlParser
+import sys
 
-from trl_stepwise.recipe import ReinforceScriptArguments, run_reinforce
-from trl_stepwise.trainer import StepwiseReinforceConfig
+from trl_stepwise.recipe import main
 
 if __name__ == "__main__":
-    parser = TrlParser((ReinforceScriptArguments, StepwiseReinforceConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    if script_args.dataset_name == "gsm8k":  # this recipe's defaults, unless the config names other data
-        script_args.dataset_name = "math"
-        script_args.eval_dataset_name = script_args.eval_dataset_name or "math500"
-    run_reinforce(script_args, training_args, model_args)
+    sys.exit(main(default_dataset="math", default_eval_dataset="math500"))

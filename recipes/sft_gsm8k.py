@@ -22,11 +22,9 @@ Every flag of the config, the script (SFTScriptArguments), TRL's SFTConfig and M
 command line; `--help` lists them.
 """
 
-from trl import ModelConfig, SFTConfig, TrlParser
+import sys
 
-from trl_stepwise.sft import SFTScriptArguments, run_sft
+from trl_stepwise.sft import main
 
 if __name__ == "__main__":
-    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    run_sft(script_args, training_args, model_args)
+    sys.exit(main())

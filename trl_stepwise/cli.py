@@ -19,18 +19,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import HfArgumentParser
+from trl_stepwise.quiet import quiet_data_progress_bars
+from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelParser, UsageError
 
 from trl_stepwise.engines.config import GenerationEngineArguments
 
 logger = logging.getLogger(__name__)
 
 PROG = "trl-stepwise"
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """Bad user input: reported as one line with exit code 2."""
 
 
 @dataclass
@@ -345,8 +341,8 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (EVALUATE,)
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each sub-command's parser is an ``HfArgumentParser`` over its dataclass."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Stepwise RL for math word problems on top of TRL.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+    parser = OneLineTopLevelParser(prog=PROG, description="Stepwise RL for math word problems on top of TRL.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     subparsers.required = True
     for command in COMMANDS.values():
         subparsers.add_parser(
@@ -369,9 +365,7 @@ def parse_command(argv: Sequence[str] | None = None) -> tuple[Command, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import datasets
-
-    datasets.disable_progress_bars()
+    quiet_data_progress_bars()
     command, args = parse_command(argv)
     return command.run(args)
 

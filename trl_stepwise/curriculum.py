@@ -135,6 +135,22 @@ class Curriculum:
         self.cursors = dict(state["cursors"])
         self.recent = deque(state.get("recent", []), maxlen=self.window)
 
+    def check_sources(self) -> None:
+        """Load every stage's problems now (before a model is loaded): a bad stage name fails here, naming it."""
+        for stage in self.stages:
+            try:
+                if stage.source.startswith("arithmetic"):
+                    from trl_stepwise.arithmetic import parse_arithmetic_spec
+
+                    parse_arithmetic_spec(stage.source)
+                else:
+                    self._pool(stage.source)
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(
+                    f"--curriculum {stage.source}: {err} Stages are arithmetic:level=N, gsm8k_easy, a bundled name "
+                    "or a data file."
+                ) from err
+
     def _pool(self, source: str) -> Dataset:
         if source not in self._pools:
             if source == "gsm8k_easy":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from trl_stepwise._timeout import Timeout, time_limit
+from trl_stepwise.quiet import add_log_filter
 
 __all__ = ["Verdict", "extract_final_answer", "extract_gsm8k_reference", "grade", "grade_solution"]
 
@@ -268,20 +269,10 @@ _warm_lock = threading.Lock()
 _warm = False
 
 
-class _QuietTimeoutNotice(logging.Filter):
-    """Drops math-verify's "Timeout is disabled..." warning: we turn its signal timeouts off because ``time_limit``
-    guards every call instead (and works outside the main thread), so the advice does not apply."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Timeout is disabled")
-
-
 def silence_math_verify_timeout_notice() -> None:
-    """Install the filter on math-verify's loggers (idempotent; before its first parse or verify)."""
+    """math-verify warns that its own timeouts are off: ours (``time_limit``) guard every call instead."""
     for name in ("math_verify.parser", "math_verify.grader"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _QuietTimeoutNotice) for f in log.filters):
-            log.addFilter(_QuietTimeoutNotice())
+        add_log_filter(name, "Timeout is disabled")
 
 
 def _warm_up(parse: Callable[..., list]) -> None:

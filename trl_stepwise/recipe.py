@@ -1,21 +1,31 @@
 """What the training recipes share: their script arguments and the run itself (model, data, trainer, evals).
 
-The recipes in ``recipes/`` stay thin (parse, then ``run_reinforce``), in the style of TRL's example scripts.
+The recipes in ``recipes/`` stay thin (``main`` parses, checks and runs), in the style of TRL's example scripts. Every
+input mistake (a flag, a YAML key, a data set, a checkpoint, a curriculum stage) is found by ``prepare_reinforce``
+before any model loads and ends as one line with exit code 2; nothing is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trl import ModelConfig, get_peft_config
 
+from trl_stepwise.curriculum import Curriculum
 from trl_stepwise.data import dataset_flavour, load_math_dataset
 from trl_stepwise.models import build_quantization_config
+from trl_stepwise.prompting import load_system_prompt
+from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
+from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
+from trl_stepwise.usage import UsageError, parse_recipe_args, report_usage_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +60,30 @@ class ReinforceScriptArguments:
     eval_at_end: bool = field(default=True, metadata={"help": "Evaluate once more after training."})
 
 
+def _load(flag: str, name: str, **kwargs: Any):
+    """``load_math_dataset`` whose errors name the flag that chose the data set."""
+    try:
+        return load_math_dataset(name, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"{flag} {name}: {err}") from err
+
+
 def load_problem_sets(script_args: ReinforceScriptArguments):
     """Training, evaluation and few-shot problem sets, with the field mapping applied."""
     fields = {"question_field": script_args.question_field, "answer_field": script_args.answer_field}
-    train = load_math_dataset(
-        script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.train_limit, **fields
+    train = _load(
+        "--dataset_name",
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        limit=script_args.train_limit,
+        **fields,
     )
     names = script_args.eval_dataset_name or [script_args.dataset_name]
     if isinstance(names, str):
         names = [names]
     sets = {
-        _metric_name(name): load_math_dataset(
-            name, split=script_args.dataset_test_split, limit=script_args.eval_limit, **fields
+        _metric_name(name): _load(
+            "--eval_dataset_name", name, split=script_args.dataset_test_split, limit=script_args.eval_limit, **fields
         )
         for name in names
     }
@@ -72,9 +94,8 @@ def load_problem_sets(script_args: ReinforceScriptArguments):
     if few_shot_name is None:
         few_shot = train
     else:
-        few_shot = load_math_dataset(
-            few_shot_name, split="fewshot" if few_shot_name.startswith("arithmetic") else "train"
-        )
+        split = "fewshot" if few_shot_name.startswith("arithmetic") else "train"
+        few_shot = _load("--few_shot_dataset_name", few_shot_name, split=split)
     return train, evaluation, few_shot
 
 
@@ -83,11 +104,26 @@ def _metric_name(dataset_name: str) -> str:
     return Path(dataset_name.split(":", 1)[0]).stem or dataset_name
 
 
-def run_reinforce(
+@dataclass
+class PreparedRun:
+    """Everything a reinforce run needs that can be checked before the model loads."""
+
+    train: Any
+    evaluation: Any
+    few_shot: Any
+    curriculum: Any
+    resume_from_checkpoint: str | None
+
+
+def prepare_reinforce(
     script_args: ReinforceScriptArguments, training_args: StepwiseReinforceConfig, model_args: ModelConfig
-) -> dict:
-    """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics."""
-    quantization = build_quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft)
+) -> PreparedRun:
+    """Check the input and load the data, before any model: raises ``UsageError``/``ValueError`` naming the flag."""
+    try:
+        quantization = build_quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft)
+    except ValueError as err:
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        raise UsageError(f"{flag} true: {err}") from err
     if quantization is not None:
         training_args.model_init_kwargs = {
             **(training_args.model_init_kwargs or {}),
@@ -95,17 +131,53 @@ def run_reinforce(
         }
     if training_args.env_flavour is None:
         training_args.env_flavour = dataset_flavour(script_args.dataset_name)
+    if training_args.distill_coef > 0 and not training_args.teacher_model:
+        raise UsageError(
+            f"--distill_coef {training_args.distill_coef} needs a teacher: set --teacher_model (a hub id or a "
+            "local folder), or --distill_coef 0."
+        )
+    try:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    try:
+        load_system_prompt(training_args.system_prompt, training_args.env_flavour)
+    except ValueError as err:
+        raise UsageError(f"--system_prompt {training_args.system_prompt}: {err}") from err
     train, evaluation, few_shot = load_problem_sets(script_args)
+    curriculum = None
+    if training_args.curriculum:
+        curriculum = Curriculum.from_lists(
+            training_args.curriculum,
+            training_args.curriculum_thresholds,
+            min_steps=training_args.curriculum_min_steps,
+            max_steps=training_args.curriculum_max_steps,
+            window=training_args.curriculum_window,
+            seed=training_args.seed,
+        )
+        curriculum.check_sources()
+    return PreparedRun(train, evaluation, few_shot, curriculum, resume)
+
+
+def run_reinforce(
+    script_args: ReinforceScriptArguments,
+    training_args: StepwiseReinforceConfig,
+    model_args: ModelConfig,
+    prepared: PreparedRun | None = None,
+) -> dict:
+    """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics."""
+    prepared = prepared or prepare_reinforce(script_args, training_args, model_args)
     started = time.perf_counter()
     trainer = StepwiseReinforceTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        few_shot_dataset=few_shot,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.evaluation,
+        few_shot_dataset=prepared.few_shot,
         peft_config=get_peft_config(model_args),
+        curriculum=prepared.curriculum,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     metrics = trainer.evaluate() if script_args.eval_at_end else {}
     trainer.plot_curves()  # again, now with the final evaluation
     trainer.save_model(training_args.output_dir)
@@ -115,3 +187,30 @@ def run_reinforce(
         (Path(training_args.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("Run summary: %s", summary)
     return summary
+
+
+INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError)  # DatasetFieldError and the config's checks are ValueErrors
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    default_dataset: str = "gsm8k",
+    default_eval_dataset: str | None = None,
+) -> int:
+    """A reinforce recipe end to end: parse flags and ``--config``, check every input before the model loads (one
+    line and exit code 2 on a mistake), then train. ``default_*`` replace the gsm8k defaults (the MATH recipe)."""
+    prog = prog or Path(sys.argv[0]).name
+    quiet_data_progress_bars()
+    try:
+        script_args, training_args, model_args = parse_recipe_args(
+            (ReinforceScriptArguments, StepwiseReinforceConfig, ModelConfig), argv, prog=prog
+        )
+        if script_args.dataset_name == "gsm8k" and default_dataset != "gsm8k":  # unless the config names other data
+            script_args.dataset_name = default_dataset
+            script_args.eval_dataset_name = script_args.eval_dataset_name or default_eval_dataset
+        prepared = prepare_reinforce(script_args, training_args, model_args)
+    except INPUT_ERRORS as err:
+        return report_usage_error(prog, err)
+    run_reinforce(script_args, training_args, model_args, prepared)
+    return 0

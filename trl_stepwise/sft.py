@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from trl_stepwise.data import dataset_flavour, load_math_dataset
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import _is_answer_step, load_system_prompt, solution_to_steps
+from trl_stepwise.quiet import quiet_data_progress_bars
+from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
+from trl_stepwise.usage import UsageError, parse_recipe_args, report_usage_error
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +118,63 @@ def _final_loss(log_history: list[dict[str, Any]]) -> float | None:
     return losses[-1] if losses else None
 
 
-def run_sft(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
+@dataclass
+class PreparedSFT:
+    """What an SFT run needs that can be checked before the model loads."""
+
+    rows: Dataset
+    train: Dataset
+    flavour: str
+    quantization: Any
+    resume_from_checkpoint: str | None
+
+
+def prepare_sft(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> PreparedSFT:
+    """Check the input and build the SFT data before any model loads; errors name the flag (``UsageError``)."""
+    try:
+        quantization = build_quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft)
+    except ValueError as err:
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        raise UsageError(f"{flag} true: {err}") from err
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise UsageError(
+            f"--max_steps {training_args.max_steps} --num_train_epochs {training_args.num_train_epochs}: nothing to "
+            "train; set --max_steps N > 0 or --num_train_epochs > 0."
+        )
+    try:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    flavour = dataset_flavour(script_args.dataset_name)
+    try:
+        rows = load_math_dataset(
+            script_args.dataset_name,
+            split=script_args.dataset_train_split,
+            question_field=script_args.question_field,
+            answer_field=script_args.answer_field,
+            solution_field=script_args.solution_field,
+            limit=script_args.train_limit,
+        )
+        train = sft_dataset(rows, flavour, script_args.system_prompt)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--dataset_name {script_args.dataset_name}: {err}") from err
+    return PreparedSFT(rows, train, flavour, quantization, resume)
+
+
+def run_sft(
+    script_args: SFTScriptArguments,
+    training_args: SFTConfig,
+    model_args: ModelConfig,
+    prepared: PreparedSFT | None = None,
+) -> dict[str, Any]:
     """Fine-tune on the reference solutions, save model + tokenizer to ``output_dir`` and write ``run_summary.json``.
 
     The model is loaded by :mod:`trl_stepwise.models` (so no name means the embedded SmolLM2-135M-Instruct, and
     4-bit needs LoRA), then handed to ``SFTTrainer`` with the LoRA config from ``model_args``.
     """
     started = time.perf_counter()
-    quantization = build_quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft)
-    flavour = dataset_flavour(script_args.dataset_name)
-    rows = load_math_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_train_split,
-        question_field=script_args.question_field,
-        answer_field=script_args.answer_field,
-        solution_field=script_args.solution_field,
-        limit=script_args.train_limit,
-    )
-    train = sft_dataset(rows, flavour, script_args.system_prompt)
+    prepared = prepared or prepare_sft(script_args, training_args, model_args)
+    quantization, flavour, rows, train = prepared.quantization, prepared.flavour, prepared.rows, prepared.train
 
     # We load the model ourselves (embedded default, clear errors); model_init_kwargs still reach from_pretrained.
     model_kwargs = dict(training_args.model_init_kwargs or {})
@@ -154,7 +198,7 @@ def run_sft(script_args: SFTScriptArguments, training_args: SFTConfig, model_arg
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # also saves the tokenizer (left padding, for generation)
     summary = {
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -174,3 +218,21 @@ def run_sft(script_args: SFTScriptArguments, training_args: SFTConfig, model_arg
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         logger.info("Run summary: %s", summary)
     return summary
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The SFT recipe: parse flags and ``--config``, check every input before the model loads (one line, exit code
+    2 on a mistake), then train."""
+    prog = prog or Path(sys.argv[0]).name
+    quiet_data_progress_bars()
+    try:
+        # SFTConfig defaults to bf16, which refuses to start on a CPU: default to what the machine supports
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        script_args, training_args, model_args = parse_recipe_args(
+            (SFTScriptArguments, SFTConfig, ModelConfig), argv, prog=prog, defaults={"bf16": bf16}
+        )
+        prepared = prepare_sft(script_args, training_args, model_args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        return report_usage_error(prog, err)
+    run_sft(script_args, training_args, model_args, prepared)
+    return 0

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
 from trl_stepwise.engines.config import GenerationEngineArguments
+from trl_stepwise.prompting import FLAVOURS
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.parallelism import check_launch
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -245,13 +249,13 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     def _check(self) -> None:
         self.check_engine_arguments()
         if self.baseline not in BASELINES:
-            raise ValueError(f"baseline={self.baseline!r}; choose one of {', '.join(BASELINES)}.")
+            raise ValueError(f"baseline={self.baseline!r} is unknown; choose one of {', '.join(BASELINES)}.")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose k1 or k3.")
         if self.loss_normalization not in ("token", "sequence"):
             raise ValueError(f"loss_normalization={self.loss_normalization!r}; choose token or sequence.")
         if self.num_generations < 1:
-            raise ValueError("num_generations must be at least 1.")
+            raise ValueError(f"num_generations={self.num_generations}; use at least 1 episode per problem.")
         if self.baseline == "leave_one_out" and self.num_generations < 2:
             raise ValueError(
                 "The leave_one_out baseline needs num_generations >= 2 (it compares each episode with the others of "
@@ -265,8 +269,10 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
                 f"by num_generations ({self.num_generations}) so that each problem's group stays together; set "
                 f"--per_device_train_batch_size to a multiple of {self.num_generations} or adjust the accumulation."
             )
-        if self.kl_coef < 0 or self.ref_sync_steps < 0:
-            raise ValueError("kl_coef and ref_sync_steps must be >= 0.")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef={self.kl_coef} is negative; use 0 (no reference model) or a positive weight.")
+        if self.ref_sync_steps < 0:
+            raise ValueError(f"ref_sync_steps={self.ref_sync_steps} is negative; use 0 (never refresh) or N > 0.")
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature={self.temperature} cannot train: every episode of a group would be identical and every "
@@ -285,13 +291,82 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
                 "raise --num_generations or use --scale_rewards batch / none."
             )
         if self.num_iterations < 1:
-            raise ValueError("num_iterations must be >= 1.")
+            raise ValueError(f"num_iterations={self.num_iterations}; use >= 1 optimizer steps per batch of rollouts.")
         if self.judge_mode not in ("score", "yes_no"):
             raise ValueError(f"judge_mode={self.judge_mode!r}; choose score or yes_no.")
         if self.distill_coef < 0:
-            raise ValueError("distill_coef must be >= 0.")
+            raise ValueError(f"distill_coef={self.distill_coef} is negative; use 0 (no distillation) or more.")
         if self.max_step_tokens < 1 or self.max_episode_tokens < 1:
-            raise ValueError("max_step_tokens and max_episode_tokens must be >= 1.")
+            raise ValueError(
+                f"max_step_tokens={self.max_step_tokens}, max_episode_tokens={self.max_episode_tokens}: both must be "
+                ">= 1."
+            )
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every numeric knob in its range, so a typo fails here instead of training on nonsense."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{f.name}={value} is not a finite number; give a finite value.")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(
+                f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; set "
+                "max_steps to a number of optimizer steps > 0 (or -1 with num_train_epochs > 0)."
+            )
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma={self.gamma} is outside [0, 1]; the discount must lie in [0, 1] (1 = none).")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon={self.epsilon}; the clip range must be > 0 (e.g. 0.2).")
+        if not 0 <= self.moving_average_decay <= 1:
+            raise ValueError(f"moving_average_decay={self.moving_average_decay} is outside [0, 1]; e.g. 0.9.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]; use 1.0 to turn nucleus sampling off.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is negative; use 0 to turn top-k sampling off.")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps={self.max_episode_steps}; use >= 1 (1 = single-step mode).")
+        if self.n_few_shot < 0:
+            raise ValueError(f"n_few_shot={self.n_few_shot} is negative; use 0 (no examples) or more.")
+        if self.max_example_chars is not None and self.max_example_chars < 1:
+            raise ValueError(f"max_example_chars={self.max_example_chars}; use a positive length or leave it unset.")
+        if not self.step_delimiter:
+            raise ValueError("step_delimiter is empty; use a text that ends a step, e.g. a newline.")
+        if self.env_flavour is not None and self.env_flavour not in FLAVOURS:
+            raise ValueError(
+                f"env_flavour={self.env_flavour!r}; choose one of {', '.join(FLAVOURS)} or leave it unset."
+            )
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}.")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} is negative; use a positive rate such as 1e-6.")
+        if not 0 <= self.judge_weight <= 1:
+            raise ValueError(f"judge_weight={self.judge_weight} is outside [0, 1]; e.g. 0.5.")
+        if self.step_penalty < 0:
+            raise ValueError(f"step_penalty={self.step_penalty} is negative; it is subtracted per step, use >= 0.")
+        for name in ("rollout_batch_size", "logprob_batch_tokens", "judge_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; use a positive size.")
+        if self.eval_num_problems < 1:
+            raise ValueError(f"eval_num_problems={self.eval_num_problems}; use at least 1 problem.")
+        if self.eval_max_episode_tokens is not None and self.eval_max_episode_tokens < 1:
+            raise ValueError(f"eval_max_episode_tokens={self.eval_max_episode_tokens}; use >= 1 or leave it unset.")
+        if self.curriculum_thresholds is not None:
+            if any(not 0 <= t <= 1 for t in self.curriculum_thresholds):
+                raise ValueError(f"curriculum_thresholds={self.curriculum_thresholds}: each is an accuracy in [0, 1].")
+            stages = len(self.curriculum or [])
+            if self.curriculum and len(self.curriculum_thresholds) not in (1, stages):
+                raise ValueError(
+                    f"curriculum_thresholds has {len(self.curriculum_thresholds)} values for {stages} curriculum "
+                    "stages; give one per stage or a single value for all."
+                )
+        if self.curriculum_min_steps < 0:
+            raise ValueError(f"curriculum_min_steps={self.curriculum_min_steps} is negative; use 0 or more.")
+        if self.curriculum_max_steps is not None and self.curriculum_max_steps < 1:
+            raise ValueError(f"curriculum_max_steps={self.curriculum_max_steps}; use >= 1 or leave it unset.")
+        if self.curriculum_window < 1:
+            raise ValueError(f"curriculum_window={self.curriculum_window}; use at least 1 episode.")
 
     @property
     def problems_per_batch(self) -> int:
