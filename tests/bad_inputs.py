@@ -22,9 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
-    "reinforce": ["recipes/reinforce_gsm8k.py"],
-    "math": ["recipes/reinforce_math.py"],
-    "sft": ["recipes/sft_gsm8k.py"],
+    "reinforce": [str(REPO / "recipes" / "reinforce_gsm8k.py")],
+    "math": [str(REPO / "recipes" / "reinforce_math.py")],
+    "sft": [str(REPO / "recipes" / "sft_gsm8k.py")],
     "evaluate": ["-m", "trl_stepwise.cli", "evaluate"],
 }
 
@@ -93,6 +93,7 @@ CASES = [
     _c("reinforce", "--resume_from_checkpoint true", "--resume_from_checkpoint true", "no complete checkpoint"),
     _c("reinforce", "--eval_dataset_name nope.jsonl", "--eval_dataset_name nope.jsonl", "does not exist"),
     _c("reinforce", "--few_shot_dataset_name nope.jsonl", "--few_shot_dataset_name nope.jsonl", "does not exist"),
+    _c("reinforce", "--few_shot_dataset_name {tmp}/plain.jsonl", "--few_shot_dataset_name", "no worked solutions"),
     _c("reinforce", "--question_field nosuch", "--question_field 'nosuch'", "Pass --question_field"),
     _c("reinforce", "--system_prompt nofile.txt", "--system_prompt nofile.txt", "bundled prompt"),
     _c("reinforce", "--load_in_4bit true --load_in_8bit true --use_peft true", "8 bit and 4 bit"),
@@ -116,6 +117,7 @@ CASES = [
     _c("evaluate", "--dataset nope.jsonl", "nope.jsonl", "does not exist"),
     _c("evaluate", "--dataset {tmp}/plain.jsonl --answer_field nosuch", "--answer_field 'nosuch'"),
     _c("evaluate", "--nosuch 1", "--nosuch"),
+    _c("evaluate", "--dataset {tmp}/plain.jsonl --few_shot_dataset {tmp}/plain.jsonl", "--few_shot_dataset", "worked"),
 ]
 
 

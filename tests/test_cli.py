@@ -175,3 +175,18 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     assert (summary_one["num_processes"], summary_two["num_processes"]) == (1, 2)
     for key in ("correct", "total", "accuracy", "unparsable", "truncated", "end_reasons", "mean_tokens"):
         assert summary_two[key] == summary_one[key], key
+
+
+# --- few-shot sources without worked solutions -----------------------------------------------------------------
+
+
+def test_plain_dataset_takes_bundled_worked_examples_and_says_so(tmp_path, capsys):
+    from trl_stepwise.cli import _prompt_builder
+
+    path = tmp_path / "my_problems.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": i + 2}) + "\n" for i in range(8)))
+    _, args = parse_command(["evaluate", "--dataset", str(path), "--n_few_shot", "2"])
+    builder = _prompt_builder(args, None, "gsm8k")
+    assert all(len(example.steps) > 1 for example in builder.pool)  # worked steps, not "The answer is: N" alone
+    err = capsys.readouterr().err
+    assert "note:" in err and "my_problems.jsonl" in err and "no worked solutions" in err and "gsm8k train" in err

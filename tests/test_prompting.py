@@ -302,3 +302,30 @@ def test_report_prompt_token_lengths(smol_tokenizer, gsm8k_train, math_train):
                 text = PromptBuilder(smol_tokenizer, rows, k=k, flavour=flavour, seed=seed).render(q)
                 lengths.append(len(smol_tokenizer(text, add_special_tokens=False)["input_ids"]))
             print(f"{flavour} {k}-shot prompt tokens over seeds 0-4: {lengths}")
+
+
+# --- few-shot sources without worked solutions -----------------------------------------------------------------------
+
+
+def test_plain_question_answer_rows_fall_back_to_bundled_worked_examples() -> None:
+    from trl_stepwise.prompting import has_worked_solutions, with_worked_examples
+
+    plain = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "solution": ""} for i in range(10)]
+    assert not has_worked_solutions(plain, "gsm8k")
+    examples, note = with_worked_examples(plain, "gsm8k", source="my_problems.jsonl")
+    assert has_worked_solutions(examples, "gsm8k") and len(examples) >= 8
+    assert note is not None and "my_problems.jsonl" in note and "gsm8k train" in note and "--few_shot" in note
+    builder = PromptBuilder(None, examples, k=2, flavour="gsm8k")
+    assert all(len(example.steps) > 1 for example in builder.pool)  # worked steps, not a bare answer line
+
+    math_examples, note = with_worked_examples([{**r, "answer": "x"} for r in plain], "math", source="m.jsonl")
+    assert note is not None and "math train" in note and has_worked_solutions(math_examples, "math")
+
+
+def test_rows_with_worked_solutions_are_kept(gsm8k_train) -> None:
+    from trl_stepwise.prompting import has_worked_solutions, with_worked_examples
+
+    rows = list(gsm8k_train)[:20]
+    assert has_worked_solutions(rows, "gsm8k")
+    examples, note = with_worked_examples(rows, "gsm8k", source="gsm8k")
+    assert examples is rows and note is None

@@ -350,3 +350,11 @@ def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]  # they are identical after really training
     assert ranks[0]["questions"] != ranks[1]["questions"]  # each rank rolled out its own problems
+
+
+def test_few_shot_source_without_solutions_falls_back_to_worked_examples(tiny_model, tokenizer, tmp_path, caplog):
+    plain = Dataset.from_list([{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)])
+    with caplog.at_level("WARNING"):
+        trainer = make_trainer(tiny_model, tokenizer, plain, tmp_path)
+    assert all(len(example.steps) > 1 for example in trainer.prompt_builder.pool)
+    assert "no worked solutions" in caplog.text and "arithmetic fewshot" in caplog.text

@@ -154,14 +154,25 @@ def _load_rows(args: EvaluateArguments) -> list[dict]:
 
 
 def _prompt_builder(args: EvaluateArguments, tokenizer: Any, flavour: str) -> Any:
+    """The few-shot prompt builder; a source without worked solutions is replaced by bundled worked examples (said
+    on stderr), unless --few_shot_dataset named it explicitly, which is then an error naming the flag."""
     from trl_stepwise.data import load_math_dataset
-    from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+    from trl_stepwise.prompting import PromptBuilder, has_worked_solutions, load_system_prompt, with_worked_examples
 
     examples: Sequence[dict] = []
     if args.n_few_shot > 0:
         name, split = _few_shot_source(args)
         fields = (args.question_field, args.answer_field, args.solution_field) if name == args.dataset else ()
         examples = load_math_dataset(name, split, *fields)
+        if args.few_shot_dataset is not None and not has_worked_solutions(examples, flavour):
+            raise UsageError(
+                f"--few_shot_dataset {args.few_shot_dataset}: its rows have no worked solutions (final answers only), "
+                "so the prompt would teach the model to answer without steps; name a source with worked solutions "
+                "(e.g. gsm8k, math, arithmetic:level=1), or --solution_field, or drop the flag."
+            )
+        examples, note = with_worked_examples(examples, flavour, source=name)
+        if note and _is_main_process():
+            print(f"{PROG} evaluate: note: {note}", file=sys.stderr)
     system_prompt = load_system_prompt(args.system_prompt, flavour)
     return PromptBuilder(
         tokenizer,
@@ -248,6 +259,10 @@ def format_summary(summary: dict, title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 def make_accelerator() -> Any:
     """An ``Accelerator``; processes started by torchrun (``accelerate launch --multi_gpu``) on a machine without CUDA
     join one gloo group on the CPU, instead of each believing it is alone and evaluating every problem."""
@@ -287,10 +302,10 @@ def run_evaluate(args: EvaluateArguments) -> int:
         rows = _load_rows(args)
         if args.gold:
             summary, records = evaluate_gold(rows, make_env, flavour)
-        else:
-            model = load_model(args.model_name_or_path, dtype=args.dtype).to(accelerator.device)
+        else:  # the cheap parts first: a bad few-shot source or prompt fails before the model loads
             tokenizer = load_tokenizer(args.model_name_or_path)
             prompt_builder = _prompt_builder(args, tokenizer, flavour)
+            model = load_model(args.model_name_or_path, dtype=args.dtype).to(accelerator.device)
             engine = build_engine(args, model, tokenizer, seed=args.seed + accelerator.process_index)
     except (UsageError, DatasetFieldError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as err:
         if accelerator.is_main_process:

@@ -213,6 +213,55 @@ def solution_to_steps(row: Mapping[str, Any], flavour: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Few-shot sources
+
+# Worked examples used when a few-shot source has final answers only: (loader name, split) per flavour.
+BUNDLED_WORKED_EXAMPLES = {
+    "gsm8k": ("gsm8k", "train"),
+    "math": ("math", "train"),
+    "arithmetic": ("arithmetic", "fewshot"),
+}
+WORKED_SAMPLE = 32  # rows inspected to decide whether a source has worked solutions
+
+
+def has_worked_solutions(rows: Sequence[Mapping[str, Any]], flavour: str) -> bool:
+    """Do most rows carry a worked solution (a step before the final answer line), not just a final answer?
+
+    Shown bare answers, a model answers in one line with no steps and no calculator: accuracy collapses (0% against
+    14% with worked examples, for the embedded model on 100 word problems).
+    """
+    sample = [rows[i] for i in range(min(len(rows), WORKED_SAMPLE))]
+    if not sample:
+        return False
+    worked = 0
+    for row in sample:
+        if "steps" in row:
+            worked += len(row["steps"]) > 1
+        elif str(row.get("solution") or "").strip():
+            worked += len(solution_to_steps(row, flavour)) > 1
+    return 2 * worked > len(sample)
+
+
+def with_worked_examples(
+    rows: Sequence[Mapping[str, Any]], flavour: str, source: str = "the few-shot source"
+) -> tuple[Sequence[Mapping[str, Any]], str | None]:
+    """``(rows, None)`` when ``rows`` have worked solutions; else the bundled worked examples of the same flavour and
+    a note saying so (for the user: the fallback changes what the prompt shows)."""
+    if has_worked_solutions(rows, flavour):
+        return rows, None
+    from trl_stepwise.data import load_math_dataset
+
+    name, split = BUNDLED_WORKED_EXAMPLES[flavour]
+    examples = load_math_dataset(name, split=split, limit=256).to_list()  # plenty to draw k + spares from
+    note = (
+        f"the few-shot examples from {source} have no worked solutions (final answers only), which teaches the model "
+        f"to answer without steps; using worked examples from the bundled {name} {split} split instead (choose others "
+        "with --few_shot_dataset / --few_shot_dataset_name)."
+    )
+    return examples, note
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Few-shot prompt rendering
 
 

@@ -21,7 +21,7 @@ from trl import ModelConfig, get_peft_config
 from trl_stepwise.curriculum import Curriculum
 from trl_stepwise.data import dataset_flavour, load_math_dataset
 from trl_stepwise.models import build_quantization_config
-from trl_stepwise.prompting import load_system_prompt
+from trl_stepwise.prompting import has_worked_solutions, load_system_prompt
 from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
@@ -145,6 +145,13 @@ def prepare_reinforce(
     except ValueError as err:
         raise UsageError(f"--system_prompt {training_args.system_prompt}: {err}") from err
     train, evaluation, few_shot = load_problem_sets(script_args)
+    name = script_args.few_shot_dataset_name
+    if name and training_args.n_few_shot > 0 and not has_worked_solutions(few_shot, training_args.env_flavour):
+        raise UsageError(
+            f"--few_shot_dataset_name {name}: its rows have no worked solutions (final answers only), so the prompt "
+            "would teach the model to answer without steps; name a source with worked solutions (e.g. gsm8k, math, "
+            "arithmetic:level=1) or drop the flag (the trainer then falls back to bundled worked examples)."
+        )
     curriculum = None
     if training_args.curriculum:
         curriculum = Curriculum.from_lists(

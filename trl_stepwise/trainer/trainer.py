@@ -36,7 +36,7 @@ from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import StepwiseMathEnv
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
-from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
 from trl_stepwise.rewards import combine_rewards, unique_name
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
@@ -147,9 +147,13 @@ class StepwiseReinforceTrainer(BaseTrainer):
         flavour = args.env_flavour or "gsm8k"
         self.flavour = flavour
         examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
+        source = "the few-shot dataset" if few_shot_dataset is not None else "the training set"
+        examples, note = with_worked_examples(list(examples), flavour, source=source)
+        if note:
+            logger.warning(note)
         self.prompt_builder = PromptBuilder(
             processing_class,
-            list(examples),
+            examples,
             k=args.n_few_shot,
             system_prompt=load_system_prompt(args.system_prompt, flavour),
             flavour=flavour,
