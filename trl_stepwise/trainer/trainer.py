@@ -24,9 +24,10 @@ import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
@@ -50,6 +51,7 @@ from trl_stepwise.trainer.checkpoints import (
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 from trl_stepwise.trainer.hub import ROLLOUT_FILES, uploads_ignoring
 from trl_stepwise.trainer.parallelism import check_accelerator
+from trl_stepwise.trainer.progress import CompactPrinterCallback, CompactProgressCallback
 from trl_stepwise.trainer.reference import (
     REFERENCE_ADAPTER,
     add_reference_adapter,
@@ -142,6 +144,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             optimizers=optimizers,
         )
         check_accelerator(self.accelerator.state)
+        self._use_compact_logs()
         self.reward_funcs = list(reward_funcs or [])
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
         flavour = args.env_flavour or "gsm8k"
@@ -622,13 +625,20 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self._metrics.clear()
             self._show_reward_on_progress_bar(logs)
             if self._samples and self.is_world_process_zero():
-                for sample in self._samples:
-                    print(
-                        f"\n[step {self.state.global_step}] reward={sample['reward']:.2f}\nQ: {sample['question']}\n"
-                        f"A: {sample['completion']}"
+                for sample in self._samples:  # tqdm.write keeps the progress bar below the text
+                    tqdm.write(
+                        f"[step {self.state.global_step}] sample, reward {sample['reward']:.2f}\n"
+                        f"  Q: {sample['question']}\n  A: {sample['completion'].strip()}"
                     )
                 self._log_samples_table()
         super().log(logs, start_time)
+
+    def _use_compact_logs(self) -> None:
+        """Swap transformers' dict-printing log callbacks for compact lines (the progress bar itself stays)."""
+        for plain, compact in ((ProgressCallback, CompactProgressCallback), (PrinterCallback, CompactPrinterCallback)):
+            if any(type(callback) is plain for callback in self.callback_handler.callbacks):
+                self.remove_callback(plain)
+                self.add_callback(compact)
 
     def _show_reward_on_progress_bar(self, logs: dict[str, float]) -> None:
         for callback in self.callback_handler.callbacks:
