@@ -55,9 +55,7 @@ def _c(command: str, argv: str, *words: str) -> Case:
 CASES = [
     # the list, reinforce recipe
     _c("reinforce", "--load_in_4bit true", "--load_in_4bit", "--use_peft"),
-    _c(
-        "reinforce", "--per_device_train_batch_size 3 --num_generations 4", "per_device_train_batch_size", "(3)", "(4)"
-    ),
+    _c("reinforce", "--per_device_train_batch_size 3 --num_generations 4", "per_device_train_batch_size", "(4)"),
     _c("reinforce", "--kl_coef -1", "kl_coef=-1", "use 0"),
     _c("reinforce", "--algorithm nosuch", "algorithm='nosuch'", "reinforce_stable"),
     _c("reinforce", "--baseline nosuch", "baseline='nosuch'", "leave_one_out"),
