@@ -19,10 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from trl_stepwise.engines.config import GenerationEngineArguments
 from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelParser, UsageError
-
-from trl_stepwise.engines.config import GenerationEngineArguments
 
 logger = logging.getLogger(__name__)
 
