@@ -6,12 +6,14 @@ token, exactly as if it had been sampled one token at a time:
 * a step ends at the step delimiter (or EOS, or ``max_step_tokens`` tokens) and is handed to the environment; with
   ``step_delimiter=None`` ("direct" mode) the whole solution is one step that ends at EOS, ``max_step_tokens``, or
   the end of the line that gives the final answer; tokens sampled after the episode ended are dropped;
-* when a step opens a calculation (``<<expr=``), the environment's calculator result is appended as forced tokens
-  (``policy_mask`` False: the trainer excludes them from the loss; they count towards the step and episode token
-  budgets) and the engine continues the sequence from there;
+* when a step ends with a complete call of one of the environment's tools (the calculator's ``<<expr=``), the
+  tool's result is appended as forced tokens (``policy_mask`` False: the trainer excludes them from the loss; they
+  count towards the step and episode token budgets) and the engine continues the sequence from there;
+* when the environment replies to a step (a non-empty observation), the reply is appended the same way, after the
+  step, and the next step starts after it;
 * an engine whose stops are cheap (transformers) is asked to stop at every step delimiter so a finished episode leaves
   the batch at once; the others (vLLM) stop only where the calculator must act, and continuous batching queues each
-  continuation while the other episodes keep decoding.
+  continuation while the other episodes keep decoding; their stops are the tools' own ``stop_strings``.
 
 Masks come from token ids: the policy is trained on exactly the ids it sampled. Text is decoded from those ids with
 the tokens before it as context, so the pieces join exactly (SentencePiece tokenizers drop a leading space when a
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trl_stepwise import calculator, grading
+from trl_stepwise import grading
 from trl_stepwise.engines import (
     Continuation,
     GenerationEngine,
@@ -35,7 +37,7 @@ from trl_stepwise.engines import (
     SamplingConfig,
     TransformersEngine,
 )
-from trl_stepwise.envs import EnvBatch, Episode, Segment, StepAction, StepwiseMathEnv
+from trl_stepwise.envs import Env, EnvSession, Episode, Segment, StepwiseMathEnv
 from trl_stepwise.prompting import PromptBuilder
 
 __all__ = ["RolloutStats", "SamplingConfig", "StepwiseRollout", "Trajectory"]
@@ -115,17 +117,21 @@ class StepwiseRollout:
     # ------------------------------------------------------------------ public API
     def run(
         self,
-        make_env: Callable[[], StepwiseMathEnv],
+        make_env: Callable[[], Env | StepwiseMathEnv] | Sequence[Callable[[], Env | StepwiseMathEnv]],
         rows: Sequence[dict],
         group_ids: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[Trajectory]:
-        """Play one episode per row to the end; ``progress(n)`` is called as episodes finish."""
-        envs = EnvBatch(make_env, rows, group_ids=group_ids)
+        """Play one episode per row to the end; ``progress(n)`` is called as episodes finish.
+
+        ``make_env`` builds a new environment per episode: one factory for all rows, or one per row (mixed runs).
+        """
+        envs = self._sessions(make_env, rows, group_ids)
         plays, requests = [], []
         prefix_ids: dict[str, list[int]] = {}
-        for index, (row, episode) in enumerate(zip(rows, envs.episodes(), strict=True)):
-            prefix, suffix = self.prompt_builder.render_parts(row["question"])
+        for index, session in enumerate(envs):
+            episode = session.episode
+            prefix, suffix = self.prompt_builder.render_parts(session.problem)
             if prefix not in prefix_ids:
                 prefix_ids[prefix] = self._encode(prefix)
             prompt_ids = prefix_ids[prefix] + self._encode(suffix)
@@ -148,15 +154,27 @@ class StepwiseRollout:
         finally:
             self.stats.seconds += time.perf_counter() - started
             self.stats.model_calls += getattr(self.engine, "model_calls", 0) - calls_before
-        unfinished = [play.index for play in plays if not envs.envs[play.index].done]
+        unfinished = [play.index for play in plays if not envs[play.index].done]
         if unfinished:
             raise RuntimeError(f"the engine stopped before episodes {unfinished} ended")
-        for play, episode in zip(plays, envs.episodes(), strict=True):
-            play.trajectory.episode = episode
         return [play.trajectory for play in plays]
 
+    def _sessions(self, make_env, rows: Sequence[dict], group_ids: Sequence[int] | None) -> list[EnvSession]:
+        if group_ids is not None and len(group_ids) != len(rows):
+            raise ValueError(f"got {len(rows)} rows but {len(group_ids)} group_ids")
+        factories = list(make_env) if isinstance(make_env, Sequence) else [make_env] * len(rows)
+        if len(factories) != len(rows):
+            raise ValueError(f"got {len(rows)} rows but {len(factories)} environment factories")
+        envs = [factory() for factory in factories]
+        if len({id(env) for env in envs}) != len(envs):
+            raise ValueError("make_env must return a new environment on every call")
+        return [
+            EnvSession(env, row, i, None if group_ids is None else group_ids[i], tools=self.calculator)
+            for i, (env, row) in enumerate(zip(envs, rows, strict=True))
+        ]
+
     # ------------------------------------------------------------------ reading the engine's output
-    def _consume(self, envs: EnvBatch, play: _Play, output: GenerationOutput) -> Continuation | None:
+    def _consume(self, envs: list[EnvSession], play: _Play, output: GenerationOutput) -> Continuation | None:
         """Read the sampled tokens one by one; returns how to go on, or None when the episode has ended."""
         for kept, (token, logp) in enumerate(zip(output.token_ids, output.logprobs, strict=True), start=1):
             self._append(play, token, logp, from_policy=True)
@@ -164,63 +182,81 @@ class StepwiseRollout:
             eos = token in self.eos_ids
             text = self._step_text(play)
             if not eos and not self._step_ended(text):
-                inserted = envs.calculator_insert(play.index, text) if self.calculator else None
+                inserted = envs[play.index].tool_insert(text)
                 if inserted:  # the rest of this output (if any) was sampled without the result: drop it
                     forced = self._encode_after(play.trajectory.completion_ids, inserted)
                     return self._insert(envs, play, forced, kept)
                 if self._step_length(play) < self.sampling.max_step_tokens:
                     continue
-            if self._close_step(envs, play, eos):
+            done, reply = self._close_step(envs, play, eos)
+            if done:
                 return None
+            if reply:  # the environment answered the step: the rest of this output was sampled without it
+                return self._reply(envs, play, reply, kept)
         if output.finish_reason == "length" and not output.token_ids:
             # the engine cannot extend this sequence any further (its context is full): end the episode
             self._close_step(envs, play, eos=True)
             return None
         return Continuation([], *self._limits(envs, play))
 
-    def _insert(self, envs: EnvBatch, play: _Play, forced: list[int], keep: int) -> Continuation | None:
+    def _insert(self, envs: list[EnvSession], play: _Play, forced: list[int], keep: int) -> Continuation | None:
         """Append tool output as forced tokens; they count towards the step's token limit."""
         for token in forced:
             self._append(play, token, 0.0, from_policy=False)
         self.stats.forced_tokens += len(forced)
-        if self._step_length(play) >= self.sampling.max_step_tokens and self._close_step(envs, play, eos=False):
-            return None
+        if self._step_length(play) >= self.sampling.max_step_tokens:
+            done, reply = self._close_step(envs, play, eos=False)
+            if done:
+                return None
+            if reply:
+                return self._reply(envs, play, reply, keep, forced)
         return Continuation(forced, *self._limits(envs, play), keep=keep)
 
-    def _append(self, play: _Play, token: int, logp: float, from_policy: bool) -> None:
+    def _reply(
+        self, envs: list[EnvSession], play: _Play, reply: str, keep: int, forced_before: Sequence[int] = ()
+    ) -> Continuation:
+        """Append the environment's reply as forced tokens after the step just closed; the next step follows it."""
+        ids = play.trajectory.completion_ids
+        forced = self._encode_after(ids, reply)
+        start = len(ids)
+        for token in forced:
+            self._append(play, token, 0.0, from_policy=False, step=play.step_number - 1)
+        self.stats.forced_tokens += len(forced)
+        envs[play.index].add_reply(self._text(ids, start, len(ids)), len(forced))
+        play.step_start = len(ids)
+        return Continuation([*forced_before, *forced], *self._limits(envs, play), keep=keep)
+
+    def _append(self, play: _Play, token: int, logp: float, from_policy: bool, step: int | None = None) -> None:
         trajectory = play.trajectory
         trajectory.completion_ids.append(token)
         trajectory.policy_mask.append(from_policy)
-        trajectory.step_index.append(play.step_number)
+        trajectory.step_index.append(play.step_number if step is None else step)
         trajectory.sampling_logps.append(logp)
 
-    def _close_step(self, envs: EnvBatch, play: _Play, eos: bool) -> bool:
-        """Hand the current step to the environment; returns whether the episode ended."""
+    def _close_step(self, envs: list[EnvSession], play: _Play, eos: bool) -> tuple[bool, str]:
+        """Hand the current step to the environment; returns whether the episode ended and its reply."""
         segments = self._segments(play)
-        action = StepAction(
-            text="".join(s.text for s in segments), eos=eos, num_tokens=self._step_length(play), segments=segments
-        )
-        _, _, done, _ = envs.step({play.index: action})[play.index]
+        text = "".join(s.text for s in segments)
+        reply, done = envs[play.index].step(text, eos=eos, num_tokens=self._step_length(play), segments=segments)
         play.step_start = len(play.trajectory.completion_ids)
         play.step_number += 1
-        return done
+        return done, reply
 
-    def _limits(self, envs: EnvBatch, play: _Play) -> tuple[int, tuple[str, ...]]:
+    def _limits(self, envs: list[EnvSession], play: _Play) -> tuple[int, tuple[str, ...]]:
         """``(max_tokens, stop_strings)`` of the next request: stop where the environment must act."""
-        env = envs.envs[play.index]
-        episode = env.episode
+        session = envs[play.index]
+        episode = session.episode
         in_step = self._step_length(play)
         step_limit = self.sampling.max_step_tokens
-        steps_left = max(getattr(env, "max_steps", 1) - len(episode.steps), 1)
+        steps_left = max(session.max_steps - len(episode.steps), 1)
         max_tokens = steps_left * step_limit - in_step
-        budget = getattr(env, "max_episode_tokens", None)
+        budget = session.max_episode_tokens
         if budget is not None:
             max_tokens = min(max_tokens, budget - episode.num_tokens - in_step + step_limit)
         stops: list[str] = []
         if self.engine.cheap_stops:
             stops.append(self.step_delimiter or "\n")
-        if self.calculator and getattr(env, "calculator", True):
-            stops.extend(calculator.stop_strings(self._step_text(play)))
+        stops.extend(s for s in session.stop_strings(self._step_text(play)) if s not in stops)
         return max(max_tokens, 1), tuple(stops)
 
     # ------------------------------------------------------------------ text of the current step

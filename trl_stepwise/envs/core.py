@@ -1,0 +1,127 @@
+"""The environment API, shaped after gymnasium: ``register`` / ``make`` ids, ``reset`` and a 5-tuple ``step``.
+
+An action is the text of one step the policy wrote; an observation is text the environment adds to the context after
+it (empty when it has nothing to say). ``reset`` returns the problem text the prompt is built from. The rollout loop
+appends a non-empty observation as tokens the policy did not sample, masked from the loss.
+
+gymnasium itself is not a dependency: ``Env`` keeps its method names and return shapes so gym-minded code and
+wrappers read the same, without pulling numpy spaces into a text-only API.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trl_stepwise.envs.base import Segment
+    from trl_stepwise.envs.tools import Tool
+
+__all__ = ["Env", "EnvSpec", "StepText", "make", "register", "registry", "resolve_env_factory", "spec"]
+
+StepResult = tuple[str, float, bool, bool, dict[str, Any]]
+
+
+class StepText(str):
+    """An action: the step's text, plus what the rollout loop knows about it (environments may ignore the extras).
+
+    ``eos``: the policy ended its turn; ``num_tokens``: tokens in the step (tool results included); ``segments``: the
+    step split into policy text and tool results.
+    """
+
+    eos: bool
+    num_tokens: int | None
+    segments: list[Segment] | None
+
+    def __new__(
+        cls, text: str, *, eos: bool = False, num_tokens: int | None = None, segments: list[Segment] | None = None
+    ) -> StepText:
+        action = super().__new__(cls, text)
+        action.eos, action.num_tokens, action.segments = eos, num_tokens, segments
+        return action
+
+
+class Env:
+    """Base class of a language environment; subclass it and write ``reset`` and ``step``.
+
+    Class attributes the rollout loop reads (override per instance as needed): ``tools`` (see
+    ``trl_stepwise.envs.tools``), ``max_steps`` (the loop ends the episode as truncated after that many steps),
+    ``max_episode_tokens`` (same for tokens; None: no budget) and ``step_delimiter`` (what ends a step).
+    """
+
+    tools: Sequence[Tool] = ()
+    max_steps: int = 10
+    max_episode_tokens: int | None = None
+    step_delimiter: str = "\n"
+    spec: EnvSpec | None = None
+    rng: random.Random
+
+    def reset(self, *, seed: int | None = None, options: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+        """Start an episode and return ``(problem_text, info)``; the same seed and options give the same start.
+
+        Subclasses call ``super().reset(seed=seed)`` first to (re)seed ``self.rng``, as in gymnasium.
+        """
+        if seed is not None or not hasattr(self, "rng"):
+            self.rng = random.Random(seed)
+        return "", {}
+
+    def step(self, action: str) -> StepResult:
+        """Take one step's text; returns ``(observation, reward, terminated, truncated, info)``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (nothing by default)."""
+
+
+@dataclass
+class EnvSpec:
+    """A registered id: what ``make`` builds and with which default keyword arguments."""
+
+    id: str
+    entry_point: Callable[..., Env] | str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def make(self, **kwargs: Any) -> Env:
+        entry = self.entry_point
+        if isinstance(entry, str):
+            module, _, name = entry.partition(":")
+            entry = getattr(importlib.import_module(module), name)
+        env = entry(**{**self.kwargs, **kwargs})
+        if isinstance(env, Env):
+            env.spec = self
+        return env
+
+
+registry: dict[str, EnvSpec] = {}
+
+
+def register(id: str, entry_point: Callable[..., Env] | str, *, overwrite: bool = False, **defaults: Any) -> EnvSpec:
+    """Make ``make(id)`` build ``entry_point(**defaults)``; ``entry_point`` is a callable or ``"module:Name"``."""
+    if id in registry and not overwrite:
+        raise ValueError(f"environment id {id!r} is already registered (pass overwrite=True to replace it)")
+    registry[id] = EnvSpec(id, entry_point, dict(defaults))
+    return registry[id]
+
+
+def spec(id: str) -> EnvSpec:
+    if id not in registry:
+        raise KeyError(f"unknown environment id {id!r}; registered: {sorted(registry)}")
+    return registry[id]
+
+
+def make(id: str, **kwargs: Any) -> Env:
+    """A new environment of a registered id; ``kwargs`` override the registered defaults."""
+    return spec(id).make(**kwargs)
+
+
+def resolve_env_factory(env: str | type | Callable[[], Any], **kwargs: Any) -> Callable[[], Any]:
+    """A zero-argument factory from an id, an environment class or a factory (TRL's ``environment_factory``)."""
+    if isinstance(env, str):
+        spec(env)  # fail now, not at the first episode
+        return lambda: make(env, **kwargs)
+    if callable(env):
+        return (lambda: env(**kwargs)) if kwargs else env
+    raise TypeError(f"env must be an id, an environment class or a factory, got {type(env).__name__}")
