@@ -39,8 +39,15 @@ class EvaluateArguments(GenerationEngineArguments):
     dataset: str = field(
         default="gsm8k",
         metadata={
-            "help": "Problems to solve: gsm8k, math, math500, arithmetic:level=N (generated), a hub id, or a local "
-            ".jsonl/.json/.parquet/.csv file."
+            "help": "Problems to solve: gsm8k, math, math500, arithmetic:level=N or countdown:n=N (generated), a hub "
+            "id, or a local .jsonl/.json/.parquet/.csv file."
+        },
+    )
+    env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registered environment id the episodes run in (gsm8k, math, arithmetic, math_feedback, "
+            "countdown, ...); default: the dataset's own (its `env` column, else its math flavour)."
         },
     )
     split: str = field(default="test", metadata={"help": "Split of --dataset (arithmetic: train, fewshot or test)."})
@@ -280,7 +287,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
     """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
     from trl_stepwise.data import DatasetFieldError, dataset_flavour
     from trl_stepwise.engines.factory import build_engine
-    from trl_stepwise.envs import StepwiseMathEnv
+    from trl_stepwise.envs import FLAVOURS, EnvRouter, StepwiseMathEnv, make_limited, registry
     from trl_stepwise.evaluation import evaluate_gold, evaluate_problems
     from trl_stepwise.models import ModelLoadError, load_model, load_tokenizer
     from trl_stepwise.rollout import SamplingConfig
@@ -289,15 +296,27 @@ def run_evaluate(args: EvaluateArguments) -> int:
     direct = args.mode == "direct"
     flavour = dataset_flavour(args.dataset)
     calculator = None if args.calculator == "auto" else args.calculator == "on"
-    make_env = partial(
-        StepwiseMathEnv,
-        flavour="math" if flavour == "math" else "gsm8k",
-        max_steps=1 if direct else (args.max_steps or (GOLD_MAX_STEPS if args.gold else None)),
-        max_episode_tokens=args.max_episode_tokens,
-        calculator=calculator,
-    )
+    max_steps = 1 if direct else (args.max_steps or (GOLD_MAX_STEPS if args.gold else None))
+    math = {
+        name: partial(
+            StepwiseMathEnv,
+            flavour=name,
+            max_steps=max_steps,
+            max_episode_tokens=args.max_episode_tokens,
+            calculator=calculator,
+        )
+        for name in FLAVOURS
+    }
+    limited = partial(make_limited, max_steps=max_steps, max_episode_tokens=args.max_episode_tokens)
+    limited = partial(limited, tools=calculator is not False)
+    make_env = EnvRouter(math["math" if flavour == "math" else "gsm8k"], math, limited)
     try:
         _check_arguments(args)
+        if args.env is not None:
+            if args.env not in registry:
+                raise UsageError(f"--env {args.env}: not a registered environment; choose one of {sorted(registry)}")
+            # the flag overrides the environment a dataset's rows name
+            make_env = math.get(args.env) or partial(limited, args.env)
         rows = _load_rows(args)
         if args.gold:
             summary, records = evaluate_gold(rows, make_env, flavour)
@@ -331,7 +350,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
             accelerator=accelerator,
             progress=not args.no_progress,
             step_delimiter=None if direct else "\n",
-            calculator=make_env().calculator,
+            calculator=calculator is not False,
             engine=engine,
         )
     if accelerator.is_main_process:

@@ -72,11 +72,28 @@ def load_math_dataset(
     return normalise_columns(raw, question_field, answer_field, solution_field, name_or_path, missing_answer)
 
 
+def _generator_spec(name: str) -> dict[str, int]:
+    """``countdown:n=500,start=0,num_numbers=4`` -> keyword arguments (integers) of a generated dataset."""
+    _, _, spec = name.partition(":")
+    kwargs = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in ("n", "start", "num_numbers") or not value.strip().isdigit():
+            raise ValueError(f"bad item {item!r} in {name!r}; use e.g. 'countdown:n=500,start=0,num_numbers=3'")
+        kwargs[key.strip()] = int(value)
+    kwargs.setdefault("n", 1000)
+    return kwargs
+
+
 def _load_raw(name_or_path: str, split: str) -> Dataset:
     if name_or_path.lower().startswith("arithmetic"):
         from trl_stepwise.arithmetic import arithmetic_dataset, parse_arithmetic_spec
 
         return arithmetic_dataset(split=split, **parse_arithmetic_spec(name_or_path))
+    if name_or_path.lower().startswith("countdown"):
+        from trl_stepwise.envs.countdown import countdown_dataset
+
+        return countdown_dataset(split=split, **_generator_spec(name_or_path))
     if name_or_path in BUNDLED:
         splits = BUNDLED[name_or_path]
         if split not in splits:

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from trl_stepwise.engines import GenerationEngine
-from trl_stepwise.envs import EndReason, EnvBatch, Episode, StepAction, StepwiseMathEnv
+from trl_stepwise.envs import EndReason, Env, Episode, StepwiseMathEnv, play_scripted
 from trl_stepwise.prompting import PromptBuilder, solution_to_steps
 from trl_stepwise.rollout import RolloutStats, SamplingConfig, StepwiseRollout, Trajectory
 
@@ -195,7 +195,7 @@ def evaluate_problems(
     tokenizer: Any,
     rows: Sequence[dict],
     prompt_builder: PromptBuilder,
-    make_env: Callable[[], StepwiseMathEnv],
+    make_env: Callable[[], Env | StepwiseMathEnv],
     sampling: SamplingConfig,
     num_samples: int = 1,
     accelerator: Any = None,
@@ -260,7 +260,7 @@ def _throughput(stats: Sequence[tuple[float, RolloutStats]]) -> dict[str, float]
 
 
 def evaluate_gold(
-    rows: Sequence[dict], make_env: Callable[[], StepwiseMathEnv], flavour: str
+    rows: Sequence[dict], make_env: Callable[[], Env | StepwiseMathEnv], flavour: str
 ) -> tuple[dict[str, Any], list[dict]]:
     """Feed each reference solution, converted to steps, into an environment as if a model wrote it.
 
@@ -268,15 +268,12 @@ def evaluate_gold(
     policy could never be scored correct on, however well it wrote.
     """
     started = time.perf_counter()
-    envs = EnvBatch(make_env, [dict(row) for row in rows])
-    for index, row in enumerate(rows):
-        for text in solution_to_steps(row, flavour):
-            if envs.envs[index].done:
-                break
-            envs.step({index: StepAction(text=text)})
-        if not envs.envs[index].done:  # the solution ran out of steps without an answer: close it as EOS would
-            envs.step({index: StepAction(text="", eos=True)})
-    records = [episode_record(episode, index, 0) for index, episode in enumerate(envs.episodes())]
+    episodes = []
+    for row in rows:
+        env = make_env.for_row(row) if hasattr(make_env, "for_row") else make_env()
+        session = play_scripted(lambda env=env: env, dict(row), solution_to_steps(row, flavour))
+        episodes.append(session.episode)  # a solution that ran out of steps without an answer was closed as EOS
+    records = [episode_record(episode, index, 0) for index, episode in enumerate(episodes)]
     summary = summarize(records)
     summary["wall_seconds"] = time.perf_counter() - started
     return summary, records

@@ -124,7 +124,8 @@ class StepwiseRollout:
     ) -> list[Trajectory]:
         """Play one episode per row to the end; ``progress(n)`` is called as episodes finish.
 
-        ``make_env`` builds a new environment per episode: one factory for all rows, or one per row (mixed runs).
+        ``make_env`` builds a new environment per episode: one factory for all rows, one per row, or an ``EnvRouter``
+        that picks each row's own (mixed runs).
         """
         envs = self._sessions(make_env, rows, group_ids)
         plays, requests = [], []
@@ -162,10 +163,13 @@ class StepwiseRollout:
     def _sessions(self, make_env, rows: Sequence[dict], group_ids: Sequence[int] | None) -> list[EnvSession]:
         if group_ids is not None and len(group_ids) != len(rows):
             raise ValueError(f"got {len(rows)} rows but {len(group_ids)} group_ids")
-        factories = list(make_env) if isinstance(make_env, Sequence) else [make_env] * len(rows)
-        if len(factories) != len(rows):
-            raise ValueError(f"got {len(rows)} rows but {len(factories)} environment factories")
-        envs = [factory() for factory in factories]
+        if hasattr(make_env, "for_row"):  # an EnvRouter: each row picks its environment
+            envs = [make_env.for_row(row) for row in rows]
+        else:
+            factories = list(make_env) if isinstance(make_env, Sequence) else [make_env] * len(rows)
+            if len(factories) != len(rows):
+                raise ValueError(f"got {len(rows)} rows but {len(factories)} environment factories")
+            envs = [factory() for factory in factories]
         if len({id(env) for env in envs}) != len(envs):
             raise ValueError("make_env must return a new environment on every call")
         return [

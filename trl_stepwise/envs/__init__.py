@@ -8,18 +8,34 @@ registered environments and the state types the rollout loop records episodes in
 from trl_stepwise.envs.arithmetic_env import ArithmeticWordProblemEnv
 from trl_stepwise.envs.base import EndReason, Episode, Observation, Segment, StepRecord, StepwiseEnv
 from trl_stepwise.envs.batch import EnvBatch, StepAction
-from trl_stepwise.envs.core import Env, EnvSpec, StepText, make, register, registry, resolve_env_factory, spec
+from trl_stepwise.envs.core import (
+    Env,
+    EnvRouter,
+    EnvSpec,
+    StepText,
+    make,
+    make_limited,
+    register,
+    registry,
+    resolve_env_factory,
+    spec,
+)
+from trl_stepwise.envs.countdown import CountdownEnv  # registers "countdown"
+from trl_stepwise.envs.feedback import MathFeedbackEnv  # registers "math_feedback"
 from trl_stepwise.envs.math_env import FLAVOURS, Flavour, StepwiseMathEnv, register_flavour
 from trl_stepwise.envs.math_gym import MathEnv
 from trl_stepwise.envs.session import EnvSession, as_env, play_scripted
 from trl_stepwise.envs.tools import CalculatorTool, FunctionTool, Tool, ToolResult, tool
+from trl_stepwise.envs.trl_env import TRLEnvironment
 
 __all__ = [
     "FLAVOURS",
     "ArithmeticWordProblemEnv",
     "CalculatorTool",
     "EndReason",
+    "CountdownEnv",
     "Env",
+    "EnvRouter",
     "EnvBatch",
     "EnvSession",
     "EnvSpec",
@@ -27,6 +43,7 @@ __all__ = [
     "Flavour",
     "FunctionTool",
     "MathEnv",
+    "MathFeedbackEnv",
     "Observation",
     "Segment",
     "StepAction",
@@ -34,10 +51,12 @@ __all__ = [
     "StepText",
     "StepwiseEnv",
     "StepwiseMathEnv",
+    "TRLEnvironment",
     "Tool",
     "ToolResult",
     "as_env",
     "make",
+    "make_limited",
     "play_scripted",
     "register",
     "register_flavour",

@@ -20,7 +20,18 @@ if TYPE_CHECKING:
     from trl_stepwise.envs.base import Segment
     from trl_stepwise.envs.tools import Tool
 
-__all__ = ["Env", "EnvSpec", "StepText", "make", "register", "registry", "resolve_env_factory", "spec"]
+__all__ = [
+    "Env",
+    "EnvRouter",
+    "EnvSpec",
+    "StepText",
+    "make",
+    "make_limited",
+    "register",
+    "registry",
+    "resolve_env_factory",
+    "spec",
+]
 
 StepResult = tuple[str, float, bool, bool, dict[str, Any]]
 
@@ -117,6 +128,20 @@ def make(id: str, **kwargs: Any) -> Env:
     return spec(id).make(**kwargs)
 
 
+def make_limited(
+    id: str, max_steps: int | None = None, max_episode_tokens: int | None = None, tools: bool = True
+) -> Env:
+    """``make(id)`` with the caller's step and token limits (None: the environment's own) and, optionally, no tools."""
+    env = make(id)
+    if max_steps is not None:
+        env.max_steps = max_steps
+    if max_episode_tokens is not None:
+        env.max_episode_tokens = max_episode_tokens
+    if not tools:
+        env.tools = ()
+    return env
+
+
 def resolve_env_factory(env: str | type | Callable[[], Any], **kwargs: Any) -> Callable[[], Any]:
     """A zero-argument factory from an id, an environment class or a factory (TRL's ``environment_factory``)."""
     if isinstance(env, str):
@@ -125,3 +150,45 @@ def resolve_env_factory(env: str | type | Callable[[], Any], **kwargs: Any) -> C
     if callable(env):
         return (lambda: env(**kwargs)) if kwargs else env
     raise TypeError(f"env must be an id, an environment class or a factory, got {type(env).__name__}")
+
+
+class EnvRouter:
+    """Each row's environment: the row's ``env`` id (or TRL's ``environment`` name), else the default factory.
+
+    ``named`` maps names to factories (TRL's dict ``environment_factory``); a name not in it is a registered id. The
+    rollout loop calls ``for_row(row)``; calling the router itself builds the default environment.
+    """
+
+    def __init__(
+        self,
+        default: Callable[[], Any],
+        named: Mapping[str, Callable[[], Any]] | None = None,
+        make_id: Callable[[str], Any] = make,
+    ) -> None:
+        self.default = default
+        self.named = dict(named or {})
+        self.make_id = make_id  # builds the registered ids rows name (e.g. with the trainer's step limits)
+
+    def __call__(self) -> Any:
+        return self.default()
+
+    def name_of(self, row: Mapping[str, Any]) -> str | None:
+        name = row.get("env") or row.get("environment")
+        return None if name is None else str(name)
+
+    def for_row(self, row: Mapping[str, Any]) -> Any:
+        name = self.name_of(row)
+        if name is None:
+            return self.default()
+        if name in self.named:
+            return self.named[name]()
+        return self.make_id(name)
+
+    def check(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Fail before training when a row names an environment nobody can build."""
+        unknown = {self.name_of(r) for r in rows} - {None, *self.named, *registry}
+        if unknown:
+            raise ValueError(
+                f"rows name unknown environments {sorted(unknown)}; registered ids: {sorted(registry)}"
+                + (f", environment_factory names: {sorted(self.named)}" if self.named else "")
+            )

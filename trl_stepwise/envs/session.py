@@ -19,11 +19,16 @@ __all__ = ["EnvSession", "as_env"]
 
 
 def as_env(env: Any) -> Env:
-    """A gym-shaped environment; a ``StepwiseMathEnv`` (the older text API) is wrapped as a ``MathEnv``."""
+    """A gym-shaped environment; a ``StepwiseMathEnv`` (the older text API) is wrapped as a ``MathEnv`` and a TRL
+    ``environment_factory`` object (``reset`` and tool methods, no ``step``) as a ``TRLEnvironment``."""
     if isinstance(env, StepwiseMathEnv):
         from trl_stepwise.envs.math_gym import MathEnv
 
         return MathEnv.wrap(env)
+    from trl_stepwise.envs.trl_env import TRLEnvironment, is_trl_environment
+
+    if is_trl_environment(env):
+        return TRLEnvironment(env)
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
         raise TypeError(f"{type(env).__name__} is not an environment: it needs reset() and step()")
     return env

@@ -45,6 +45,14 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     env_flavour: str | None = field(
         default=None, metadata={"help": "Environment flavour: gsm8k, math or arithmetic (default: from the dataset)."}
     )
+    env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registered environment id (trl_stepwise.envs.make: gsm8k, math, arithmetic, math_feedback, "
+            "countdown, or your own) every episode runs in; default: the math environment of env_flavour. A dataset "
+            "column `env` picks one per row."
+        },
+    )
     n_few_shot: int = field(default=4, metadata={"help": "Solved examples in each prompt."})
     few_shot_seed: int = field(default=0, metadata={"help": "Seed that draws the few-shot examples."})
     max_example_chars: int | None = field(
@@ -337,6 +345,13 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(
                 f"env_flavour={self.env_flavour!r}; choose one of {', '.join(FLAVOURS)} or leave it unset."
             )
+        if self.env is not None:
+            from trl_stepwise.envs import registry
+
+            if self.env not in registry:
+                raise ValueError(
+                    f"env={self.env!r} is not a registered environment; choose one of {sorted(registry)}."
+                )
         if self.model_dtype not in MODEL_DTYPES:
             raise ValueError(f"model_dtype={self.model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}.")
         if self.learning_rate < 0:

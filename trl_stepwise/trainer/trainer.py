@@ -35,7 +35,7 @@ from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
-from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.envs import FLAVOURS, EnvRouter, StepwiseMathEnv, make_limited, resolve_env_factory
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
 from trl_stepwise.rewards import combine_rewards, unique_name
@@ -94,6 +94,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         curriculum: Any = None,
         judge: Any = None,
         teacher_model: str | PreTrainedModel | None = None,
+        env: str | type | Callable[[], Any] | None = None,
+        environment_factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         if model is None or isinstance(model, str):
@@ -182,6 +184,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
         elif args.kl_coef > 0 and needs_initial_snapshot(self.model, self._policy_adapter):
             copy_policy_to_reference(self.model, self._policy_adapter)  # PiSSA/OLoRA: the base alone is not it
             self._has_ref_adapter = True
+        self._env, self._named_envs = _environments(env if env is not None else args.env, environment_factory)
+        for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
+            for column in ("env", "environment"):
+                if isinstance(dataset, Dataset) and column in dataset.column_names:
+                    self.env_router().check([{column: name} for name in set(dataset[column])])
         self.judge = judge if judge is not None else _build_judge(args, self.accelerator.device)
         self.teacher = _build_teacher(teacher_model or args.teacher_model, args, processing_class)
         if self.teacher is not None:
@@ -198,11 +205,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._engine_step: int | None = None  # global step of the weights the engine holds (None: not yet pushed)
 
     # ------------------------------------------------------------------ environment and rollout
-    def make_env(self, max_episode_tokens: int | None = None) -> StepwiseMathEnv:
-        """A fresh environment for one episode, configured from the trainer's arguments."""
+    def make_env(self, max_episode_tokens: int | None = None, flavour: str | None = None) -> StepwiseMathEnv:
+        """A fresh math environment for one episode, configured from the trainer's arguments."""
         args = self.args
         return StepwiseMathEnv(
-            flavour=self.flavour,
+            flavour=flavour or self.flavour,
             step_delimiter=args.step_delimiter,
             max_steps=args.max_episode_steps,
             max_episode_tokens=max_episode_tokens or args.max_episode_tokens,
@@ -211,6 +218,16 @@ class StepwiseReinforceTrainer(BaseTrainer):
             format_reward_weight=args.format_reward_weight,
             step_penalty=args.step_penalty,
         )
+
+    def env_router(self, max_episode_tokens: int | None = None) -> EnvRouter:
+        """Each row's environment: the row's ``env`` column, else ``env=`` (id, class or factory), else the math
+        environment of the trainer's flavour; math ids take the trainer's step limits, calculator and rewards."""
+        math = {f: functools.partial(self.make_env, max_episode_tokens, f) for f in FLAVOURS}
+        default = self._env or math[self.flavour]
+        named = {**math, **self._named_envs}
+        limits = {"max_steps": self.args.max_episode_steps, "tools": self.args.calculator}
+        budget = max_episode_tokens or self.args.max_episode_tokens
+        return EnvRouter(default, named, functools.partial(make_limited, max_episode_tokens=budget, **limits))
 
     def rollout_engine(self, sampling: SamplingConfig | None = None) -> StepwiseRollout:
         args = self.args
@@ -294,7 +311,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 rows.append(dict(problem))
                 group_ids.append(rank * 1_000_000 + p)
         engine = self.rollout_engine()
-        trajectories = engine.run(self.make_env, rows, group_ids=group_ids)
+        trajectories = engine.run(self.env_router(), rows, group_ids=group_ids)
         generation_seconds = time.perf_counter() - started
         self._add_reward_funcs(trajectories)
         policy_logps, ref_logps = self._score(trajectories)
@@ -681,7 +698,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self.processing_class,
             rows,
             self.prompt_builder,
-            functools.partial(self.make_env, self.args.eval_max_episode_tokens),
+            self.env_router(self.args.eval_max_episode_tokens),
             sampling,
             accelerator=self.accelerator,
             progress=False,
@@ -885,6 +902,18 @@ def _attach_peft(model, peft_config):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, peft_config)
+
+
+def _environments(
+    env: str | type | Callable[[], Any] | None, factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None
+) -> tuple[Callable[[], Any] | None, dict[str, Callable[[], Any]]]:
+    """``(default factory, named factories)`` from ``env=`` and TRL's ``environment_factory`` (one or a dict)."""
+    if env is not None and factory is not None and not isinstance(factory, dict):
+        raise ValueError("pass env= or environment_factory=, not both (they name the same thing)")
+    if isinstance(factory, dict):
+        return (resolve_env_factory(env) if env is not None else None), dict(factory)
+    chosen = env if env is not None else factory
+    return (resolve_env_factory(chosen) if chosen is not None else None), {}
 
 
 def _as_problems(dataset: Dataset | str | dict, split: str) -> Dataset | dict:

@@ -1,0 +1,151 @@
+"""Environments in training and evaluation: ``env=`` (id, class, factory), TRL's ``environment_factory`` objects,
+datasets whose ``env`` column mixes environments in one run, and ``trl-stepwise evaluate --env``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+from scripted_engine import ScriptedEngine
+from tiny_training import length_reward, make_config
+
+from trl_stepwise import rollout as rollout_module
+from trl_stepwise.cli import main
+from trl_stepwise.data import load_math_dataset
+from trl_stepwise.envs import CountdownEnv, EnvRouter, MathEnv, MathFeedbackEnv, TRLEnvironment, as_env
+from trl_stepwise.prompting import PromptBuilder
+from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
+from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+
+class DoublingTask:
+    """A TRL ``environment_factory`` environment, as TRL users write them: reset, a tool method, get_reward."""
+
+    def reset(self, **row):
+        self.calls = []
+        return "You may call double."
+
+    def double(self, x: int) -> int:
+        """Twice x."""
+        self.calls.append(x)
+        return 2 * x
+
+    def get_reward(self) -> float:
+        return float(self.calls == [21])
+
+
+def test_a_trl_environment_runs_as_is_with_its_methods_as_masked_tools(tokenizer):
+    env = as_env(DoublingTask())
+    assert isinstance(env, TRLEnvironment) and [t.name for t in env.tools] == ["double"]
+    script = tokenizer("So <double>21</double> is it.\nThe answer is: 42\n", add_special_tokens=False)["input_ids"]
+    builder = PromptBuilder(tokenizer, [], k=0)
+    rollout = StepwiseRollout(
+        None, tokenizer, builder, SamplingConfig(max_step_tokens=30), engine=ScriptedEngine(tokenizer, script)
+    )
+    (trajectory,) = rollout.run(DoublingTask, [{"question": "What is 21 doubled?", "answer": "42"}])
+    episode = trajectory.episode
+    assert episode.completion == "So <double>21</double> 42 is it.\nThe answer is: 42\n"
+    forced = [t for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p]
+    assert tokenizer.decode(forced) == " 42"
+    assert episode.final_reward == 1.0 and episode.verdict.correct
+    assert "What is 21 doubled?\n\nYou may call double." in tokenizer.decode(trajectory.prompt_ids)
+
+
+def test_router_picks_each_rows_environment():
+    router = EnvRouter(lambda: MathEnv("gsm8k"), {"trl": DoublingTask})
+    assert isinstance(router.for_row({"question": "q", "answer": "1"}), MathEnv)
+    assert isinstance(router.for_row({"env": "countdown"}), CountdownEnv)
+    assert isinstance(router.for_row({"environment": "trl"}), DoublingTask)
+    with pytest.raises(ValueError, match=r"unknown environments \['nope'\]"):
+        router.check([{"env": "nope"}, {"env": "countdown"}])
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every trajectory the trainer's rollouts produce."""
+    trajectories = []
+    original = rollout_module.StepwiseRollout.run
+
+    def run(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        trajectories.extend(result)
+        return result
+
+    monkeypatch.setattr(rollout_module.StepwiseRollout, "run", run)
+    return trajectories
+
+
+def _train(model, tokenizer, dataset, tmp_path, **kwargs):
+    config = make_config(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=2, seed=1)
+    trainer = StepwiseReinforceTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_a_dataset_env_column_mixes_environments_in_one_run(tiny_model, tokenizer, tmp_path, captured):
+    keys = ("question", "answer", "solution", "env", "numbers", "target")
+    rows = [dict(row, numbers=None, target=None) for row in load_math_dataset("arithmetic:level=1,n=4")]
+    for row, env in zip(rows, ["math_feedback", "math_feedback", "arithmetic", None], strict=True):
+        row["env"] = env  # None: the trainer's default environment
+    rows += load_math_dataset("countdown:n=4").to_list()
+    _train(tiny_model, tokenizer, Dataset.from_list([{k: row[k] for k in keys} for row in rows]), tmp_path)
+    seen = {t.episode.row.get("env") for t in captured}
+    assert len(captured) == 8 and seen <= {"math_feedback", "arithmetic", "countdown", None} and len(seen) >= 2
+    kinds = {type(as_env(EnvRouter(MathEnv).for_row(t.episode.row))) for t in captured}
+    assert len(kinds) >= 2
+
+
+def test_env_argument_takes_an_id_a_class_or_a_factory(tiny_model, tokenizer, tmp_path, captured):
+    dataset = load_math_dataset("arithmetic:level=1,n=8")
+    kinds = []
+    for env in ("math_feedback", MathFeedbackEnv, lambda: MathFeedbackEnv(max_retries=0)):
+        trainer = StepwiseReinforceTrainer(
+            model=tiny_model,
+            args=make_config(tmp_path, max_steps=1),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            reward_funcs=[length_reward],
+            env=env,
+        )
+        kinds.append(type(as_env(trainer.env_router().for_row(dict(dataset[0])))))
+    assert kinds == [MathFeedbackEnv] * 3
+    with pytest.raises(ValueError, match="not both"):
+        StepwiseReinforceTrainer(
+            model=tiny_model,
+            args=make_config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            env="countdown",
+            environment_factory=DoublingTask,
+        )
+    with pytest.raises(ValueError, match="not a registered environment"):
+        make_config(tmp_path, env="nope")
+
+
+def test_a_dataset_naming_an_unknown_environment_fails_before_training(tiny_model, tokenizer, tmp_path):
+    dataset = Dataset.from_list([{"question": "q", "answer": "1", "env": "nope"}] * 4)
+    with pytest.raises(ValueError, match="unknown environments"):
+        StepwiseReinforceTrainer(
+            model=tiny_model, args=make_config(tmp_path), train_dataset=dataset, processing_class=tokenizer
+        )
+
+
+def test_evaluate_env_flag(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "countdown.jsonl"
+    argv = ["evaluate", "--model_name_or_path", str(tiny_model_dir), "--dataset", "countdown:n=3", "--limit", "3"]
+    argv += ["--env", "countdown", "--n_few_shot", "1", "--max_steps", "2", "--max_step_tokens", "5"]
+    assert main([*argv, "--no_progress", "--output", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and all(r["num_steps"] <= 2 for r in records)
+    assert main(["evaluate", "--dataset", "countdown:n=3", "--gold", "--env", "countdown"]) == 0
+    assert "accuracy 100.0%" in capsys.readouterr().out
+    assert main(["evaluate", "--dataset", "countdown:n=3", "--gold", "--env", "nope"]) == 2
+    assert "--env nope: not a registered environment" in capsys.readouterr().err
