@@ -4,6 +4,7 @@ datasets whose ``env`` column mixes environments in one run, and ``trl-stepwise 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -127,7 +128,7 @@ def test_env_argument_takes_an_id_a_class_or_a_factory(tiny_model, tokenizer, tm
             environment_factory=DoublingTask,
         )
     with pytest.raises(ValueError, match="not a registered environment"):
-        make_config(tmp_path, env="nope")
+        make_config(tmp_path, env_id="nope")
 
 
 def test_a_dataset_naming_an_unknown_environment_fails_before_training(tiny_model, tokenizer, tmp_path):
@@ -149,3 +150,23 @@ def test_evaluate_env_flag(tiny_model_dir, tmp_path, capsys):
     assert "accuracy 100.0%" in capsys.readouterr().out
     assert main(["evaluate", "--dataset", "countdown:n=3", "--gold", "--env", "nope"]) == 2
     assert "--env nope: not a registered environment" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "env_id"),
+    [("reinforce_countdown_cpu.yaml", "countdown"), ("reinforce_math_feedback_cpu.yaml", "math_feedback")],
+)
+def test_environment_recipe_configs_prepare_without_a_model(config, env_id):
+    from trl import ModelConfig
+
+    from trl_stepwise.recipe import ReinforceScriptArguments, prepare_reinforce
+    from trl_stepwise.trainer import StepwiseReinforceConfig
+    from trl_stepwise.usage import parse_recipe_args
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / config
+    script_args, training_args, model_args = parse_recipe_args(
+        (ReinforceScriptArguments, StepwiseReinforceConfig, ModelConfig), ["--config", str(path)], prog="test"
+    )
+    assert training_args.env_id == env_id and training_args.use_cpu and model_args.model_name_or_path is None
+    prepared = prepare_reinforce(script_args, training_args, model_args)
+    assert len(prepared.evaluation) == 50 and len(prepared.train) >= 1000

@@ -25,7 +25,12 @@ logger = logging.getLogger(__name__)
 ANSWER_PREFIX = "The answer is:"
 FLAVOURS = ("gsm8k", "math", "arithmetic")
 # Bundled prompt name -> file under trl_stepwise/prompts/. "arithmetic" reuses GSM8K's calculator-style prompt.
-BUNDLED_PROMPTS = {"gsm8k": "gsm8k_system.txt", "math": "math_system.txt", "arithmetic": "gsm8k_system.txt"}
+BUNDLED_PROMPTS = {
+    "gsm8k": "gsm8k_system.txt",
+    "math": "math_system.txt",
+    "arithmetic": "gsm8k_system.txt",
+    "countdown": "countdown_system.txt",
+}
 
 
 def _check_flavour(flavour: str) -> None:

@@ -45,7 +45,7 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     env_flavour: str | None = field(
         default=None, metadata={"help": "Environment flavour: gsm8k, math or arithmetic (default: from the dataset)."}
     )
-    env: str | None = field(
+    env_id: str | None = field(
         default=None,
         metadata={
             "help": "Registered environment id (trl_stepwise.envs.make: gsm8k, math, arithmetic, math_feedback, "
@@ -345,12 +345,12 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(
                 f"env_flavour={self.env_flavour!r}; choose one of {', '.join(FLAVOURS)} or leave it unset."
             )
-        if self.env is not None:
+        if self.env_id is not None:
             from trl_stepwise.envs import registry
 
-            if self.env not in registry:
+            if self.env_id not in registry:
                 raise ValueError(
-                    f"env={self.env!r} is not a registered environment; choose one of {sorted(registry)}."
+                    f"env_id={self.env_id!r} is not a registered environment; choose one of {sorted(registry)}."
                 )
         if self.model_dtype not in MODEL_DTYPES:
             raise ValueError(f"model_dtype={self.model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}.")

@@ -184,7 +184,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         elif args.kl_coef > 0 and needs_initial_snapshot(self.model, self._policy_adapter):
             copy_policy_to_reference(self.model, self._policy_adapter)  # PiSSA/OLoRA: the base alone is not it
             self._has_ref_adapter = True
-        self._env, self._named_envs = _environments(env if env is not None else args.env, environment_factory)
+        self._env, self._named_envs = _environments(env if env is not None else args.env_id, environment_factory)
         for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
             for column in ("env", "environment"):
                 if isinstance(dataset, Dataset) and column in dataset.column_names:
@@ -223,11 +223,15 @@ class StepwiseReinforceTrainer(BaseTrainer):
         """Each row's environment: the row's ``env`` column, else ``env=`` (id, class or factory), else the math
         environment of the trainer's flavour; math ids take the trainer's step limits, calculator and rewards."""
         math = {f: functools.partial(self.make_env, max_episode_tokens, f) for f in FLAVOURS}
-        default = self._env or math[self.flavour]
-        named = {**math, **self._named_envs}
         limits = {"max_steps": self.args.max_episode_steps, "tools": self.args.calculator}
         budget = max_episode_tokens or self.args.max_episode_tokens
-        return EnvRouter(default, named, functools.partial(make_limited, max_episode_tokens=budget, **limits))
+        make_id = functools.partial(make_limited, max_episode_tokens=budget, **limits)
+        named = {**math, **self._named_envs}
+        if isinstance(self._env, str):  # an id: the trainer's limits apply, as to the ids rows name
+            default = named.get(self._env) or functools.partial(make_id, self._env)
+        else:
+            default = self._env or math[self.flavour]
+        return EnvRouter(default, named, make_id)
 
     def rollout_engine(self, sampling: SamplingConfig | None = None) -> StepwiseRollout:
         args = self.args
@@ -907,13 +911,17 @@ def _attach_peft(model, peft_config):
 def _environments(
     env: str | type | Callable[[], Any] | None, factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None
 ) -> tuple[Callable[[], Any] | None, dict[str, Callable[[], Any]]]:
-    """``(default factory, named factories)`` from ``env=`` and TRL's ``environment_factory`` (one or a dict)."""
+    """``(default, named factories)`` from ``env=`` and TRL's ``environment_factory`` (one or a dict); the default
+    stays an id when given as one, so that the trainer's limits apply to it."""
     if env is not None and factory is not None and not isinstance(factory, dict):
         raise ValueError("pass env= or environment_factory=, not both (they name the same thing)")
+    if isinstance(env, str):
+        resolve_env_factory(env)  # an unknown id fails here
+    elif env is not None:
+        env = resolve_env_factory(env)
     if isinstance(factory, dict):
-        return (resolve_env_factory(env) if env is not None else None), dict(factory)
-    chosen = env if env is not None else factory
-    return (resolve_env_factory(chosen) if chosen is not None else None), {}
+        return env, dict(factory)
+    return (env if env is not None else factory), {}
 
 
 def _as_problems(dataset: Dataset | str | dict, split: str) -> Dataset | dict:
