@@ -153,7 +153,9 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
         default="score",
         metadata={"help": "score: expected 1-10 rating from digit probabilities; yes_no: mean P(yes) of questions."},
     )
-    judge_weight: float = field(default=1.0, metadata={"help": "Weight of the judge's per-step reward (in [0, 1])."})
+    judge_weight: float = field(
+        default=1.0, metadata={"help": "Non-negative weight of the judge's per-step score (the score lies in [0, 1])."}
+    )
     judge_prompt: str | None = field(
         default=None,
         metadata={"help": "File replacing the bundled judge prompt ({question}, {previous_steps}, {step})."},
@@ -356,8 +358,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(f"model_dtype={self.model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}.")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate={self.learning_rate} is negative; use a positive rate such as 1e-6.")
-        if not 0 <= self.judge_weight <= 1:
-            raise ValueError(f"judge_weight={self.judge_weight} is outside [0, 1]; e.g. 0.5.")
+        if not 0 <= self.judge_weight < float("inf"):
+            raise ValueError(
+                f"judge_weight={self.judge_weight}; the judge's per-step score (in [0, 1]) is scaled by this "
+                "non-negative finite weight, e.g. 0.5."
+            )
         if self.step_penalty < 0:
             raise ValueError(f"step_penalty={self.step_penalty} is negative; it is subtracted per step, use >= 0.")
         for name in ("rollout_batch_size", "logprob_batch_tokens", "judge_batch_size", "eval_batch_size"):
