@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -150,6 +151,94 @@ def repeat_rows(rows: Sequence[dict], episodes_per_problem: int) -> tuple[list[d
             out.append(dict(row))
             groups.append(index)
     return out, groups
+
+
+def give_model_a_path(model: Any, output_dir: str | Path) -> None:
+    """GRPOTrainer (beta > 0) loads its reference model from the policy's ``_name_or_path``: a model that has no
+    folder there (the tiny random Llama) is saved under ``output_dir`` and pointed at it."""
+    name = getattr(model.config, "_name_or_path", "")
+    if name and Path(name).is_dir():
+        return
+    saved = Path(output_dir) / "initial-model"
+    model.save_pretrained(saved)
+    model.config._name_or_path = str(saved)
+
+
+def shared_trainer_settings(
+    args: argparse.Namespace, output_dir: str, max_steps: int = 1_000_000, micro_batch: int | None = None
+) -> dict[str, Any]:
+    """Arguments StepwiseReinforceConfig and GRPOConfig share under the same names, for side-by-side runs: CPU,
+    float32, ``args.episodes_per_step`` episodes per optimizer step (``args.num_generations`` per problem) in
+    micro-batches of ``micro_batch`` (default: one), constant learning rate, the same sampling temperature.
+    The default ``max_steps`` leaves stopping to a ``BudgetCallback``."""
+    micro = micro_batch or args.episodes_per_step
+    if args.episodes_per_step % micro or args.episodes_per_step % args.num_generations:
+        raise ValueError(
+            f"episodes_per_step {args.episodes_per_step} must be a multiple of the micro-batch ({micro}) and of "
+            f"num_generations ({args.num_generations})"
+        )
+    return {
+        "output_dir": output_dir,
+        "use_cpu": True,
+        "bf16": False,
+        "seed": args.seed,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": args.episodes_per_step // micro,
+        "num_generations": args.num_generations,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "temperature": args.temperature,
+        "top_p": 1.0,
+        "top_k": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training callbacks
+
+
+class BudgetCallback(TrainerCallback):
+    """Stop training at the first step end after ``seconds`` of wall-clock time since ``on_train_begin``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = 0.0
+        self.cpu_started = 0.0
+        self.elapsed = 0.0
+        self.cpu_seconds = 0.0
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.elapsed = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
+        self.steps = state.global_step
+        if self.elapsed >= self.seconds:
+            control.should_training_stop = True
+        return control
+
+
+class CurveCallback(TrainerCallback):
+    """Record every logged reward (and accuracy, where logged) with the wall-clock minutes since training began."""
+
+    def __init__(self, budget: BudgetCallback) -> None:
+        self.budget = budget
+        self.points: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            point = {"step": state.global_step, "minutes": (time.perf_counter() - self.budget.started) / 60}
+            point.update({k: float(logs[k]) for k in ("reward", "accuracy", "loss") if k in logs})
+            self.points.append(point)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

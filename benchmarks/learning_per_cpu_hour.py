@@ -28,9 +28,12 @@ from typing import Any
 
 import torch
 from common import (
+    BudgetCallback,
+    CurveCallback,
     base_parser,
     env_factory,
     few_shot_rows,
+    give_model_a_path,
     load_policy,
     load_problems,
     print_table,
@@ -38,10 +41,10 @@ from common import (
     ratio,
     result_path,
     setup_torch,
+    shared_trainer_settings,
     write_json,
 )
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from trl_stepwise.data import dataset_flavour
 from trl_stepwise.evaluation import evaluate_problems
@@ -52,43 +55,6 @@ from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrain
 
 NAME = "learning_per_cpu_hour"
 FEW_SHOT_SEED = 0  # StepwiseReinforceConfig.few_shot_seed's default: both trainers see the same shots
-
-
-class BudgetCallback(TrainerCallback):
-    """Stop training at the first step end after ``seconds`` of wall-clock time since ``on_train_begin``."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.started = 0.0
-        self.cpu_started = 0.0
-        self.elapsed = 0.0
-        self.cpu_seconds = 0.0
-        self.steps = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.cpu_started = time.perf_counter(), time.process_time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.elapsed = time.perf_counter() - self.started
-        self.cpu_seconds = time.process_time() - self.cpu_started
-        self.steps = state.global_step
-        if self.elapsed >= self.seconds:
-            control.should_training_stop = True
-        return control
-
-
-class CurveCallback(TrainerCallback):
-    """Record every logged reward (and accuracy, where logged) with the wall-clock minutes since training began."""
-
-    def __init__(self, budget: BudgetCallback) -> None:
-        self.budget = budget
-        self.points: list[dict[str, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
-            point = {"step": state.global_step, "minutes": (time.perf_counter() - self.budget.started) / 60}
-            point.update({k: float(logs[k]) for k in ("reward", "accuracy", "loss") if k in logs})
-            self.points.append(point)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,35 +101,10 @@ def evaluate(model: Any, tokenizer: Any, eval_sets: dict[str, list[dict]], args:
     return out
 
 
-def common_settings(args: Any, output_dir: str) -> dict[str, Any]:
-    """Trainer arguments both configs share, under the same names."""
-    return {
-        "output_dir": output_dir,
-        "use_cpu": True,
-        "bf16": False,
-        "seed": args.seed,
-        "max_steps": 1_000_000,  # the budget callback stops training
-        "per_device_train_batch_size": args.episodes_per_step,
-        "gradient_accumulation_steps": 1,
-        "num_generations": args.num_generations,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "max_grad_norm": 1.0,
-        "temperature": args.temperature,
-        "top_p": 1.0,
-        "top_k": 0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-    }
-
-
 def train_stepwise(args: Any, tokenizer: Any, train: Dataset, shots: Dataset, callbacks: list, output_dir: str) -> Any:
     model, _ = load_policy(args.tiny, seed=args.seed)
     config = StepwiseReinforceConfig(
-        **common_settings(args, output_dir),
+        **shared_trainer_settings(args, output_dir),
         kl_coef=args.kl_coef,
         ref_sync_steps=0,  # GRPO's default reference is never refreshed either
         algorithm="reinforce_stable",
@@ -196,14 +137,10 @@ def train_grpo(
     from trl import GRPOConfig, GRPOTrainer
 
     model, _ = load_policy(args.tiny, seed=args.seed)
-    name = getattr(model.config, "_name_or_path", "")
-    if args.kl_coef > 0 and not (name and Path(name).is_dir()):
-        # GRPOTrainer loads its reference model from the policy's path: give the tiny random model one.
-        saved = Path(output_dir) / "initial-model"
-        model.save_pretrained(saved)
-        model.config._name_or_path = str(saved)
+    if args.kl_coef > 0:
+        give_model_a_path(model, output_dir)
     config = GRPOConfig(
-        **common_settings(args, output_dir),
+        **shared_trainer_settings(args, output_dir),
         beta=args.kl_coef,
         max_completion_length=args.max_episode_tokens,
         log_completions=False,
