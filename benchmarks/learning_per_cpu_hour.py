@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +34,15 @@ from common import (
     give_model_a_path,
     load_policy,
     load_problems,
+    plot_reward_curves,
     print_table,
     prompt_builder,
     ratio,
     result_path,
+    run_on_cores,
     setup_torch,
     shared_trainer_settings,
+    with_interval,
     write_json,
 )
 from datasets import Dataset
@@ -160,37 +161,6 @@ def train_grpo(
     return trainer
 
 
-def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, window: int) -> None:
-    """Reward against wall-clock minutes, one line per trainer (faint: per step; solid: rolling mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, points), color in zip(runs.items(), ("tab:blue", "tab:orange"), strict=False):
-        if not points:
-            continue
-        minutes = [p["minutes"] for p in points]
-        rewards = [p["reward"] for p in points]
-        smooth = [
-            sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
-            for i in range(len(rewards))
-        ]
-        ax.plot(minutes, rewards, color=color, alpha=0.25, linewidth=1)
-        ax.plot(minutes, smooth, color=color, linewidth=2, label=f"{label} (mean of {window} steps)")
-    ax.set_xlabel("wall-clock minutes of training")
-    ax.set_ylabel("mean reward (correctness) per step")
-    ax.set_title("Training reward under the same CPU budget")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 def parse_args() -> Any:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--budget_minutes", type=float, default=20.0, help="Wall-clock training budget per trainer.")
@@ -266,21 +236,6 @@ def train_and_evaluate(
     }
 
 
-def run_on_cores(commands: list[list[str]]) -> None:
-    """Run the commands at the same time, each pinned to its own core with one thread; fail if any fails."""
-    cores = sorted(os.sched_getaffinity(0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    processes = []
-    for index, command in enumerate(commands):
-        core = {cores[index % len(cores)]}
-        processes.append(
-            subprocess.Popen(command, env=env, preexec_fn=lambda core=core: os.sched_setaffinity(0, core))
-        )
-    failed = [" ".join(c) for c, p in zip(commands, processes, strict=True) if p.wait() != 0]
-    if failed:
-        raise SystemExit("a parallel part failed:\n" + "\n".join(failed))
-
-
 def run_parallel(args: Any) -> tuple[dict, dict]:
     """The initial evaluation split by protocol, then both trainers side by side; returns (before, runs)."""
     parts = Path(tempfile.mkdtemp(prefix="learning_per_cpu_hour_"))
@@ -305,10 +260,6 @@ def run_parallel(args: Any) -> tuple[dict, dict]:
 
 def skipped(args: Any) -> set[str]:
     return {s.strip() for s in args.skip.split(",") if s.strip()}
-
-
-def with_interval(result: dict[str, float]) -> str:
-    return f"{result['accuracy']:.3f} [{result['accuracy_ci_low']:.3f}, {result['accuracy_ci_high']:.3f}]"
 
 
 def report(args: Any, before: dict, runs: dict, eval_sizes: dict[str, int]) -> None:
@@ -353,7 +304,12 @@ def report(args: Any, before: dict, runs: dict, eval_sizes: dict[str, int]) -> N
         rows,
         title=f"Learning in {args.budget_minutes:g} minutes ({sizes} problems)",
     )
-    plot_curves({run["trainer"]: run["curve"] for run in runs.values()}, Path(args.plot), args.smoothing)
+    plot_reward_curves(
+        {run["trainer"]: run["curve"] for run in runs.values()},
+        Path(args.plot),
+        args.smoothing,
+        title="Training reward under the same CPU budget",
+    )
     write_json(NAME, {"before": before, "runs": runs, "eval_problems": eval_sizes, "plot": args.plot}, args)
 
 

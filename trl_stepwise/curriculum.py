@@ -22,6 +22,13 @@ from trl_stepwise.data import load_math_dataset
 EASY_GSM8K_MAX_CALCULATIONS = 2
 
 
+def easy_gsm8k(split: str = "train", max_calculations: int = EASY_GSM8K_MAX_CALCULATIONS) -> Dataset:
+    """GSM8K problems whose reference solution has at most ``max_calculations`` ``<<..>>`` calculations: the
+    ``gsm8k_easy`` stage on the train split; on the test split, a held-out set of comparably short problems."""
+    full = load_math_dataset("gsm8k", split=split)
+    return full.filter(lambda row: len(re.findall(r"<<", row["solution"])) <= max_calculations)
+
+
 @dataclass
 class Stage:
     source: str
@@ -87,7 +94,7 @@ class Curriculum:
 
             spec = {k: v for k, v in parse_arithmetic_spec(source).items() if k not in ("n", "start")}
             return [dict(r) for r in arithmetic_dataset(split="train", n=n, start=start, **spec)]
-        pool = self._pool(source)
+        pool = self.pool(source)
         order = self._order(source, len(pool))
         return [dict(pool[order[(start + i) % len(pool)]]) for i in range(n)]
 
@@ -114,7 +121,7 @@ class Curriculum:
 
             spec = {k: v for k, v in parse_arithmetic_spec(source).items() if k not in ("n", "start")}
             return [dict(r) for r in arithmetic_dataset(split="fewshot", n=n, **spec)]
-        pool = self._pool(source)
+        pool = self.pool(source)
         return [dict(pool[i]) for i in self._order(source, len(pool))[:n]]
 
     def placeholder_dataset(self, size: int = 1_000_000) -> Dataset:
@@ -144,20 +151,18 @@ class Curriculum:
 
                     parse_arithmetic_spec(stage.source)
                 else:
-                    self._pool(stage.source)
+                    self.pool(stage.source)
             except (ValueError, FileNotFoundError) as err:
                 raise ValueError(
                     f"--curriculum {stage.source}: {err} Stages are arithmetic:level=N, gsm8k_easy, a bundled name "
                     "or a data file."
                 ) from err
 
-    def _pool(self, source: str) -> Dataset:
+    def pool(self, source: str) -> Dataset:
+        """The training problems of a stage source that is not generated (loaded once): what ``sample`` draws from."""
         if source not in self._pools:
             if source == "gsm8k_easy":
-                full = load_math_dataset("gsm8k", split="train")
-                self._pools[source] = full.filter(
-                    lambda row: len(re.findall(r"<<", row["solution"])) <= EASY_GSM8K_MAX_CALCULATIONS
-                )
+                self._pools[source] = easy_gsm8k("train")
             else:
                 self._pools[source] = load_math_dataset(source, split="train")
         return self._pools[source]

@@ -166,6 +166,29 @@ def prepare_reinforce(
     return PreparedRun(train, evaluation, few_shot, curriculum, resume)
 
 
+def build_reinforce_trainer(
+    training_args: StepwiseReinforceConfig,
+    model_args: ModelConfig,
+    prepared: PreparedRun,
+    model: Any = None,
+    processing_class: Any = None,
+    callbacks: list | None = None,
+) -> StepwiseReinforceTrainer:
+    """The recipe's trainer; ``model`` (an already built model, e.g. a test's tiny one) replaces
+    ``model_args.model_name_or_path``, and ``callbacks`` are added (e.g. a benchmark's wall-clock budget)."""
+    return StepwiseReinforceTrainer(
+        model=model if model is not None else model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.evaluation,
+        processing_class=processing_class,
+        few_shot_dataset=prepared.few_shot,
+        peft_config=get_peft_config(model_args),
+        curriculum=prepared.curriculum,
+        callbacks=callbacks,
+    )
+
+
 def run_reinforce(
     script_args: ReinforceScriptArguments,
     training_args: StepwiseReinforceConfig,
@@ -175,15 +198,7 @@ def run_reinforce(
     """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics."""
     prepared = prepared or prepare_reinforce(script_args, training_args, model_args)
     started = time.perf_counter()
-    trainer = StepwiseReinforceTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.evaluation,
-        few_shot_dataset=prepared.few_shot,
-        peft_config=get_peft_config(model_args),
-        curriculum=prepared.curriculum,
-    )
+    trainer = build_reinforce_trainer(training_args, model_args, prepared)
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     metrics = trainer.evaluate() if script_args.eval_at_end else {}
     trainer.plot_curves()  # again, now with the final evaluation
