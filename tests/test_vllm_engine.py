@@ -192,3 +192,19 @@ def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tm
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
     assert [r["weight_syncs"] for r in ranks] == [2, 2]  # before each step's rollout, on each rank
+
+
+def test_seeded_sampling_with_chunked_prompts(tokenizer, vllm_engine, builder, problems):
+    """A sampling seed with many long prompts (their prefill is split over engine steps): vLLM's CPU backend cannot
+    offset a seeded generator ("CPU Generator does not use offset"), so the engine seeds per request only on GPUs."""
+    from trl_stepwise.engines import GenerationRequest
+
+    prompts = [tokenizer(builder.render(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
+    prompts = prompts * 4
+    assert sum(len(p) for p in prompts) > 32768  # more than one engine step's token budget: prefills are chunked
+    requests = [GenerationRequest(i, prompt, 4, ()) for i, prompt in enumerate(prompts)]
+    outputs = []
+    sampling = SamplingConfig(temperature=1.0, max_step_tokens=4, batch_size=16, seed=3)
+    vllm_engine.generate(requests, sampling, lambda output: outputs.append(output))
+    assert sorted(o.request_id for o in outputs) == list(range(len(prompts)))
+    assert all(len(o.token_ids) >= 1 for o in outputs)

@@ -85,6 +85,9 @@ class VLLMEngine:
         self.stop_token_ids = eos_token_ids(tokenizer, generation_config)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sleep_mode = enable_sleep_mode and not on_cpu
+        # vLLM's CPU backend cannot rewind a seeded per-request generator when a prompt's prefill is split over engine
+        # steps ("CPU Generator does not use offset"); there the engine-wide seed alone makes sampling reproducible.
+        self.per_request_seeds = not on_cpu
         self._serial = 0
         self.weight_syncs = 0
 
@@ -135,7 +138,7 @@ class VLLMEngine:
             include_stop_str_in_output=True,
             stop_token_ids=sorted(self.stop_token_ids),
             logprobs=0,
-            seed=None if sampling.seed is None else sampling.seed + self._serial,
+            seed=None if sampling.seed is None or not self.per_request_seeds else sampling.seed + self._serial,
             skip_special_tokens=False,
         )
         sequences[key] = (request_id, context)
