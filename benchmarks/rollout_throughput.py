@@ -344,7 +344,7 @@ def run_vllm_whole_solutions(vllm_engine: Any, tokenizer: Any, builder: PromptBu
         temperature=sampling.temperature,
         max_tokens=budget,
         stop_token_ids=sorted(vllm_engine.stop_token_ids),
-        seed=sampling.seed,
+        seed=sampling.seed if vllm_engine.per_request_seeds else None,  # as the engine does: no offsets on CPU
     )
     with Timer() as timer:
         outputs = vllm_engine.llm.generate(prompts, params, use_tqdm=False)
