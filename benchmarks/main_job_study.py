@@ -50,8 +50,8 @@ from common import (
 from trl import ModelConfig, get_peft_config
 
 from trl_stepwise.arithmetic import SPLIT_SEED_RANGES, split_of_question
-from trl_stepwise.curriculum import EASY_GSM8K_MAX_CALCULATIONS, easy_gsm8k
-from trl_stepwise.data import load_math_dataset
+from trl_stepwise.curriculum import easy_gsm8k
+from trl_stepwise.data import EASY_GSM8K_MAX_CALCULATIONS, load_math_dataset
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.evaluation import evaluate_problems
 from trl_stepwise.models import load_tokenizer

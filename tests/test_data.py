@@ -139,3 +139,11 @@ def test_normalise_columns_keeps_extra_columns_and_reads_conversational_prompts(
     assert row["answer"] == "5"
     assert row["difficulty"] == 3 and row["source"] == "mine"  # every other column reaches the reward functions
     assert row["prompt"] == prompt  # kept as TRL gives it: reward functions receive it as `prompts`
+
+
+def test_gsm8k_easy_keeps_problems_with_at_most_two_calculations_in_any_split():
+    easy = load_math_dataset("gsm8k_easy", split="test")
+    full = load_math_dataset("gsm8k", split="test")
+    assert len(easy) == 440 and len(full) == 1319
+    assert all(row["solution"].count("<<") <= 2 for row in easy)
+    assert load_math_dataset("gsm8k_easy", split="test", limit=5)["question"] == easy["question"][:5]

@@ -9,7 +9,6 @@ steps in stage, sampling cursors) is saved in checkpoints, so a resumed run cont
 from __future__ import annotations
 
 import random
-import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,14 +18,10 @@ from datasets import Dataset
 
 from trl_stepwise.data import load_math_dataset
 
-EASY_GSM8K_MAX_CALCULATIONS = 2
 
-
-def easy_gsm8k(split: str = "train", max_calculations: int = EASY_GSM8K_MAX_CALCULATIONS) -> Dataset:
-    """GSM8K problems whose reference solution has at most ``max_calculations`` ``<<..>>`` calculations: the
-    ``gsm8k_easy`` stage on the train split; on the test split, a held-out set of comparably short problems."""
-    full = load_math_dataset("gsm8k", split=split)
-    return full.filter(lambda row: len(re.findall(r"<<", row["solution"])) <= max_calculations)
+def easy_gsm8k(split: str = "train") -> Dataset:
+    """The ``gsm8k_easy`` problems of ``split`` (see ``data.EASY_GSM8K_MAX_CALCULATIONS``)."""
+    return load_math_dataset("gsm8k_easy", split=split)
 
 
 @dataclass

@@ -26,6 +26,9 @@ BUNDLED: dict[str, dict[str, str]] = {
 QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
 ANSWER_FIELDS = ("answer", "final_answer", "target", "label", "output")
 SOLUTION_FIELDS = ("solution", "rationale", "explanation")
+# ``gsm8k_easy``: GSM8K problems whose reference solution has at most this many ``<<..>>`` calculations (train: a
+# curriculum stage closer to real word problems than generated ones; test: 440 of 1319, a held-out proxy for them).
+EASY_GSM8K_MAX_CALCULATIONS = 2
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -59,11 +62,16 @@ def load_math_dataset(
     limit: int | None = None,
     missing_answer: str | None = None,
 ) -> Dataset:
-    """Load ``gsm8k``/``math``/``math500``/``arithmetic:level=N``, a hub id, or a local JSON/JSONL/Parquet/CSV file.
+    """Load ``gsm8k``/``gsm8k_easy``/``math``/``math500``/``arithmetic:level=N``, a hub id, or a local JSON/JSONL/
+    Parquet/CSV file.
 
     ``missing_answer`` decides what a row without an answer does: ``error`` (default for user data), ``drop``, or
     ``keep`` (default for bundled data: two MATH train problems have an empty ``\\boxed{}``; they score 0).
     """
+    if name_or_path == "gsm8k_easy":
+        full = load_math_dataset("gsm8k", split=split)
+        easy = full.filter(lambda row: len(re.findall(r"<<", row["solution"])) <= EASY_GSM8K_MAX_CALCULATIONS)
+        return easy.select(range(min(limit, len(easy)))) if limit is not None else easy
     raw = _load_raw(name_or_path, split)
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
