@@ -11,8 +11,8 @@ Wilson 95% intervals, change in points with an exact paired test, steps, episode
 JSON and the reward curves go to ``benchmarks/results/``.
 
     python benchmarks/main_job_study.py                                  # every configuration, 6 min each
-    python benchmarks/main_job_study.py --configs base,bf16,lora --budget_minutes 10
-    python benchmarks/main_job_study.py --quick --tiny --use_vllm false --configs base,bf16   # smoke run
+    python benchmarks/main_job_study.py --configs base,fp32,lora --budget_minutes 10
+    python benchmarks/main_job_study.py --quick --tiny --use_vllm false --configs base,fp32   # smoke run
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ FAST_STAGES = {"curriculum_min_steps": 3, "curriculum_window": 32}
 
 VARIANTS: dict[str, Variant] = {
     "base": Variant({}, "the main job as configured"),
-    "bf16": Variant({"bf16": True}, "bfloat16 autocast for the training step (float32 weights)"),
+    "fp32": Variant({"bf16": False}, "float32 training step instead of the main job's bfloat16 autocast"),
     "lora": Variant(
         {**LORA, "learning_rate": 1e-4}, "LoRA r16 on every projection instead of full weights, learning rate 1e-4"
     ),

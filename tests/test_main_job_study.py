@@ -49,7 +49,7 @@ def test_every_configuration_passes_the_recipe_checks(study, prepared) -> None:
         assert training_args.save_strategy == "no" and not training_args.eval_on_start, name
         assert training_args.use_vllm is False
     training = {name: prepared[name][0] for name in prepared}
-    assert training["bf16"].bf16 and not training["base"].bf16
+    assert training["base"].bf16 and not training["fp32"].bf16
     assert prepared["lora"][1].use_peft and not prepared["base"][1].use_peft
     assert training["gen8"].num_generations == 8 and training["gen8"].generation_batch_size == 16
     assert training["more_steps_fewer_episodes"].generation_batch_size == 8
