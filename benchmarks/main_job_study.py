@@ -50,7 +50,6 @@ from common import (
 from trl import ModelConfig, get_peft_config
 
 from trl_stepwise.arithmetic import SPLIT_SEED_RANGES, split_of_question
-from trl_stepwise.curriculum import easy_gsm8k
 from trl_stepwise.data import EASY_GSM8K_MAX_CALCULATIONS, load_math_dataset
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.evaluation import evaluate_problems
@@ -192,7 +191,7 @@ PROXIES = ("gsm8k_2step", "arith_L1-3", "gsm8k")
 
 def proxy_sets(n: int) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """The proxy problem sets (first ``n`` of each; generated levels: ``n // 3`` per level) and a description each."""
-    two_step = easy_gsm8k("test")
+    two_step = load_math_dataset("gsm8k_easy", split="test")
     per_level = max(1, n // 3)
     sets = {
         "gsm8k_2step": [dict(r) for r in two_step.select(range(min(n, len(two_step))))],

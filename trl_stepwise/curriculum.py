@@ -19,11 +19,6 @@ from datasets import Dataset
 from trl_stepwise.data import load_math_dataset
 
 
-def easy_gsm8k(split: str = "train") -> Dataset:
-    """The ``gsm8k_easy`` problems of ``split`` (see ``data.EASY_GSM8K_MAX_CALCULATIONS``)."""
-    return load_math_dataset("gsm8k_easy", split=split)
-
-
 @dataclass
 class Stage:
     source: str
@@ -155,11 +150,8 @@ class Curriculum:
 
     def pool(self, source: str) -> Dataset:
         """The training problems of a stage source that is not generated (loaded once): what ``sample`` draws from."""
-        if source not in self._pools:
-            if source == "gsm8k_easy":
-                self._pools[source] = easy_gsm8k("train")
-            else:
-                self._pools[source] = load_math_dataset(source, split="train")
+        if source not in self._pools:  # gsm8k_easy is a dataset name too (data.EASY_GSM8K_MAX_CALCULATIONS)
+            self._pools[source] = load_math_dataset(source, split="train")
         return self._pools[source]
 
     def _order(self, source: str, size: int) -> list[int]:
