@@ -221,6 +221,30 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
+def stepwise_side_settings(
+    args: argparse.Namespace, output_dir: str, few_shot_seed: int, env_flavour: str, **shared: Any
+) -> dict[str, Any]:
+    """StepwiseReinforceConfig arguments of the stepwise side of a run against GRPO: the shared settings plus the
+    same KL weight (GRPO's beta), a reference that is never refreshed (as GRPO's default), the calculator and the
+    step limits in ``args``; no rollout logs."""
+    return {
+        **shared_trainer_settings(args, output_dir, **shared),
+        "kl_coef": args.kl_coef,
+        "ref_sync_steps": 0,  # GRPO's default reference is never refreshed either (sync_ref_model=False)
+        "algorithm": "reinforce_stable",
+        "n_few_shot": args.n_few_shot,
+        "few_shot_seed": few_shot_seed,
+        "env_flavour": env_flavour,
+        "max_episode_steps": args.max_episode_steps,
+        "max_step_tokens": args.max_step_tokens,
+        "max_episode_tokens": args.max_episode_tokens,
+        "calculator": True,
+        "rollout_batch_size": args.rollout_batch_size,
+        "log_rollouts": False,
+        "num_completions_to_print": 0,
+    }
+
+
 def repeat_timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):

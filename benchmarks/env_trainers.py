@@ -48,6 +48,7 @@ from common import (
     print_table,
     setup_torch,
     shared_trainer_settings,
+    stepwise_side_settings,
     write_json,
 )
 from datasets import Dataset
@@ -190,22 +191,11 @@ class _RecordingStepwiseTrainer(StepwiseReinforceTrainer):
 def train_stepwise(args: argparse.Namespace, tokenizer: Any, setup: Setup, callbacks: list, output_dir: str) -> Any:
     model, _ = load_policy(args.tiny, seed=args.seed)
     config = StepwiseReinforceConfig(
-        **shared_trainer_settings(args, output_dir, max_steps=args.max_steps, micro_batch=args.micro_batch),
-        kl_coef=args.kl_coef,
+        **stepwise_side_settings(
+            args, output_dir, args.seed, setup.flavour, max_steps=args.max_steps, micro_batch=args.micro_batch
+        ),
         gamma=args.gamma,
-        ref_sync_steps=0,  # GRPO's reference is never refreshed either (sync_ref_model=False)
-        algorithm="reinforce_stable",
-        n_few_shot=args.n_few_shot,
-        few_shot_seed=args.seed,
-        env_flavour=setup.flavour,
         system_prompt=setup.preset.system_prompt,
-        max_episode_steps=args.max_episode_steps,
-        max_step_tokens=args.max_step_tokens,
-        max_episode_tokens=args.max_episode_tokens,
-        calculator=True,
-        rollout_batch_size=args.rollout_batch_size,
-        log_rollouts=False,
-        num_completions_to_print=0,
     )
     trainer = _RecordingStepwiseTrainer(
         model=model,

@@ -42,6 +42,7 @@ from common import (
     run_on_cores,
     setup_torch,
     shared_trainer_settings,
+    stepwise_side_settings,
     with_interval,
     write_json,
 )
@@ -105,20 +106,7 @@ def evaluate(model: Any, tokenizer: Any, eval_sets: dict[str, list[dict]], args:
 def train_stepwise(args: Any, tokenizer: Any, train: Dataset, shots: Dataset, callbacks: list, output_dir: str) -> Any:
     model, _ = load_policy(args.tiny, seed=args.seed)
     config = StepwiseReinforceConfig(
-        **shared_trainer_settings(args, output_dir),
-        kl_coef=args.kl_coef,
-        ref_sync_steps=0,  # GRPO's default reference is never refreshed either
-        algorithm="reinforce_stable",
-        n_few_shot=args.n_few_shot,
-        few_shot_seed=FEW_SHOT_SEED,
-        env_flavour=dataset_flavour(args.train_dataset),
-        max_episode_steps=args.max_episode_steps,
-        max_step_tokens=args.max_step_tokens,
-        max_episode_tokens=args.max_episode_tokens,
-        calculator=True,
-        rollout_batch_size=args.rollout_batch_size,
-        log_rollouts=False,
-        num_completions_to_print=0,
+        **stepwise_side_settings(args, output_dir, FEW_SHOT_SEED, dataset_flavour(args.train_dataset))
     )
     trainer = StepwiseReinforceTrainer(
         model=model,
