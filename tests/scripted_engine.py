@@ -2,23 +2,26 @@
 
 It lets rollout tests drive episodes token by token without a model: stops at stop strings (checked on the text
 sampled since the request started), end-of-turn ids and ``max_tokens``, honours ``Continuation.keep`` by rewinding
-the script, and records every request it served.
+the script (and skipping inserted tokens the script itself holds next), and records every request it served. With ``streams=True`` it reports every token as it is sampled,
+as the vLLM engine does, runs on while the loop answers ``KEEP_SAMPLING`` and counts the tokens it sampled.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from trl_stepwise.engines import GenerationOutput, GenerationRequest
+from trl_stepwise.engines import KEEP_SAMPLING, GenerationOutput, GenerationRequest
 
 
 class ScriptedEngine:
     """Each request id plays its own script (or all share one); an exhausted script writes EOS."""
 
-    def __init__(self, tokenizer, scripts, cheap_stops: bool = False) -> None:
+    def __init__(self, tokenizer, scripts, cheap_stops: bool = False, streams: bool = False) -> None:
         self.tokenizer = tokenizer
         self.scripts = scripts
         self.cheap_stops = cheap_stops
+        self.streams = streams
+        self.sampled = 0
         self.stop_token_ids = {tokenizer.eos_token_id}
         self.requests: list[GenerationRequest] = []
         self.synced = 0
@@ -39,17 +42,28 @@ class ScriptedEngine:
             start = position[request.request_id]
             out: list[int] = []
             reason = "length"
+            continuation = KEEP_SAMPLING
             while len(out) < request.max_tokens:
                 i = start + len(out)
                 token = script[i] if i < len(script) else self.tokenizer.eos_token_id
                 out.append(token)
+                self.sampled += 1
                 text = self.tokenizer.decode(out)
                 if token in self.stop_token_ids or any(s in text for s in request.stop_strings):
                     reason = "stop"
                     break
-            continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), reason))
+                if self.streams and len(out) < request.max_tokens:
+                    continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), None))
+                    if continuation is not KEEP_SAMPLING:
+                        break
+            if continuation is KEEP_SAMPLING:
+                continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), reason))
+                assert continuation is not KEEP_SAMPLING, "a finished output cannot be continued in place"
             if continuation is None:
                 continue
             keep = len(out) if continuation.keep is None else continuation.keep
             position[request.request_id] = start + keep
+            forced = list(continuation.forced_ids)
+            if forced and script[start + keep : start + keep + len(forced)] == forced:
+                position[request.request_id] += len(forced)  # the script wrote the inserted tokens itself
             queue.append(GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings))

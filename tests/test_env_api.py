@@ -229,6 +229,6 @@ def test_calculator_tool_keeps_the_calculator_behaviour():
     failed = calc.insert("So <<4/0=")
     assert failed.text is None and failed.error == "division_by_zero"
     session = EnvSession(make("gsm8k"), ROW)
-    assert session.tool_insert("So <<4/0=") is None
+    assert session.tool_insert("So <<4/0=") == (None, True)
     session.step("So <<4/0=x>>x\n")
     assert session.episode.steps[0].calc_calls == 1 and session.episode.steps[0].calc_errors == 1

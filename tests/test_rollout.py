@@ -118,6 +118,53 @@ def test_engine_without_cheap_stops_pauses_only_for_the_calculator(tokenizer):
     assert tokenizer.decode(trajectory.completion_ids) == "Ann has 4.\nShe buys 5.\nThe answer is: 9\n"
 
 
+def _streamed_rollout(tokenizer, text: str, max_steps: int = 5) -> tuple[object, ScriptedEngine]:
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    engine = ScriptedEngine(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], streams=True)
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=max_steps), ROWS[:1])
+    return trajectory, engine
+
+
+def _forced_text(tokenizer, trajectory) -> str:
+    ids = [t for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p]
+    return tokenizer.decode(ids)
+
+
+def test_streaming_engine_runs_through_a_calculation_the_policy_gets_right(tokenizer):
+    """vLLM-style streaming: the policy writes `9>>9` itself; it is kept (masked as the calculator's) with no stop."""
+    trajectory, engine = _streamed_rollout(tokenizer, "4+5 = <<4+5=9>>9 pens\nThe answer is: 9\nQuestion: more\n")
+    assert len(engine.requests) == 1 and engine.requests[0].stop_strings == ()  # no stop strings, no restart
+    assert tokenizer.decode(trajectory.completion_ids) == "4+5 = <<4+5=9>>9 pens\nThe answer is: 9\n"
+    assert _forced_text(tokenizer, trajectory) == "9>>9"
+    assert trajectory.episode.steps[0].calc_calls == 1
+    assert [s.from_policy for s in trajectory.episode.steps[0].segments] == [True, False, True]
+    # the episode ended at its answer line: the engine was cut there, nothing sampled beyond the next token
+    assert engine.sampled == len(trajectory.completion_ids)
+
+
+def test_streaming_engine_cuts_a_wrong_calculation_and_inserts_the_result(tokenizer):
+    """The policy writes `8>>8`: the request is cut after `=`, `9>>9` inserted, and sampling restarts after it."""
+    trajectory, engine = _streamed_rollout(tokenizer, "4+5 = <<4+5=8>>8 pens\nThe answer is: 8\n")
+    assert len(engine.requests) == 2
+    assert tokenizer.decode(trajectory.completion_ids).startswith("4+5 = <<4+5=9>>9")
+    assert _forced_text(tokenizer, trajectory) == "9>>9"
+    assert trajectory.episode.steps[0].calc_calls == 1
+
+
+def test_streaming_engine_matches_a_stopping_engine_token_for_token(tokenizer):
+    """Same script, same trajectory (ids, masks, steps) whether the engine streams or stops at the calculator."""
+    text = "4+5 = <<4+5=9>>9 pens\nThen 9*2 = <<9*2=18>>18\nThe answer is: 18\nQuestion: more\n"
+    streamed, _ = _streamed_rollout(tokenizer, text)
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    engine = ScriptedEngine(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+    (stopped,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=5), ROWS[:1])
+    assert streamed.completion_ids == stopped.completion_ids
+    assert streamed.policy_mask == stopped.policy_mask and streamed.step_index == stopped.step_index
+    assert [s.text for s in streamed.episode.steps] == [s.text for s in stopped.episode.steps]
+
+
 def test_forced_tokens_count_towards_the_step_and_episode_budgets(tokenizer):
     """A calculator insert fills the step's token limit: the step closes there and the episode budget counts it."""
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_stepwise import grading
 from trl_stepwise.engines import (
+    KEEP_SAMPLING,
     Continuation,
     GenerationEngine,
     GenerationOutput,
@@ -37,6 +38,7 @@ from trl_stepwise.engines import (
     SamplingConfig,
     TransformersEngine,
 )
+from trl_stepwise.engines.base import _KeepSampling
 from trl_stepwise.envs import Env, EnvSession, Episode, Segment, StepwiseMathEnv
 from trl_stepwise.prompting import PromptBuilder
 
@@ -86,6 +88,8 @@ class _Play:
     trajectory: Trajectory
     step_start: int = 0  # where the current step starts in completion_ids
     step_number: int = 0
+    read: int = 0  # tokens of the engine's current request already read
+    pending: list[int] | None = None  # a checked tool's result, being compared with what the policy samples
 
 
 class StepwiseRollout:
@@ -112,6 +116,11 @@ class StepwiseRollout:
         self.step_delimiter = step_delimiter
         self.calculator = calculator
         self.eos_ids = set(engine.stop_token_ids)
+        self.engine_streams = bool(getattr(engine, "streams", False))
+        # A checked tool's result (the calculator's value) may be written by the policy itself; a streaming engine
+        # then runs on through the call and the loop keeps the tokens that match the result exactly, so generation
+        # pauses only where the policy gets it wrong. Other engines stop at the call (their stop strings say where).
+        self.engine_checks_tools = self.engine_streams
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ public API
@@ -141,12 +150,16 @@ class StepwiseRollout:
             requests.append(GenerationRequest(index, prompt_ids, *self._limits(envs, play)))
             self.stats.prompt_tokens += len(prompt_ids)
 
-        def on_stop(output: GenerationOutput) -> Continuation | None:
+        def on_stop(output: GenerationOutput) -> Continuation | None | _KeepSampling:
+            play = plays[output.request_id]
+            answer = self._consume(envs, play, output)
+            if answer is KEEP_SAMPLING:
+                return answer
             self.stats.engine_requests += 1
-            continuation = self._consume(envs, plays[output.request_id], output)
-            if continuation is None and progress is not None:
+            play.read = 0  # the engine starts a new request (or none)
+            if answer is None and progress is not None:
                 progress(1)
-            return continuation
+            return answer
 
         calls_before = getattr(self.engine, "model_calls", 0)
         started = time.perf_counter()
@@ -178,26 +191,58 @@ class StepwiseRollout:
         ]
 
     # ------------------------------------------------------------------ reading the engine's output
-    def _consume(self, envs: list[EnvSession], play: _Play, output: GenerationOutput) -> Continuation | None:
-        """Read the sampled tokens one by one; returns how to go on, or None when the episode has ended."""
-        for kept, (token, logp) in enumerate(zip(output.token_ids, output.logprobs, strict=True), start=1):
-            self._append(play, token, logp, from_policy=True)
-            self.stats.generated_tokens += 1
-            eos = token in self.eos_ids
-            text = self._step_text(play)
-            if not eos and not self._step_ended(text):
-                inserted = envs[play.index].tool_insert(text)
-                if inserted:  # the rest of this output (if any) was sampled without the result: drop it
-                    forced = self._encode_after(play.trajectory.completion_ids, inserted)
-                    return self._insert(envs, play, forced, kept)
+    def _consume(
+        self, envs: list[EnvSession], play: _Play, output: GenerationOutput
+    ) -> Continuation | None | _KeepSampling:
+        """Read the tokens sampled since the request started (from ``play.read`` on); say how to go on.
+
+        Returns None when the episode has ended, a ``Continuation`` when the request must be cut and restarted (a
+        tool result or a reply to insert), ``KEEP_SAMPLING`` when a streaming engine's partial output needs nothing.
+        """
+        tokens, logprobs = output.token_ids, output.logprobs
+        if len(tokens) != len(logprobs):
+            raise ValueError(f"the engine returned {len(tokens)} tokens but {len(logprobs)} log-probs")
+        eos = False
+        while play.read < len(tokens):
+            if play.pending is not None:  # the policy is writing a checked tool's result: is it exactly the result?
+                got = tokens[play.read : play.read + len(play.pending)]
+                if got != play.pending[: len(got)]:  # no: cut at the call and insert the result
+                    return self._insert(envs, play, play.pending, play.read)
+                if len(got) < len(play.pending):
+                    break  # so far so good: wait for more tokens
+                self._append_forced(play, play.pending)  # yes: keep what follows, the result masked
+                play.read += len(play.pending)
+                play.pending = None
                 if self._step_length(play) < self.sampling.max_step_tokens:
                     continue
+            else:
+                token = tokens[play.read]
+                self._append(play, token, logprobs[play.read], from_policy=True)
+                self.stats.generated_tokens += 1
+                play.read += 1
+                eos = token in self.eos_ids
+                text = self._step_text(play)
+                if not eos and not self._step_ended(text):
+                    inserted, checked = envs[play.index].tool_insert(text)
+                    if inserted:
+                        forced = self._encode_after(play.trajectory.completion_ids, inserted)
+                        if not checked or not self.engine_checks_tools:
+                            # the rest of this output (if any) was sampled without the result: drop it
+                            return self._insert(envs, play, forced, play.read)
+                        play.pending = forced
+                        continue
+                    if self._step_length(play) < self.sampling.max_step_tokens:
+                        continue
             done, reply = self._close_step(envs, play, eos)
             if done:
                 return None
             if reply:  # the environment answered the step: the rest of this output was sampled without it
-                return self._reply(envs, play, reply, kept)
-        if output.finish_reason == "length" and not output.token_ids:
+                return self._reply(envs, play, reply, play.read)
+        if not output.finished:
+            return KEEP_SAMPLING
+        if play.pending is not None:  # the output ended inside (or right at) the checked result: insert it
+            return self._insert(envs, play, play.pending, play.read)
+        if output.finish_reason == "length" and not tokens:
             # the engine cannot extend this sequence any further (its context is full): end the episode
             self._close_step(envs, play, eos=True)
             return None
@@ -205,9 +250,8 @@ class StepwiseRollout:
 
     def _insert(self, envs: list[EnvSession], play: _Play, forced: list[int], keep: int) -> Continuation | None:
         """Append tool output as forced tokens; they count towards the step's token limit."""
-        for token in forced:
-            self._append(play, token, 0.0, from_policy=False)
-        self.stats.forced_tokens += len(forced)
+        play.pending = None
+        self._append_forced(play, forced)
         if self._step_length(play) >= self.sampling.max_step_tokens:
             done, reply = self._close_step(envs, play, eos=False)
             if done:
@@ -229,6 +273,11 @@ class StepwiseRollout:
         envs[play.index].add_reply(self._text(ids, start, len(ids)), len(forced))
         play.step_start = len(ids)
         return Continuation([*forced_before, *forced], *self._limits(envs, play), keep=keep)
+
+    def _append_forced(self, play: _Play, forced: Sequence[int]) -> None:
+        for token in forced:
+            self._append(play, token, 0.0, from_policy=False)
+        self.stats.forced_tokens += len(forced)
 
     def _append(self, play: _Play, token: int, logp: float, from_policy: bool, step: int | None = None) -> None:
         trajectory = play.trajectory
@@ -260,7 +309,8 @@ class StepwiseRollout:
         stops: list[str] = []
         if self.engine.cheap_stops:
             stops.append(self.step_delimiter or "\n")
-        stops.extend(s for s in session.stop_strings(self._step_text(play)) if s not in stops)
+        if not self.engine_streams:  # a streaming engine is cut at the right token without stop strings
+            stops.extend(s for s in session.stop_strings(self._step_text(play)) if s not in stops)
         return max(max_tokens, 1), tuple(stops)
 
     # ------------------------------------------------------------------ text of the current step

@@ -6,6 +6,7 @@
 """
 
 from trl_stepwise.engines.base import (
+    KEEP_SAMPLING,
     Continuation,
     GenerationEngine,
     GenerationOutput,
@@ -17,6 +18,7 @@ from trl_stepwise.engines.base import (
 from trl_stepwise.engines.transformers_engine import TransformersEngine
 
 __all__ = [
+    "KEEP_SAMPLING",
     "Continuation",
     "GenerationEngine",
     "GenerationOutput",

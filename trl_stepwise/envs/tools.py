@@ -30,6 +30,9 @@ class Tool:
     """Base class: a tool pauses generation at its ``stop_strings`` and completes a pending call with ``insert``."""
 
     name: str = "tool"
+    # The policy can write the result itself (the calculator's value): a streaming engine runs on through the call and
+    # the rollout keeps what follows when it is exactly the result's tokens (masked), else cuts there and inserts it.
+    checked: bool = False
 
     def stop_strings(self, step_text: str) -> tuple[str, ...]:
         """Where the engine must pause so that ``insert`` is asked at the right token."""
@@ -44,6 +47,7 @@ class CalculatorTool(Tool):
     """GSM8K-style ``<<expr=`` -> ``value>>value``; a failed expression inserts nothing and counts as an error."""
 
     name = "calculator"
+    checked = True
 
     def __init__(self, timeout_s: float = 1.0) -> None:
         self.timeout_s = timeout_s
