@@ -2,8 +2,9 @@
 
 It lets rollout tests drive episodes token by token without a model: stops at stop strings (checked on the text
 sampled since the request started), end-of-turn ids and ``max_tokens``, honours ``Continuation.keep`` by rewinding
-the script (and skipping inserted tokens the script itself holds next), and records every request it served. With ``streams=True`` it reports every token as it is sampled,
-as the vLLM engine does, runs on while the loop answers ``KEEP_SAMPLING`` and counts the tokens it sampled.
+the script (and skipping inserted tokens the script itself holds next), and records every request it served.
+With ``streams=True`` it reports every token as it is sampled, as the vLLM engine does, runs on while the loop
+answers ``KEEP_SAMPLING`` and counts the tokens it sampled.
 """
 
 from __future__ import annotations
