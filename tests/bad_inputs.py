@@ -87,6 +87,7 @@ CASES = [
     _c("reinforce", "--max_episode_steps 0", "max_episode_steps=0"),
     _c("reinforce", "--moving_average_decay 1.5", "moving_average_decay=1.5"),
     _c("reinforce", "--curriculum arithmetic:level=1 gsm8k --curriculum_thresholds 1.5", "curriculum_thresholds"),
+    _c("reinforce", "--curriculum arithmetic:level=1 gsm8k --curriculum_replay 1", "curriculum_replay=1", "[0, 1)"),
     _c("reinforce", "--distill_coef 0.5", "--distill_coef 0.5", "--teacher_model"),
     _c("reinforce", "--resume_from_checkpoint true", "--resume_from_checkpoint true", "no complete checkpoint"),
     _c("reinforce", "--eval_dataset_name nope.jsonl", "--eval_dataset_name nope.jsonl", "does not exist"),

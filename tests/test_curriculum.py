@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trl_stepwise.curriculum import Curriculum, Stage
+from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum, Stage
 from trl_stepwise.envs import ArithmeticWordProblemEnv
 from trl_stepwise.prompting import gsm8k_solution_to_steps
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
@@ -57,6 +57,27 @@ def test_state_dict_round_trip_continues_sampling_where_it_stopped():
     assert restored.stage == curriculum.stage and restored.steps_in_stage == 1
     assert restored.rolling_accuracy == pytest.approx(0.5)
     assert restored.sample(2) == curriculum.sample(2)
+
+
+def test_replay_mixes_passed_stages_in_and_only_the_current_stage_counts_for_promotion():
+    """After a promotion, half of each step's problems come from the earlier stages in turn; their episodes are left
+    out of the rolling accuracy that decides the next promotion."""
+    stages = [Stage("arithmetic:level=1", 0.0, 1), Stage("arithmetic:level=2", 0.0, 1)]
+    curriculum = Curriculum([*stages, Stage("arithmetic:level=3", 0.9, 1)], window=8, replay=0.5)
+    first = curriculum.sample(4)
+    assert [row[STAGE_COLUMN] for row in first] == [0, 0, 0, 0]  # nothing passed yet: nothing to replay
+    assert curriculum.update([0.0] * 8, [0] * 8) and curriculum.update([0.0] * 8, [1] * 8)
+    assert curriculum.stage == 2
+    rows = curriculum.sample(4) + curriculum.sample(4)
+    assert [row[STAGE_COLUMN] for row in rows] == [2, 2, 0, 1, 2, 2, 0, 1]
+    questions = [row["question"] for row in first + rows]
+    assert len(set(questions)) == len(questions)  # the replayed stages continue from their own cursors
+    # replayed episodes all correct, current-stage episodes all wrong: no promotion (0.0 < 0.9)
+    assert not curriculum.update([1.0] * 4 + [0.0] * 4, [0] * 4 + [2] * 4)
+    assert curriculum.rolling_accuracy == 0.0
+    restored = Curriculum(curriculum.stages, window=8, replay=0.5)
+    restored.load_state_dict(json.loads(json.dumps(curriculum.state_dict())))
+    assert [r["question"] for r in restored.sample(4)] == [r["question"] for r in curriculum.sample(4)]
 
 
 def test_thresholds_must_match_stages():

@@ -4,6 +4,12 @@ Each stage names a problem source (``arithmetic:level=1``, ``gsm8k_easy``, ``gsm
 The curriculum is promoted to the next stage when the rolling training accuracy reaches the stage's threshold
 after at least ``min_steps`` optimizer steps in the stage, or unconditionally after ``max_steps``. Its state (stage,
 steps in stage, sampling cursors) is saved in checkpoints, so a resumed run continues in the same stage.
+
+``replay`` keeps earlier stages in the mix: that fraction of each step's problems comes from the stages already
+passed (in turn). A harder stage the policy cannot yet solve gives no learning signal at all (every episode of a
+group fails, so every advantage is 0); the replayed problems keep the policy learning while it gets there, and keep
+it from forgetting. Only the current stage's episodes count towards its promotion. Each row says its stage in
+``STAGE_COLUMN``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from datasets import Dataset
 
 from trl_stepwise.data import load_math_dataset
 
+STAGE_COLUMN = "curriculum_stage"
+
 
 @dataclass
 class Stage:
@@ -30,10 +38,14 @@ class Stage:
 class Curriculum:
     """Chooses which problems the trainer sees next."""
 
-    def __init__(self, stages: Sequence[Stage], window: int = 64, seed: int = 0) -> None:
+    def __init__(self, stages: Sequence[Stage], window: int = 64, seed: int = 0, replay: float = 0.0) -> None:
         if not stages:
             raise ValueError("A curriculum needs at least one stage.")
+        if not 0.0 <= replay < 1.0:
+            raise ValueError(f"curriculum replay={replay}: a fraction of each step's problems, in [0, 1).")
         self.stages = list(stages)
+        self.replay = replay
+        self.replayed = 0  # earlier-stage problems drawn so far: picks whose turn it is
         self.window = window
         self.seed = seed
         self.stage = 0
@@ -51,6 +63,7 @@ class Curriculum:
         max_steps: int | None = None,
         window: int = 64,
         seed: int = 0,
+        replay: float = 0.0,
     ) -> Curriculum:
         """Build from flat lists, as given on the command line or in a YAML recipe."""
         thresholds = list(thresholds or [0.7] * len(sources))
@@ -62,7 +75,7 @@ class Curriculum:
                 "or a single value for all."
             )
         stages = [Stage(s, t, min_steps, max_steps) for s, t in zip(sources, thresholds, strict=True)]
-        return cls(stages, window=window, seed=seed)
+        return cls(stages, window=window, seed=seed, replay=replay)
 
     @property
     def current(self) -> Stage:
@@ -73,9 +86,17 @@ class Curriculum:
         return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
     def sample(self, n: int, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-        """The next ``n`` problems of the current stage for process ``rank`` (disjoint across processes; generated
-        problems are never repeated)."""
-        source = self.current.source
+        """The next ``n`` problems for process ``rank``: the current stage's, and ``replay`` of them from earlier
+        stages once there are any (disjoint across processes; generated problems are never repeated)."""
+        earlier = round(n * self.replay) if self.stage > 0 else 0
+        rows = self._draw(self.stage, n - earlier, rank, world_size)
+        for i in range(earlier):
+            rows.extend(self._draw((self.replayed + i) % self.stage, 1, rank, world_size))
+        self.replayed += earlier
+        return rows
+
+    def _draw(self, stage: int, n: int, rank: int, world_size: int) -> list[dict[str, Any]]:
+        source = self.stages[stage].source
         base = self.cursors.get(source, 0)
         self.cursors[source] = base + n * world_size
         start = base + rank * n
@@ -83,13 +104,18 @@ class Curriculum:
             from trl_stepwise.arithmetic import arithmetic_dataset, parse_arithmetic_spec
 
             spec = {k: v for k, v in parse_arithmetic_spec(source).items() if k not in ("n", "start")}
-            return [dict(r) for r in arithmetic_dataset(split="train", n=n, start=start, **spec)]
-        pool = self.pool(source)
-        order = self._order(source, len(pool))
-        return [dict(pool[order[(start + i) % len(pool)]]) for i in range(n)]
+            rows = [dict(r) for r in arithmetic_dataset(split="train", n=n, start=start, **spec)]
+        else:
+            pool = self.pool(source)
+            order = self._order(source, len(pool))
+            rows = [dict(pool[order[(start + i) % len(pool)]]) for i in range(n)]
+        return [{**row, STAGE_COLUMN: stage} for row in rows]
 
-    def update(self, accuracies: Sequence[float]) -> bool:
-        """Record one optimizer step's episode accuracies; returns True when the stage was promoted."""
+    def update(self, accuracies: Sequence[float], stages: Sequence[int | None] | None = None) -> bool:
+        """Record one optimizer step's episode accuracies (``stages``: each episode's stage; replayed episodes do not
+        count); returns True when the stage was promoted."""
+        if stages is not None:
+            accuracies = [a for a, s in zip(accuracies, stages, strict=True) if s is None or s == self.stage]
         self.recent.extend(accuracies)
         self.steps_in_stage += 1
         stage = self.current
@@ -124,6 +150,7 @@ class Curriculum:
             "steps_in_stage": self.steps_in_stage,
             "cursors": dict(self.cursors),
             "recent": list(self.recent),
+            "replayed": self.replayed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -131,6 +158,7 @@ class Curriculum:
         self.steps_in_stage = int(state["steps_in_stage"])
         self.cursors = dict(state["cursors"])
         self.recent = deque(state.get("recent", []), maxlen=self.window)
+        self.replayed = int(state.get("replayed", 0))
 
     def check_sources(self) -> None:
         """Load every stage's problems now (before a model is loaded): a bad stage name fails here, naming it."""

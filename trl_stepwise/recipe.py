@@ -160,6 +160,7 @@ def prepare_reinforce(
             min_steps=training_args.curriculum_min_steps,
             max_steps=training_args.curriculum_max_steps,
             window=training_args.curriculum_window,
+            replay=training_args.curriculum_replay,
             seed=training_args.seed,
         )
         curriculum.check_sources()

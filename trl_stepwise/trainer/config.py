@@ -195,6 +195,13 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     curriculum_min_steps: int = field(default=5, metadata={"help": "Fewest optimizer steps in a stage."})
     curriculum_max_steps: int | None = field(default=None, metadata={"help": "Most optimizer steps in a stage."})
     curriculum_window: int = field(default=64, metadata={"help": "Episodes in the rolling training accuracy."})
+    curriculum_replay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of each step's problems drawn from the stages already passed (in turn), so that a stage "
+            "the policy cannot solve yet still leaves it something to learn from; in [0, 1)."
+        },
+    )
 
     # ---- evaluation and logging
     eval_num_problems: int = field(default=100, metadata={"help": "Problems of eval_dataset used by each evaluation."})
@@ -385,6 +392,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(f"curriculum_min_steps={self.curriculum_min_steps} is negative; use 0 or more.")
         if self.curriculum_max_steps is not None and self.curriculum_max_steps < 1:
             raise ValueError(f"curriculum_max_steps={self.curriculum_max_steps}; use >= 1 or leave it unset.")
+        if not 0.0 <= self.curriculum_replay < 1.0:
+            raise ValueError(
+                f"curriculum_replay={self.curriculum_replay}: a fraction of each step's problems; use a value in "
+                "[0, 1) (e.g. 0.5)."
+            )
         if self.curriculum_window < 1:
             raise ValueError(f"curriculum_window={self.curriculum_window}; use at least 1 episode.")
 

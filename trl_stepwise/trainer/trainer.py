@@ -31,6 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
+from trl_stepwise.curriculum import STAGE_COLUMN
 from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.factory import build_engine
@@ -123,6 +124,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 min_steps=args.curriculum_min_steps,
                 max_steps=args.curriculum_max_steps,
                 window=args.curriculum_window,
+                replay=args.curriculum_replay,
                 seed=args.seed,
             )
         self.curriculum = curriculum
@@ -361,9 +363,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds, returns, judged)
         if self.curriculum is not None:
             accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in trajectories]
+            stages = [row.get(STAGE_COLUMN) for row in rows]
             if self.accelerator.num_processes > 1:  # every process must promote at the same step
                 accuracies = [a for part in gather_object([accuracies]) for a in part]
-            if self.curriculum.update(accuracies):
+                stages = [s for part in gather_object([stages]) for s in part]
+            if self.curriculum.update(accuracies, stages):
                 self._metrics["curriculum/promoted"].append(1.0)
         self._last_rollout_end = time.perf_counter()
         return batches
