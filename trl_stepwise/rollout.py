@@ -12,8 +12,12 @@ token, exactly as if it had been sampled one token at a time:
 * when the environment replies to a step (a non-empty observation), the reply is appended the same way, after the
   step, and the next step starts after it;
 * an engine whose stops are cheap (transformers) is asked to stop at every step delimiter so a finished episode leaves
-  the batch at once; the others (vLLM) stop only where the calculator must act, and continuous batching queues each
-  continuation while the other episodes keep decoding; their stops are the tools' own ``stop_strings``.
+  the batch at once; a streaming engine (vLLM in process) reports every token as it comes and the loop cuts a
+  sequence at the token where the environment acts (no stop strings); other engines (a vLLM server) stop at the
+  tools' own ``stop_strings``. Continuous batching queues each continuation while the other episodes keep decoding;
+* a checked tool (the calculator) lets a streaming engine run on through the call: when the policy writes exactly the
+  tool's result itself, those tokens are kept and masked as if inserted; otherwise the sequence is cut after the call
+  and the result inserted. The trajectory is the same either way.
 
 Masks come from token ids: the policy is trained on exactly the ids it sampled. Text is decoded from those ids with
 the tokens before it as context, so the pieces join exactly (SentencePiece tokenizers drop a leading space when a
