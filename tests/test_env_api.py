@@ -118,8 +118,14 @@ def test_scripted_policy_session_records_replies_rewards_and_verdict(guess_id):
 # -- replies and tools as masked tokens --------------------------------------------------------------------------
 
 
-def _rollout(tokenizer, script_text: str, cheap_stops: bool, **kwargs) -> tuple[StepwiseRollout, ScriptedEngine]:
-    engine = ScriptedEngine(tokenizer, tokenizer(script_text, add_special_tokens=False)["input_ids"], cheap_stops)
+ENGINE_KINDS = [(True, False), (False, False), (False, True)]  # (cheap_stops, streams): transformers, server, vLLM
+
+
+def _rollout(
+    tokenizer, script_text: str, cheap_stops: bool, streams: bool = False, **kwargs
+) -> tuple[StepwiseRollout, ScriptedEngine]:
+    ids = tokenizer(script_text, add_special_tokens=False)["input_ids"]
+    engine = ScriptedEngine(tokenizer, ids, cheap_stops, streams=streams)
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
     return StepwiseRollout(
         None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine, **kwargs
@@ -131,14 +137,16 @@ def _forced_text(tokenizer, trajectory) -> str:
     return tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("cheap_stops", [True, False])
-def test_environment_replies_are_masked_tokens_and_the_next_step_follows_them(tokenizer, guess_id, cheap_stops):
+@pytest.mark.parametrize("cheap_stops,streams", ENGINE_KINDS)
+def test_environment_replies_are_masked_tokens_and_the_next_step_follows_them(
+    tokenizer, guess_id, cheap_stops, streams
+):
     env = make(guess_id)
     env.reset(seed=4)
     target = env.target
     wrong = 9 if target != 9 else 1
     # the script runs on past the first step: what was sampled without the reply is dropped and sampled again after
-    rollout, engine = _rollout(tokenizer, f"{wrong}\n{target}\n", cheap_stops)
+    rollout, engine = _rollout(tokenizer, f"{wrong}\n{target}\n", cheap_stops, streams)
     (trajectory,) = rollout.run(lambda: make(guess_id), [{"seed": 4}])
     reply = "Lower.\n" if wrong > target else "Higher.\n"
     assert tokenizer.decode(trajectory.completion_ids) == f"{wrong}\n{reply}{target}\n"
@@ -179,10 +187,10 @@ class ConvertEnv(Env):
         return "", float(done and "3000" in action), done, False, {"correct": done and "3000" in action}
 
 
-@pytest.mark.parametrize("cheap_stops", [True, False])
-def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, cheap_stops):
+@pytest.mark.parametrize("cheap_stops,streams", ENGINE_KINDS)
+def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, cheap_stops, streams):
     script = "That is <convert>3 km in m</convert> so 1+2 = <<1+2= parts.\nThe answer is 3000\n"  # the tools fill in
-    rollout, engine = _rollout(tokenizer, script, cheap_stops)
+    rollout, engine = _rollout(tokenizer, script, cheap_stops, streams)
     (trajectory,) = rollout.run(ConvertEnv, [{}])
     completion = trajectory.episode.completion
     assert completion.startswith("That is <convert>3 km in m</convert> 3000 m so 1+2 = <<1+2=3>>3 parts.\n")
@@ -191,7 +199,9 @@ def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, cheap_stops)
     assert step.calc_calls == 2 and step.calc_errors == 0
     assert [s.from_policy for s in step.segments] == [True, False, True, False, True]
     assert trajectory.episode.verdict.correct
-    if not cheap_stops:  # the engine was asked to pause at the tools' own stop strings only
+    if streams:  # cut at the tools' calls as the tokens came, without stop strings
+        assert all(request.stop_strings == () for request in engine.requests)
+    elif not cheap_stops:  # the engine was asked to pause at the tools' own stop strings only
         assert "<convert>" in engine.requests[0].stop_strings and "<<" in engine.requests[0].stop_strings
         assert "</convert>" in engine.requests[1].stop_strings
 

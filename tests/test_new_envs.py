@@ -98,10 +98,10 @@ def test_feedback_env_draws_generated_problems_by_seed():
     assert a.reset(seed=7) == b.reset(seed=7) and a.answer == b.answer
 
 
-@pytest.mark.parametrize("cheap_stops", [True, False])
-def test_feedback_reply_is_masked_and_the_retry_follows_it(tokenizer, cheap_stops):
+@pytest.mark.parametrize("cheap_stops,streams", [(True, False), (False, False), (False, True)])
+def test_feedback_reply_is_masked_and_the_retry_follows_it(tokenizer, cheap_stops, streams):
     script = tokenizer("The answer is: 8\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
-    engine = ScriptedEngine(tokenizer, script, cheap_stops=cheap_stops)
+    engine = ScriptedEngine(tokenizer, script, cheap_stops=cheap_stops, streams=streams)
     builder = PromptBuilder(tokenizer, [WORD_ROW | {"solution": "4+5 = 9\n#### 9"}], k=0)
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=30), engine=engine)
     (trajectory,) = rollout.run(lambda: make("math_feedback"), [WORD_ROW])
