@@ -67,3 +67,15 @@ def test_progress_bar_callback_is_the_compact_one(tiny_model, tokenizer, arithme
     )
     kinds = [type(c) for c in trainer.callback_handler.callbacks]
     assert kinds.count(CompactProgressCallback) == 1 and CompactPrinterCallback not in kinds
+
+
+def test_an_evaluation_after_training_is_printed_too(capsys) -> None:
+    """The bar is closed once training ends; the final evaluation (the recipe's "after" numbers) must still show."""
+    from transformers import TrainerState, TrainingArguments
+
+    callback = CompactProgressCallback()
+    state = TrainerState(global_step=36, max_steps=36)
+    logs = {"eval_gsm8k_accuracy": 0.195, "eval_gsm8k_correct": 39.0, "eval_gsm8k_total": 200.0}
+    assert callback.training_bar is None  # as after on_train_end
+    callback.on_log(TrainingArguments(output_dir="unused", report_to="none"), state, None, logs=logs)
+    assert "eval (step 36) gsm8k: accuracy 19.5% (39/200)" in capsys.readouterr().out

@@ -81,10 +81,12 @@ class CompactProgressCallback(ProgressCallback):
     """transformers' progress bar, with logs written above it as compact lines instead of dicts."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
+        if state.is_world_process_zero and logs:
             line = format_log(logs, state.global_step, state.max_steps)
-            if line:
+            if line and self.training_bar is not None:
                 self.training_bar.write(line)
+            elif line:  # the bar is closed (an evaluation after training): print the line on its own
+                print(line, flush=True)
 
 
 class CompactPrinterCallback(PrinterCallback):
