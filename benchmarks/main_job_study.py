@@ -124,6 +124,13 @@ VARIANTS: dict[str, Variant] = {
         "closer to real problems: two-step, then three-step with a distractor sentence, then GSM8K train with <= 2 "
         "calculations; a stage lasts 2-4 steps",
     ),
+    "no_replay": Variant(
+        {"curriculum_replay": 0.0}, "after a promotion, every problem from the new stage (the main job replays half)"
+    ),
+    "level1_then_gsm8k_easy": Variant(
+        {"curriculum": ["arithmetic:level=1", "gsm8k_easy"], "curriculum_thresholds": [0.4, 1.0]},
+        "generated level 1, then GSM8K train problems with <= 2 calculations (level 1 replayed for half of each step)",
+    ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
 }
