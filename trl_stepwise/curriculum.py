@@ -77,6 +77,19 @@ class Curriculum:
         stages = [Stage(s, t, min_steps, max_steps) for s, t in zip(sources, thresholds, strict=True)]
         return cls(stages, window=window, seed=seed, replay=replay)
 
+    @classmethod
+    def from_config(cls, args: Any) -> Curriculum:
+        """Build from a ``StepwiseReinforceConfig``'s ``curriculum*`` fields (the recipe and the trainer both do)."""
+        return cls.from_lists(
+            args.curriculum,
+            args.curriculum_thresholds,
+            min_steps=args.curriculum_min_steps,
+            max_steps=args.curriculum_max_steps,
+            window=args.curriculum_window,
+            replay=args.curriculum_replay,
+            seed=args.seed,
+        )
+
     @property
     def current(self) -> Stage:
         return self.stages[self.stage]

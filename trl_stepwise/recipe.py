@@ -154,15 +154,7 @@ def prepare_reinforce(
         )
     curriculum = None
     if training_args.curriculum:
-        curriculum = Curriculum.from_lists(
-            training_args.curriculum,
-            training_args.curriculum_thresholds,
-            min_steps=training_args.curriculum_min_steps,
-            max_steps=training_args.curriculum_max_steps,
-            window=training_args.curriculum_window,
-            replay=training_args.curriculum_replay,
-            seed=training_args.seed,
-        )
+        curriculum = Curriculum.from_config(training_args)
         curriculum.check_sources()
     return PreparedRun(train, evaluation, few_shot, curriculum, resume)
 

@@ -120,11 +120,10 @@ class StepwiseRollout:
         self.step_delimiter = step_delimiter
         self.calculator = calculator
         self.eos_ids = set(engine.stop_token_ids)
+        # A streaming engine is cut at the right token without stop strings, and runs on through a checked tool's call
+        # (the calculator's): the loop keeps the tokens when they are exactly the result, so generation pauses only
+        # where the policy gets it wrong. Other engines stop at the call (their stop strings say where).
         self.engine_streams = bool(getattr(engine, "streams", False))
-        # A checked tool's result (the calculator's value) may be written by the policy itself; a streaming engine
-        # then runs on through the call and the loop keeps the tokens that match the result exactly, so generation
-        # pauses only where the policy gets it wrong. Other engines stop at the call (their stop strings say where).
-        self.engine_checks_tools = self.engine_streams
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ public API
@@ -230,7 +229,7 @@ class StepwiseRollout:
                     inserted, checked = envs[play.index].tool_insert(text)
                     if inserted:
                         forced = self._encode_after(play.trajectory.completion_ids, inserted)
-                        if not checked or not self.engine_checks_tools:
+                        if not checked or not self.engine_streams:
                             # the rest of this output (if any) was sampled without the result: drop it
                             return self._insert(envs, play, forced, play.read)
                         play.pending = forced

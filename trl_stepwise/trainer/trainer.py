@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
-from trl_stepwise.curriculum import STAGE_COLUMN
+from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum
 from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.factory import build_engine
@@ -116,17 +116,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         model = _attach_peft(model, peft_config)
         _check_trainable_precision(model, args)
         if curriculum is None and args.curriculum:
-            from trl_stepwise.curriculum import Curriculum
-
-            curriculum = Curriculum.from_lists(
-                args.curriculum,
-                args.curriculum_thresholds,
-                min_steps=args.curriculum_min_steps,
-                max_steps=args.curriculum_max_steps,
-                window=args.curriculum_window,
-                replay=args.curriculum_replay,
-                seed=args.seed,
-            )
+            curriculum = Curriculum.from_config(args)
         self.curriculum = curriculum
         train_dataset = _as_problems(train_dataset, "train") if train_dataset is not None else None
         eval_dataset = _as_problems(eval_dataset, "test") if eval_dataset is not None else None
