@@ -100,7 +100,8 @@ VARIANTS: dict[str, Variant] = {
         "learning rate 1e-4, 1 warm-up step, cosine decay over the main job's 16 steps (stops at 16 or the budget)",
     ),
     "more_steps_fewer_episodes": Variant(
-        {"gradient_accumulation_steps": 2}, "8 episodes per step (2 problems x 4) instead of 16: twice the steps"
+        {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+        "8 episodes per step (2 problems x 4) instead of 16: twice the steps",
     ),
     "gen8": Variant(
         {"num_generations": 8, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
@@ -130,6 +131,18 @@ VARIANTS: dict[str, Variant] = {
     "level1_then_gsm8k_easy": Variant(
         {"curriculum": ["arithmetic:level=1", "gsm8k_easy"], "curriculum_thresholds": [0.4, 1.0]},
         "generated level 1, then GSM8K train problems with <= 2 calculations (level 1 replayed for half of each step)",
+    ),
+    "level1_shots": Variant(
+        {"few_shot_dataset_name": "arithmetic:level=1"},
+        "worked examples in the training prompt from generated level 1 (evaluation keeps the main job's source)",
+    ),
+    "gsm8k_shots": Variant(
+        {"few_shot_dataset_name": "gsm8k"},
+        "worked examples in the training prompt from GSM8K train (evaluation keeps the main job's source)",
+    ),
+    "gsm8k_short_shots": Variant(
+        {"few_shot_dataset_name": "gsm8k", "max_example_chars": 300},
+        "worked examples in the training prompt from GSM8K train, only those under 300 characters",
     ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
