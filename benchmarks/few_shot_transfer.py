@@ -137,22 +137,25 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, models: dict[str, str], results: dict[str, dict]) -> None:
+    """One row per (few-shot source, model), one pair of columns per proxy; then the JSON."""
     reference = next(iter(models))
-    keys = list(results[reference])
-    headers = ["model", *(k for key in keys for k in (key, "change pts (p)"))]
+    sources = selected(args.sources, SOURCES, "--sources")
+    proxies = selected(args.proxies, PROXIES, "--proxies")
+    headers = ["few-shot source", "model", *(h for proxy in proxies for h in (proxy, "change pts (p)"))]
     rows = []
-    for name in models:
-        row: list[Any] = [name]
-        for key in keys:
-            result, base = results[name][key], results[reference][key]
-            row.append(f"{result['correct']}/{result['total']} {with_interval(result)}")
-            points = 100 * (result["accuracy"] - base["accuracy"])
-            p = mcnemar_p_value(base["correct_by_problem"], result["correct_by_problem"])
-            row.append("" if name == reference else f"{points:+.1f} ({p:.2g})")
-        rows.append(row)
+    for source in sources:
+        for name in models:
+            row: list[Any] = [source, name]
+            for proxy in proxies:
+                result, base = results[name][f"{proxy}/{source}"], results[reference][f"{proxy}/{source}"]
+                row.append(f"{result['correct']}/{result['total']} {with_interval(result)}")
+                points = 100 * (result["accuracy"] - base["accuracy"])
+                p = mcnemar_p_value(base["correct_by_problem"], result["correct_by_problem"])
+                row.append("" if name == reference else f"{points:+.1f} ({p:.2g})")
+            rows.append(row)
     print_table(headers, rows, title="Accuracy under each few-shot source (greedy, calculator on)")
-    sources = {s: few_shot_rows(s)[2] for s in selected(args.sources, SOURCES, "--sources")}
-    write_json(NAME, {"models": models, "sources": sources, "shots": args.shots, "results": results}, args)
+    described = {source: few_shot_rows(source)[2] for source in sources}
+    write_json(NAME, {"models": models, "sources": described, "shots": args.shots, "results": results}, args)
 
 
 if __name__ == "__main__":
