@@ -15,48 +15,36 @@ first model (exact paired McNemar test). One colocated vLLM engine serves every 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 from common import base_parser, load_policy, mcnemar_p_value, print_table, setup_torch, with_interval, write_json
-from main_job_study import PROXIES, SUMMARY_KEYS, proxy_sets, selected
+from main_job_study import MAIN_CONFIG, PROXIES, evaluate_with_prompt, main_job_prompt, selected
 
 from trl_stepwise.data import load_math_dataset
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
-from trl_stepwise.envs import StepwiseMathEnv
-from trl_stepwise.evaluation import evaluate_problems
 from trl_stepwise.models import load_model
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
-from trl_stepwise.rollout import SamplingConfig
 from trl_stepwise.trainer import StepwiseReinforceConfig
 
 NAME = "few_shot_transfer"
 FLAVOUR = "gsm8k"
-MAIN_JOB_MAX_EXAMPLE_CHARS = 300  # recipes/configs/reinforce_gsm8k_cpu.yaml
 
 
-def few_shot_rows(source: str) -> tuple[list[dict], int | None, str]:
-    """Rows of a few-shot source, its ``max_example_chars`` and a description: ``level1`` (generated level-1
-    examples, the main job's source before 2026-12-03), ``main_job`` (its source now: GSM8K train examples of at most
-    300 characters) and ``evaluate_default`` (what `trl-stepwise evaluate` shows for a problem set without worked
-    solutions: bundled GSM8K train examples of any length)."""
-    if source == "level1":
-        rows = load_math_dataset("arithmetic:level=1", split="fewshot").to_list()
-        return rows, None, "arithmetic:level=1, fewshot split"
+def few_shot_builder(source: str, tokenizer: Any, args: argparse.Namespace) -> tuple[PromptBuilder, str]:
+    """The prompt builder of a few-shot source (2 examples, or ``--shots``, seed 0) and a description: ``level1``
+    (generated level-1 examples, the main job's source before 2026-12-03), ``main_job`` (the main job's evaluation
+    prompt, from its config: GSM8K train examples of at most ``max_example_chars``) and ``evaluate_default`` (what
+    `trl-stepwise evaluate` shows for a problem set without worked solutions: bundled GSM8K examples of any length)."""
     if source == "main_job":
-        rows = load_math_dataset("gsm8k", split="train").to_list()
-        return rows, MAIN_JOB_MAX_EXAMPLE_CHARS, f"GSM8K train, examples of <= {MAIN_JOB_MAX_EXAMPLE_CHARS} characters"
-    rows, _ = with_worked_examples([], FLAVOUR)
-    return list(rows), None, "trl-stepwise evaluate's fallback: bundled GSM8K train worked examples"
-
-
-def few_shot_builder(source: str, tokenizer: Any, shots: int) -> PromptBuilder:
-    rows, max_chars, _ = few_shot_rows(source)
+        builder, _ = main_job_prompt(tokenizer, args)
+        return builder, f"the main job's prompt ({MAIN_CONFIG.name}), max_example_chars {builder.max_example_chars}"
+    if source == "level1":
+        rows, described = load_math_dataset("arithmetic:level=1", split="fewshot").to_list(), "arithmetic:level=1"
+    else:
+        rows, described = list(with_worked_examples([], FLAVOUR)[0]), "trl-stepwise evaluate's GSM8K fallback"
     system_prompt = load_system_prompt(None, FLAVOUR)
-    return PromptBuilder(
-        tokenizer, rows, k=shots, system_prompt=system_prompt, flavour=FLAVOUR, seed=0, max_example_chars=max_chars
-    )
+    return PromptBuilder(tokenizer, rows, k=args.shots, system_prompt=system_prompt, flavour=FLAVOUR), described
 
 
 SOURCES = ("level1", "main_job", "evaluate_default")
@@ -73,32 +61,14 @@ def parse_models(values: list[str]) -> dict[str, str]:
     return models
 
 
-def evaluate_model(model: Any, tokenizer: Any, engine: Any, args: argparse.Namespace) -> dict[str, dict]:
-    """Accuracy of one model on every (proxy, few-shot source) pair."""
-    sets, _ = proxy_sets(args.eval_problems)
-    sampling = SamplingConfig(
-        temperature=0.0, max_step_tokens=args.eval_max_step_tokens, batch_size=args.eval_batch_size
-    )
-
-    def make_env() -> StepwiseMathEnv:
-        return StepwiseMathEnv(
-            flavour=FLAVOUR, max_episode_tokens=args.eval_max_tokens, max_steps=args.eval_max_steps, calculator=True
-        )
-
+def evaluate_model(
+    model: Any, tokenizer: Any, engine: Any, prompts: dict[str, PromptBuilder], args: argparse.Namespace
+) -> dict[str, dict]:
+    """Accuracy of one model on every (proxy, few-shot source) pair, keyed ``proxy/source``."""
     out: dict[str, dict] = {}
-    for source in selected(args.sources, SOURCES, "--sources"):
-        builder = few_shot_builder(source, tokenizer, args.shots)
-        for proxy in selected(args.proxies, PROXIES, "--proxies"):
-            started = time.perf_counter()
-            summary, records = evaluate_problems(
-                model, tokenizer, sets[proxy], builder, make_env, sampling, progress=False, engine=engine
-            )
-            out[f"{proxy}/{source}"] = {k: summary[k] for k in SUMMARY_KEYS} | {
-                "per_level": summary.get("per_level", {}),
-                "seconds": time.perf_counter() - started,
-                "correct_by_problem": [int(r["correct"]) for r in records],
-            }
-            print(f"  {proxy} / {source}: {summary['correct']}/{summary['total']}", flush=True)
+    for source, builder in prompts.items():
+        for proxy, result in evaluate_with_prompt(model, tokenizer, engine, builder, FLAVOUR, args).items():
+            out[f"{proxy}/{source}"] = result
     return out
 
 
@@ -107,13 +77,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True, help="NAME=PATH pairs; the first is the reference.")
     parser.add_argument("--sources", default=",".join(SOURCES), help="Comma list of few-shot sources.")
     parser.add_argument("--proxies", default="gsm8k_2step,arith_L1-3", help="Comma list of proxy sets.")
-    parser.add_argument("--shots", type=int, default=2, help="Worked examples per prompt (the main job's 2).")
+    parser.add_argument(
+        "--shots", type=int, default=2, help="Worked examples per prompt (main_job: always the study's 2)."
+    )
     parser.add_argument("--eval_problems", type=int, default=200, help="Problems per proxy (levels: split evenly).")
     parser.add_argument("--eval_max_step_tokens", type=int, default=40, help="Tokens per step (the main job's).")
     parser.add_argument("--eval_max_steps", type=int, default=5, help="Steps per episode (the main job's).")
     parser.add_argument("--eval_max_tokens", type=int, default=160, help="Policy tokens per episode (the main job's).")
     parser.add_argument("--eval_batch_size", type=int, default=200)
     parser.add_argument("--use_vllm", type=lambda v: v.lower() == "true", default=True, help="true/false")
+    parser.set_defaults(max_steps=None)  # the main-job study's settings, read when it builds the main job's prompt
     args = parser.parse_args()
     setup_torch(args)
     models = parse_models(args.models)
@@ -124,6 +97,10 @@ def main() -> None:
     )
     policy, tokenizer = load_policy(args.tiny, seed=args.seed)
     engine = build_engine(engine_args, policy, tokenizer, seed=args.seed)
+    built = {
+        source: few_shot_builder(source, tokenizer, args) for source in selected(args.sources, SOURCES, "--sources")
+    }
+    prompts = {source: builder for source, (builder, _) in built.items()}
     results: dict[str, dict] = {}
     for index, (name, path) in enumerate(models.items()):
         if index > 0 or path != "embedded":  # the engine starts from the untrained model
@@ -132,11 +109,13 @@ def main() -> None:
             with policy_weights(policy) as named:
                 engine.sync_weights(named)
         print(f"evaluating {name} ({path})", flush=True)
-        results[name] = evaluate_model(policy, tokenizer, engine, args)
-    report(args, models, results)
+        results[name] = evaluate_model(policy, tokenizer, engine, prompts, args)
+    report(args, models, results, {source: described for source, (_, described) in built.items()})
 
 
-def report(args: argparse.Namespace, models: dict[str, str], results: dict[str, dict]) -> None:
+def report(
+    args: argparse.Namespace, models: dict[str, str], results: dict[str, dict], described: dict[str, str]
+) -> None:
     """One row per (few-shot source, model), one pair of columns per proxy; then the JSON."""
     reference = next(iter(models))
     sources = selected(args.sources, SOURCES, "--sources")
@@ -154,7 +133,6 @@ def report(args: argparse.Namespace, models: dict[str, str], results: dict[str, 
                 row.append("" if name == reference else f"{points:+.1f} ({p:.2g})")
             rows.append(row)
     print_table(headers, rows, title="Accuracy under each few-shot source (greedy, calculator on)")
-    described = {source: few_shot_rows(source)[2] for source in sources}
     write_json(NAME, {"models": models, "sources": described, "shots": args.shots, "results": results}, args)
 
 

@@ -273,13 +273,19 @@ def eval_prompt_builder(tokenizer: Any, training_args: Any, prepared: PreparedRu
     )
 
 
-def evaluate_proxies(model: Any, tokenizer: Any, engine: Any, args: argparse.Namespace) -> dict[str, dict]:
-    """Greedy accuracy (Wilson 95% CIs) and per-problem outcomes on each proxy of ``--proxies``, the same protocol for
-    every model: the base config's prompt, ``--eval_max_*`` limits, calculator on."""
+def main_job_prompt(tokenizer: Any, args: argparse.Namespace) -> tuple[PromptBuilder, str]:
+    """The main job's evaluation prompt builder and its environment flavour (the ``base`` configuration's)."""
     with tempfile.TemporaryDirectory() as scratch:
         _, training_args, _, base = check_run("base", args, scratch)
-    builder = eval_prompt_builder(tokenizer, training_args, base)
-    make_env = env_factory(training_args.env_flavour, args.eval_max_tokens, args.eval_max_steps, calculator=True)
+    return eval_prompt_builder(tokenizer, training_args, base), training_args.env_flavour
+
+
+def evaluate_with_prompt(
+    model: Any, tokenizer: Any, engine: Any, builder: PromptBuilder, flavour: str, args: argparse.Namespace
+) -> dict[str, dict]:
+    """Greedy accuracy (Wilson 95% CIs) and per-problem outcomes on each proxy of ``--proxies`` with ``builder``'s
+    prompt, ``--eval_max_*`` limits, calculator on."""
+    make_env = env_factory(flavour, args.eval_max_tokens, args.eval_max_steps, calculator=True)
     sampling = SamplingConfig(
         temperature=0.0, max_step_tokens=args.eval_max_step_tokens, batch_size=args.eval_batch_size
     )
@@ -297,6 +303,12 @@ def evaluate_proxies(model: Any, tokenizer: Any, engine: Any, args: argparse.Nam
         }
         print(f"  eval {name}: {summary['correct']}/{summary['total']} = {summary['accuracy']:.3f}", flush=True)
     return out
+
+
+def evaluate_proxies(model: Any, tokenizer: Any, engine: Any, args: argparse.Namespace) -> dict[str, dict]:
+    """The same protocol for every model of the study: the main job's prompt (``main_job_prompt``)."""
+    builder, flavour = main_job_prompt(tokenizer, args)
+    return evaluate_with_prompt(model, tokenizer, engine, builder, flavour, args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ job's (the evaluation itself is checked by the script's ``--quick --tiny`` smoke
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -35,7 +36,8 @@ def transfer():
 
 
 def _shots(transfer, source: str, tokenizer) -> list[str]:
-    builder = transfer.few_shot_builder(source, tokenizer, shots=2)
+    args = argparse.Namespace(shots=2, use_vllm=False, max_steps=None, quick=False)
+    builder, _ = transfer.few_shot_builder(source, tokenizer, args)
     return [example.question for example in builder.shots("a question of no set")]
 
 
