@@ -21,6 +21,7 @@ LOG_NOTICES = {
     "math_verify.parser": "Timeout is disabled",
     "math_verify.grader": "Timeout is disabled",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "kernels._internals.hf_hub": "Skipping publisher trust check",  # bitsandbytes' CPU kernels, offline (kernels 0.19)
 }
 FUTURE_WARNINGS = (r"(?s).*past_key_values",)
 
