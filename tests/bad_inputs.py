@@ -80,6 +80,7 @@ CASES = [
     _c("reinforce", "--num_generations 0", "num_generations=0"),
     _c("reinforce", "--num_iterations 0", "num_iterations=0"),
     _c("reinforce", "--n_few_shot -1", "n_few_shot=-1"),
+    _c("reinforce", "--n_few_shot 2 --few_shot_pool_size 1", "few_shot_pool_size=1"),
     _c("reinforce", "--judge_weight -1", "judge_weight=-1.0", "non-negative"),
     _c("reinforce", "--learning_rate -1", "learning_rate=-1.0"),
     _c("reinforce", "--env_flavour nosuch", "env_flavour='nosuch'", "gsm8k"),

@@ -179,6 +179,30 @@ def test_max_example_chars_keeps_only_short_examples(gsm8k_train):
     assert max(len(e.question) + len("".join(e.steps)) for e in PromptBuilder(None, gsm8k_train, k=4).pool) > 300
 
 
+def test_pool_rotation_changes_the_shots_each_round_and_keeps_the_evaluation_prompt(gsm8k_train):
+    tok = fake_tokenizer(CHATML)
+    fixed = PromptBuilder(tok, gsm8k_train, k=2, seed=0, max_example_chars=300)
+    pooled = PromptBuilder(tok, gsm8k_train, k=2, seed=0, max_example_chars=300, pool_size=12)
+    assert len(pooled.pool) == 12 and pooled.pool[: len(fixed.pool)] == fixed.pool
+    question = "A brand new question?"
+    assert pooled.shots(question) == fixed.shots(question)  # unrotated (evaluation): the same prompt as without a pool
+    rounds = [tuple(e.question for e in pooled.rotated(r).shots(question)) for r in range(20)]
+    assert len(set(rounds)) >= 10 and all(len(set(pair)) == 2 for pair in rounds)
+    assert rounds == [tuple(e.question for e in pooled.rotated(r).shots(question)) for r in range(20)]  # deterministic
+    assert {q for pair in rounds for q in pair} <= {e.question for e in pooled.pool}
+    one_round = pooled.rotated(7)
+    prefix = one_round.render_parts(question)[0]
+    assert one_round.render_parts("Another question?")[0] == prefix  # one round shares one prefix across problems
+    for victim in pooled.pool:
+        assert victim.question not in [s.question for s in one_round.shots(victim.question)]
+    assert pooled.shots(question) == fixed.shots(question)  # rotating made a copy, the builder itself is unchanged
+
+
+def test_pool_size_below_k_is_an_error():
+    with pytest.raises(ValueError, match="pool_size=1 is smaller than k=2"):
+        PromptBuilder(None, EXAMPLES, k=2, pool_size=1)
+
+
 def test_rows_without_answer_step_are_not_drawn():
     rows = [{"question": f"q{i}", "solution": "Nothing boxed.", "answer": ""} for i in range(10)]
     rows.append({"question": "good", "solution": "So $\\boxed{1}$.", "answer": "1"})

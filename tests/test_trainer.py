@@ -358,3 +358,24 @@ def test_few_shot_source_without_solutions_falls_back_to_worked_examples(tiny_mo
         trainer = make_trainer(tiny_model, tokenizer, plain, tmp_path)
     assert all(len(example.steps) > 1 for example in trainer.prompt_builder.pool)
     assert "no worked solutions" in caplog.text and "arithmetic fewshot" in caplog.text
+
+
+def test_few_shot_pool_size_rotates_the_examples_every_step(tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    trainer = make_trainer(tiny_model, tokenizer, arithmetic_problems, tmp_path, few_shot_pool_size=6, max_steps=4)
+    shown, make_engine = [], trainer.rollout_engine
+    evaluation_shots = trainer.prompt_builder.shots("A new question?")
+
+    def spy(sampling=None):
+        engine = make_engine(sampling)
+        shown.append(tuple(e.question for e in engine.prompt_builder.shots("A new question?")))
+        return engine
+
+    trainer.rollout_engine = spy
+    trainer.train()
+    assert len(shown) == 4 and len(set(shown)) > 1
+    assert trainer.prompt_builder.shots("A new question?") == evaluation_shots  # evaluation keeps one prompt
+
+
+def test_few_shot_pool_smaller_than_n_few_shot_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="few_shot_pool_size=1 is smaller than n_few_shot=2"):
+        make_config(tmp_path, n_few_shot=2, few_shot_pool_size=1)

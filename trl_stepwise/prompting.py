@@ -7,6 +7,7 @@ prefix (system prompt + shots) is identical across problems and its key/value ca
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -286,9 +287,12 @@ class PromptBuilder:
     """Render chat prompts with a fixed few-shot pool so the system + shots prefix is shared across problems.
 
     ``system_prompt`` is the literal text (use :func:`load_system_prompt` for names/paths); None -> bundled default.
-    The pool holds ``k`` examples plus ``n_spare`` spares: a problem whose question is in the pool gets the first ``k``
-    other examples instead, so it never sees its own solution. ``max_example_chars`` (opt-in) skips examples whose
-    question + solution is longer, to fit a small model's context budget.
+    The pool holds ``k`` examples plus ``n_spare`` spares (or ``pool_size``, if larger): a problem whose question is in
+    the pool gets the first ``k`` other examples instead, so it never sees its own solution. ``max_example_chars``
+    (opt-in) skips examples whose question + solution is longer, to fit a small model's context budget.
+
+    :meth:`rotated` shows another ``k`` of the pool each round (training step), the same for every problem of the
+    round: a model trained on one fixed pair learns to follow that pair, and its gains vanish under other examples.
     """
 
     n_spare = 2
@@ -303,15 +307,20 @@ class PromptBuilder:
         seed: int = 0,
         *,
         max_example_chars: int | None = None,
+        pool_size: int | None = None,
     ) -> None:
         _check_flavour(flavour)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        if pool_size is not None and pool_size < k:
+            raise ValueError(f"pool_size={pool_size} is smaller than k={k}; use at least k, or None for k + spares.")
         self.tokenizer = tokenizer
         self.k = k
         self.flavour = flavour
         self.seed = seed
         self.max_example_chars = max_example_chars
+        self.pool_size = max(k + self.n_spare, pool_size or 0)
+        self.round: int | None = None  # None: the first k of the pool (evaluation); else see rotated()
         self.system_prompt = load_system_prompt(None, flavour) if system_prompt is None else system_prompt
         self.pool = self._draw_pool(examples)
         if len(self.pool) < k:
@@ -329,7 +338,7 @@ class PromptBuilder:
         pool: list[FewShotExample] = []
         seen: set[str] = set()
         for idx in order:
-            if len(pool) == self.k + self.n_spare:
+            if len(pool) == self.pool_size:
                 break
             raw = examples[idx]
             example = self._to_example(raw)
@@ -354,9 +363,21 @@ class PromptBuilder:
         steps = example["steps"] if "steps" in example else solution_to_steps(example, self.flavour)
         return FewShotExample(question=example["question"], steps=list(steps))
 
+    def rotated(self, round: int) -> PromptBuilder:
+        """A copy that shows the ``k`` pool examples of ``round`` (a seeded draw per round, e.g. the training step)."""
+        view = copy.copy(self)  # shares the pool and the rendered-prefix cache
+        view.round = round
+        return view
+
+    def _pool_order(self) -> list[int]:
+        order = list(range(len(self.pool)))
+        if self.round is not None:
+            random.Random(f"{self.seed}:{self.round}").shuffle(order)
+        return order
+
     def _shot_indices(self, question: str) -> tuple[int, ...]:
         key = _norm_question(question)
-        return tuple(i for i, ex in enumerate(self.pool) if _norm_question(ex.question) != key)[: self.k]
+        return tuple(i for i in self._pool_order() if _norm_question(self.pool[i].question) != key)[: self.k]
 
     def shots(self, question: str) -> list[FewShotExample]:
         """The few-shot examples used for ``question`` (never containing ``question`` itself)."""

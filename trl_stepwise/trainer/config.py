@@ -58,6 +58,14 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     max_example_chars: int | None = field(
         default=None, metadata={"help": "Only use few-shot examples shorter than this (keeps prompts short on CPU)."}
     )
+    few_shot_pool_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draw the few-shot examples of each training step from a pool of this many (every problem of a "
+            "step sees the same ones), so the model learns to follow worked examples, not one fixed set; evaluation "
+            "keeps the first n_few_shot of the pool. Default: the same n_few_shot examples every step."
+        },
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "System prompt: a bundled name (gsm8k, math, arithmetic) or a file path."}
     )
@@ -346,6 +354,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(f"max_episode_steps={self.max_episode_steps}; use >= 1 (1 = single-step mode).")
         if self.n_few_shot < 0:
             raise ValueError(f"n_few_shot={self.n_few_shot} is negative; use 0 (no examples) or more.")
+        if self.few_shot_pool_size is not None and self.few_shot_pool_size < self.n_few_shot:
+            raise ValueError(
+                f"few_shot_pool_size={self.few_shot_pool_size} is smaller than n_few_shot={self.n_few_shot}; use at "
+                "least n_few_shot, or leave it unset for the same examples every step."
+            )
         if self.max_example_chars is not None and self.max_example_chars < 1:
             raise ValueError(f"max_example_chars={self.max_example_chars}; use a positive length or leave it unset.")
         if not self.step_delimiter:

@@ -156,6 +156,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             flavour=flavour,
             seed=args.few_shot_seed,
             max_example_chars=args.max_example_chars,
+            pool_size=args.few_shot_pool_size,
         )
         if is_peft_model(self.model) and args.kl_coef > 0 and args.ref_model_mixup_alpha < 1.0:
             raise ValueError(
@@ -235,10 +236,13 @@ class StepwiseReinforceTrainer(BaseTrainer):
             batch_size=args.rollout_batch_size,
             bf16=args.rollout_bf16,
         )
+        prompts = self.prompt_builder
+        if args.few_shot_pool_size is not None:  # another draw of the pool every optimizer step (resumes the same)
+            prompts = prompts.rotated(self.state.global_step)
         return StepwiseRollout(
             None,
             self.processing_class,
-            self.prompt_builder,
+            prompts,
             sampling,
             step_delimiter=args.step_delimiter,
             calculator=args.calculator,
