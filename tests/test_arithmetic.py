@@ -252,6 +252,8 @@ def test_arithmetic_dataset_single_level_default_split():
         ("arithmetic:level=1,2,4,n=20", {"level": [1, 2, 4], "n": 20}),
         ("arithmetic:n=50,level=3-4,start=100", {"n": 50, "level": [3, 4], "start": 100}),
         (" arithmetic:level=2-2 ", {"level": 2}),
+        ("arithmetic:level=1,distractors=0-1", {"level": 1, "distractors": (0, 1)}),
+        ("arithmetic:distractors=2,level=1,2", {"distractors": (2, 2), "level": [1, 2]}),
     ],
 )
 def test_parse_arithmetic_spec(spec, expected):
@@ -273,6 +275,9 @@ def test_parse_arithmetic_spec(spec, expected):
         "arithmetic:level=1,n=5,7",
         "arithmetic:level=1,level=2",
         "arithmetic:split=test",
+        "arithmetic:distractors=many",
+        "arithmetic:distractors=3-1",
+        "arithmetic:distractors=1,distractors=2",
     ],
 )
 def test_parse_arithmetic_spec_rejects_bad_specs(spec):
@@ -288,3 +293,20 @@ def test_parse_error_names_the_accepted_form():
 def test_parsed_spec_feeds_arithmetic_dataset():
     ds = arithmetic_dataset(split="test", **parse_arithmetic_spec("arithmetic:level=1-2,n=6"))
     assert ds["level"] == [1, 2, 1, 2, 1, 2] and all(i.split("-")[2] == "test" for i in ds["id"])
+
+
+def _unused_numbers(problem: dict) -> int:
+    steps = _steps(problem["solution"])
+    used = Counter([steps[0][0], *(right for _, _, right, _ in steps)])
+    return (Counter(int(x) for x in re.findall(r"\d+", problem["question"])) - used).total()
+
+
+def test_distractors_override_the_level_count_and_keep_the_operations():
+    """Real word problems often carry an irrelevant number; `distractors=` adds such sentences at any level."""
+    ds = arithmetic_dataset(split="train", **parse_arithmetic_spec("arithmetic:level=1,distractors=0-1,n=60"))
+    counts = Counter(_unused_numbers(p) for p in ds)
+    assert set(counts) == {0, 1} and min(counts.values()) >= 15
+    assert set(ds["num_operations"]) == {1} and all(split_of_question(q) == "train" for q in ds["question"])
+    with_one = arithmetic_dataset(1, split="test", n=20, distractors=(1, 1))
+    assert all(_unused_numbers(p) == 1 for p in with_one)
+    assert len(set(with_one["id"]) & set(arithmetic_dataset(1, split="test", n=20)["id"])) == 0  # ids name the mix

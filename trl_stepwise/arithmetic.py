@@ -25,6 +25,7 @@ sub-seed. So a test question can never appear in training, even where small numb
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -508,9 +509,19 @@ def _level_spec(level: int) -> LevelSpec:
     return LEVELS[level]
 
 
-def generate_problem(level: int, seed: int) -> dict[str, Any]:
-    """The problem for (level, seed): deterministic, and its question text hashes into the seed's own split."""
+Distractors = tuple[int, int]  # (fewest, most) distractor sentences per problem
+
+
+def generate_problem(level: int, seed: int, distractors: Distractors | None = None) -> dict[str, Any]:
+    """The problem for (level, seed): deterministic, and its question text hashes into the seed's own split.
+
+    ``distractors`` replaces the level's number of irrelevant sentences (real word problems often carry one).
+    """
     spec = _level_spec(level)
+    mix = ""
+    if distractors is not None and distractors != (spec.min_distractors, spec.max_distractors):
+        spec = dataclasses.replace(spec, min_distractors=distractors[0], max_distractors=distractors[1])
+        mix = f"-d{distractors[0]}{distractors[1]}"
     split = _split_of_seed(seed)
     for attempt in range(_MAX_ATTEMPTS):
         problem = _draw(spec, random.Random(f"arith-{level}-{seed}-{attempt}"))
@@ -521,26 +532,32 @@ def generate_problem(level: int, seed: int) -> dict[str, Any]:
                 "level": level,
                 "num_operations": problem["solution"].count("<<"),
                 "seed": seed,
-                "id": f"arith-L{level}-{split}-{index}",
+                "id": f"arith-L{level}{mix}-{split}-{index}",
             }
     raise RuntimeError(f"no level-{level} problem for seed {seed} after {_MAX_ATTEMPTS} attempts")  # pragma: no cover
 
 
-def generate_problems(level: int, split: str, n: int, start: int = 0) -> list[dict[str, Any]]:
+def generate_problems(
+    level: int, split: str, n: int, start: int = 0, distractors: Distractors | None = None
+) -> list[dict[str, Any]]:
     """`n` problems of one level from `split`, using seeds range_start+start onwards."""
     if split not in SPLIT_SEED_RANGES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEED_RANGES)}")
     lo, hi = SPLIT_SEED_RANGES[split]
     if start < 0 or n < 0 or lo + start + n > hi:
         raise ValueError(f"start={start}, n={n} do not fit in the {split!r} seed range {lo}..{hi}")
-    return [generate_problem(level, lo + start + i) for i in range(n)]
+    return [generate_problem(level, lo + start + i, distractors) for i in range(n)]
 
 
 _COLUMNS = ("question", "answer", "solution", "level", "num_operations", "seed", "id")
 
 
 def arithmetic_dataset(
-    level: int | Sequence[int] = 1, split: str = "train", n: int = 1000, start: int = 0
+    level: int | Sequence[int] = 1,
+    split: str = "train",
+    n: int = 1000,
+    start: int = 0,
+    distractors: Distractors | None = None,
 ) -> datasets.Dataset:
     """`n` problems as a Dataset; several levels are interleaved round-robin (row i has level levels[i % k])."""
     levels = [level] if isinstance(level, int) else list(level)
@@ -548,13 +565,18 @@ def arithmetic_dataset(
         raise ValueError("arithmetic_dataset needs at least one level")
     for lv in levels:
         _level_spec(lv)
-    per_level = {lv: generate_problems(lv, split, -(-n // len(levels)), start) for lv in dict.fromkeys(levels)}
+    per_level = {
+        lv: generate_problems(lv, split, -(-n // len(levels)), start, distractors) for lv in dict.fromkeys(levels)
+    }
     rows = [per_level[levels[i % len(levels)]][i // len(levels)] for i in range(n)]
     return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in _COLUMNS})
 
 
 # No `split` key: the loader passes the split itself, next to these kwargs.
-_SPEC_FORM = "'arithmetic' or 'arithmetic:level=1-3,n=500,start=0' (level: N, N-M or N,M,...)"
+_SPEC_FORM = (
+    "'arithmetic' or 'arithmetic:level=1-3,n=500,start=0,distractors=0-1' (level: N, N-M or N,M,...; distractors: "
+    "irrelevant sentences per problem, N or N-M, default the level's)"
+)
 _INT_KEYS = ("n", "start")
 
 
@@ -586,6 +608,11 @@ def parse_arithmetic_spec(spec: str) -> dict[str, Any]:
             raise ValueError(f"bad token {token!r} in arithmetic spec {spec!r}; expected {_SPEC_FORM}")
         if key == "level":
             kwargs["level"] = [*kwargs.get("level", []), *_parse_levels(value, spec)]
+        elif key == "distractors":
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", value)
+            if not match or int(match[1]) > int(match[2] or match[1]):
+                raise ValueError(f"bad distractors {value!r} in arithmetic spec {spec!r}; expected {_SPEC_FORM}")
+            kwargs["distractors"] = (int(match[1]), int(match[2] or match[1]))
         elif key in _INT_KEYS:
             if not value.isdigit():
                 raise ValueError(f"{key} must be a non-negative integer in arithmetic spec {spec!r}, got {value!r}")
