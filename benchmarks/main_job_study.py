@@ -144,6 +144,22 @@ VARIANTS: dict[str, Variant] = {
         {"few_shot_dataset_name": "gsm8k", "max_example_chars": 300},
         "worked examples in the training prompt from GSM8K train, only those under 300 characters",
     ),
+    "few_shot_pool16": Variant(
+        {"few_shot_pool_size": 16},
+        "another 2 of 16 short GSM8K worked examples every training step (evaluation keeps the main job's 2)",
+    ),
+    "level1_distractors": Variant(
+        {
+            "curriculum": [
+                "arithmetic:level=1,distractors=0-1",
+                "arithmetic:level=2",
+                "arithmetic:level=3",
+                "gsm8k_easy",
+                "gsm8k",
+            ]
+        },
+        "the first stage's one-step problems carry an irrelevant sentence half of the time",
+    ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
 }
