@@ -89,6 +89,8 @@ FAST_STAGES = {"curriculum_min_steps": 3, "curriculum_window": 32}
 
 VARIANTS: dict[str, Variant] = {
     "base": Variant({}, "the main job as configured"),
+    "base_seed43": Variant({"seed": 43}, "the main job under another sampling seed (run-to-run spread)"),
+    "base_seed44": Variant({"seed": 44}, "the main job under a third sampling seed (run-to-run spread)"),
     "fp32": Variant({"bf16": False}, "float32 training step instead of the main job's bfloat16 autocast"),
     "lora": Variant(
         {**LORA, "learning_rate": 1e-4}, "LoRA r16 on every projection instead of full weights, learning rate 1e-4"
