@@ -46,6 +46,13 @@ def _steps(solution: str) -> list[tuple[int, str, int, str]]:
     return steps
 
 
+def _unused_numbers(problem: dict) -> int:
+    """How many numbers of the question no step uses: the distractors."""
+    steps = _steps(problem["solution"])
+    used = Counter([steps[0][0], *(right for _, _, right, _ in steps)])
+    return (Counter(int(x) for x in re.findall(r"\d+", problem["question"])) - used).total()
+
+
 # ---------------------------------------------------------------------------------------------------- determinism
 
 
@@ -151,11 +158,9 @@ def test_distractor_count_matches_level(level, problems_by_level):
     spec = LEVELS[level]
     seen = Counter()
     for p in problems_by_level[level]:
-        steps = _steps(p["solution"])
-        used = Counter([steps[0][0], *(right for _, _, right, _ in steps)])
-        unused = Counter(int(x) for x in re.findall(r"\d+", p["question"])) - used
-        assert spec.min_distractors <= unused.total() <= spec.max_distractors, p["question"]
-        seen[unused.total()] += 1
+        unused = _unused_numbers(p)
+        assert spec.min_distractors <= unused <= spec.max_distractors, p["question"]
+        seen[unused] += 1
     assert set(seen) == set(range(spec.min_distractors, spec.max_distractors + 1))
 
 
@@ -293,12 +298,6 @@ def test_parse_error_names_the_accepted_form():
 def test_parsed_spec_feeds_arithmetic_dataset():
     ds = arithmetic_dataset(split="test", **parse_arithmetic_spec("arithmetic:level=1-2,n=6"))
     assert ds["level"] == [1, 2, 1, 2, 1, 2] and all(i.split("-")[2] == "test" for i in ds["id"])
-
-
-def _unused_numbers(problem: dict) -> int:
-    steps = _steps(problem["solution"])
-    used = Counter([steps[0][0], *(right for _, _, right, _ in steps)])
-    return (Counter(int(x) for x in re.findall(r"\d+", problem["question"])) - used).total()
 
 
 def test_distractors_override_the_level_count_and_keep_the_operations():
