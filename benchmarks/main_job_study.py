@@ -162,6 +162,10 @@ VARIANTS: dict[str, Variant] = {
         },
         "the first stage's one-step problems carry an irrelevant sentence half of the time",
     ),
+    "reference_guidance": Variant(
+        {"reference_guidance": True},
+        "a group whose 4 episodes all fail trains on the problem's worked solution in place of one of them",
+    ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
 }

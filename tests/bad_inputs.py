@@ -81,6 +81,7 @@ CASES = [
     _c("reinforce", "--num_iterations 0", "num_iterations=0"),
     _c("reinforce", "--n_few_shot -1", "n_few_shot=-1"),
     _c("reinforce", "--n_few_shot 2 --few_shot_pool_size 1", "few_shot_pool_size=1"),
+    _c("reinforce", "--reference_guidance true --num_generations 1 --baseline none", "num_generations >= 2", "got 1"),
     _c("reinforce", "--judge_weight -1", "judge_weight=-1.0", "non-negative"),
     _c("reinforce", "--learning_rate -1", "learning_rate=-1.0"),
     _c("reinforce", "--env_flavour nosuch", "env_flavour='nosuch'", "gsm8k"),

@@ -68,3 +68,9 @@ class ScriptedEngine:
             if forced and script[start + keep : start + keep + len(forced)] == forced:
                 position[request.request_id] += len(forced)  # the script wrote the inserted tokens itself
             queue.append(GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings))
+
+
+def forced_text(tokenizer, trajectory) -> str:
+    """The text of a trajectory's tokens the policy did not write (tool results, replies)."""
+    ids = [t for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p]
+    return tokenizer.decode(ids)

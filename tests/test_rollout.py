@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scripted_engine import ScriptedEngine
+from scripted_engine import ScriptedEngine, forced_text
 from transformers import DynamicCache
 
 from trl_stepwise.envs import StepwiseMathEnv
@@ -126,17 +126,12 @@ def _streamed_rollout(tokenizer, text: str, max_steps: int = 5) -> tuple[object,
     return trajectory, engine
 
 
-def _forced_text(tokenizer, trajectory) -> str:
-    ids = [t for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p]
-    return tokenizer.decode(ids)
-
-
 def test_streaming_engine_runs_through_a_calculation_the_policy_gets_right(tokenizer):
     """vLLM-style streaming: the policy writes `9>>9` itself; it is kept (masked as the calculator's) with no stop."""
     trajectory, engine = _streamed_rollout(tokenizer, "4+5 = <<4+5=9>>9 pens\nThe answer is: 9\nQuestion: more\n")
     assert len(engine.requests) == 1 and engine.requests[0].stop_strings == ()  # no stop strings, no restart
     assert tokenizer.decode(trajectory.completion_ids) == "4+5 = <<4+5=9>>9 pens\nThe answer is: 9\n"
-    assert _forced_text(tokenizer, trajectory) == "9>>9"
+    assert forced_text(tokenizer, trajectory) == "9>>9"
     assert trajectory.episode.steps[0].calc_calls == 1
     assert [s.from_policy for s in trajectory.episode.steps[0].segments] == [True, False, True]
     # the episode ended at its answer line: the engine was cut there, nothing sampled beyond the next token
@@ -148,7 +143,7 @@ def test_streaming_engine_cuts_a_wrong_calculation_and_inserts_the_result(tokeni
     trajectory, engine = _streamed_rollout(tokenizer, "4+5 = <<4+5=8>>8 pens\nThe answer is: 8\n")
     assert len(engine.requests) == 2
     assert tokenizer.decode(trajectory.completion_ids).startswith("4+5 = <<4+5=9>>9")
-    assert _forced_text(tokenizer, trajectory) == "9>>9"
+    assert forced_text(tokenizer, trajectory) == "9>>9"
     assert trajectory.episode.steps[0].calc_calls == 1
 
 

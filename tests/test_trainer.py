@@ -379,3 +379,44 @@ def test_few_shot_pool_size_rotates_the_examples_every_step(tiny_model, tokenize
 def test_few_shot_pool_smaller_than_n_few_shot_is_refused(tmp_path):
     with pytest.raises(ValueError, match="few_shot_pool_size=1 is smaller than n_few_shot=2"):
         make_config(tmp_path, n_few_shot=2, few_shot_pool_size=1)
+
+
+def test_reference_guidance_trains_on_worked_solutions_of_failed_groups(
+    tiny_model, tokenizer, arithmetic_problems, tmp_path
+):
+    """A random model fails every group: each gets its worked solution as one episode, which the loss sees, while
+    accuracy (and the curriculum) count only the sampled episodes."""
+    trainer = make_trainer(
+        tiny_model,
+        tokenizer,
+        arithmetic_problems,
+        tmp_path,
+        reward_funcs=(),
+        reference_guidance=True,
+        max_step_tokens=32,
+        max_episode_steps=3,
+        max_steps=2,
+    )
+    trained = []
+    micro_batches = trainer._generate_and_score
+
+    def spy(problems, num_micro_batches):
+        batches = micro_batches(problems, num_micro_batches)
+        trained.extend(batches)
+        return batches
+
+    trainer._generate_and_score = spy
+    trainer.train()
+    groups = trainer.args.per_device_train_batch_size // trainer.args.num_generations
+    assert logged(trainer, "guidance/reference_episodes") == {1: groups, 2: groups}
+    assert logged(trainer, "guidance/reference_correct") == {1: 1.0, 2: 1.0}
+    assert logged(trainer, "accuracy") == {1: 0.0, 2: 0.0}
+    assert all(reward > 0 for reward in logged(trainer, "reward").values())  # the references' reward is trained on
+    assert all(bool((batch["advantages"] > 0).any()) for batch in trained)  # a failed group has a signal now
+
+
+def test_reference_guidance_needs_a_group(tmp_path):
+    with pytest.raises(ValueError, match="reference_guidance needs num_generations >= 2"):
+        make_config(
+            tmp_path, num_generations=1, per_device_train_batch_size=4, baseline="batch_mean", reference_guidance=True
+        )

@@ -187,6 +187,15 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
         default=0.0,
         metadata={"help": "Weight of the loss term pulling the log-probs of sampled tokens to the teacher's."},
     )
+    reference_guidance: bool = field(
+        default=False,
+        metadata={
+            "help": "When every episode of a problem's group fails, replace one of them with the problem's worked "
+            "solution, played through the same prompt and environment (off-policy guidance): such a group then has "
+            "something to learn from instead of zero advantages. Problems without a worked solution (final answers "
+            "only) are left as they are; accuracy and the curriculum count the sampled episodes only."
+        },
+    )
 
     # ---- curriculum
     curriculum: list[str] | None = field(
@@ -358,6 +367,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(
                 f"few_shot_pool_size={self.few_shot_pool_size} is smaller than n_few_shot={self.n_few_shot}; use at "
                 "least n_few_shot, or leave it unset for the same examples every step."
+            )
+        if self.reference_guidance and self.num_generations < 2:
+            raise ValueError(
+                f"reference_guidance needs num_generations >= 2 (got {self.num_generations}): the worked solution "
+                "replaces one episode of a failed group and learns against the others; raise num_generations."
             )
         if self.max_example_chars is not None and self.max_example_chars < 1:
             raise ValueError(f"max_example_chars={self.max_example_chars}; use a positive length or leave it unset.")

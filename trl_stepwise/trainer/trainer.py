@@ -37,6 +37,7 @@ from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import FLAVOURS, EnvRouter, StepwiseMathEnv, make_limited, resolve_env_factory
+from trl_stepwise.guidance import failed_groups, play_references, reference_text
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
 from trl_stepwise.rewards import combine_rewards, unique_name
@@ -312,6 +313,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 group_ids.append(rank * 1_000_000 + p)
         engine = self.rollout_engine()
         trajectories = engine.run(self.env_router(), rows, group_ids=group_ids)
+        sampled = list(trajectories)  # the policy's own episodes: accuracy and the curriculum count these
+        if args.reference_guidance:
+            self._guide_failed_groups(engine, trajectories, rows, group_ids)
         generation_seconds = time.perf_counter() - started
         self._add_reward_funcs(trajectories)
         policy_logps, ref_logps = self._score(trajectories)
@@ -354,9 +358,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
         for batch in batches:
             batch["num_tokens"] = num_tokens
             batch["num_sequences"] = num_sequences
-        self._record_rollout_metrics(trajectories, engine, generation_seconds, optimisation_seconds, returns, judged)
+        self._record_rollout_metrics(
+            trajectories, engine, generation_seconds, optimisation_seconds, returns, judged, sampled=sampled
+        )
         if self.curriculum is not None:
-            accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in trajectories]
+            accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in sampled]
             stages = [row.get(STAGE_COLUMN) for row in rows]
             if self.accelerator.num_processes > 1:  # every process must promote at the same step
                 accuracies = [a for part in gather_object([accuracies]) for a in part]
@@ -365,6 +371,35 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 self._metrics["curriculum/promoted"].append(1.0)
         self._last_rollout_end = time.perf_counter()
         return batches
+
+    def _guide_failed_groups(
+        self, rollout: StepwiseRollout, trajectories: list[Trajectory], rows: list[dict], group_ids: list[int]
+    ) -> None:
+        """Replace one episode of every all-failed group by the problem's worked solution (``reference_guidance``).
+
+        The reference is scored by the policy so that the importance weight against the engine's log-probs is 1: it
+        was not sampled, and its gradient is the policy's own."""
+        chosen, texts = [], []
+        for index in failed_groups(trajectories):
+            row = rows[index]
+            flavour = row.get("env") if row.get("env") in FLAVOURS else self.flavour
+            text = reference_text(row, flavour)
+            if text is not None:
+                chosen.append(index)
+                texts.append(text)
+        if chosen:
+            played = play_references(
+                rollout, self.env_router(), [rows[i] for i in chosen], [group_ids[i] for i in chosen], texts
+            )
+            with torch.no_grad():
+                policy_logps = self._logps(self.accelerator.unwrap_model(self.model), played)
+            for index, reference, logps in zip(chosen, played, policy_logps, strict=True):
+                mask = reference.policy_mask
+                reference.sampling_logps = [lp if kept else 0.0 for lp, kept in zip(logps, mask, strict=True)]
+                trajectories[index] = reference
+        correct = [bool(trajectories[i].episode.verdict and trajectories[i].episode.verdict.correct) for i in chosen]
+        self._metrics["guidance/reference_episodes"].append(float(len(chosen)))
+        self._metrics["guidance/reference_correct"].append(sum(correct) / len(correct) if correct else 0.0)
 
     def _add_reward_funcs(self, trajectories: list[Trajectory]) -> None:
         """Call the reward functions once on the whole rollout with TRL's arguments; add the weighted sums to each
@@ -567,11 +602,14 @@ class StepwiseReinforceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ metrics and logging
     def _record_rollout_metrics(
-        self, trajectories, engine, generation_seconds, optimisation_seconds, returns=None, judged=None
+        self, trajectories, engine, generation_seconds, optimisation_seconds, returns=None, judged=None, sampled=None
     ) -> None:
         """``reward`` is the return the advantages start from (weights and judge included, before any KL);
-        ``rewards/<name>/mean`` and ``/std`` the raw score of each reward function, as TRL logs them."""
+        ``rewards/<name>/mean`` and ``/std`` the raw score of each reward function, as TRL logs them. ``accuracy``,
+        the episode shapes and the printed samples describe ``sampled`` (the policy's own episodes, before any
+        reference replaced one); default: the trained ``trajectories``."""
         episodes = [t.episode for t in trajectories]
+        sampled_episodes = [t.episode for t in (sampled or trajectories)]
         if returns is None:
             returns = [e.final_reward + sum(s.reward for s in e.steps) for e in episodes]
         names = list(dict.fromkeys(name for e in episodes for name in e.reward_components))
@@ -580,13 +618,13 @@ class StepwiseReinforceTrainer(BaseTrainer):
             components["judge"] = [sum(steps) for steps in judged]
         local = {
             "reward": list(returns),
-            "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in episodes],
-            "steps_per_episode": [float(len(e.steps)) for e in episodes],
-            "tokens_per_episode": [float(t.num_policy_tokens) for t in trajectories],
-            "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in episodes],
+            "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in sampled_episodes],
+            "steps_per_episode": [float(len(e.steps)) for e in sampled_episodes],
+            "tokens_per_episode": [float(t.num_policy_tokens) for t in (sampled or trajectories)],
+            "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in sampled_episodes],
         }
         for reason in ("answer", "eos", "max_steps", "token_budget"):
-            local[f"end/{reason}"] = [float(_reason(e) == reason) for e in episodes]
+            local[f"end/{reason}"] = [float(_reason(e) == reason) for e in sampled_episodes]
         gathered = (
             gather_object([(local, components)]) if self.accelerator.num_processes > 1 else [(local, components)]
         )
@@ -606,7 +644,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._metrics["time/optimisation_s"].append(optimisation_seconds)
         self._samples = [
             {"question": e.row.get("question", ""), "completion": e.completion, "reward": e.final_reward}
-            for e in episodes[: max(self.args.num_completions_to_print, 0)]
+            for e in sampled_episodes[: max(self.args.num_completions_to_print, 0)]
         ]
         if self.args.log_rollouts:
             self._append_rollouts(episodes)
