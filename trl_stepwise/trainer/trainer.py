@@ -397,9 +397,13 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 mask = reference.policy_mask
                 reference.sampling_logps = [lp if kept else 0.0 for lp, kept in zip(logps, mask, strict=True)]
                 trajectories[index] = reference
-        correct = [bool(trajectories[i].episode.verdict and trajectories[i].episode.verdict.correct) for i in chosen]
-        self._metrics["guidance/reference_episodes"].append(float(len(chosen)))
-        self._metrics["guidance/reference_correct"].append(sum(correct) / len(correct) if correct else 0.0)
+        verdicts = [trajectories[i].episode.verdict for i in chosen]
+        counts = [(len(chosen), sum(bool(v and v.correct) for v in verdicts))]
+        if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
+            counts = gather_object(counts)
+        guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
+        self._metrics["guidance/reference_episodes"].append(float(guided))
+        self._metrics["guidance/reference_correct"].append(correct / guided if guided else 0.0)
 
     def _add_reward_funcs(self, trajectories: list[Trajectory]) -> None:
         """Call the reward functions once on the whole rollout with TRL's arguments; add the weighted sums to each
