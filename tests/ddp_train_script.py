@@ -54,6 +54,9 @@ def main() -> None:
         "checksum": checksum(trainer.accelerator.unwrap_model(trainer.model)),
         "questions": questions,
         "weight_syncs": getattr(trainer._engine, "weight_syncs", None),
+        "reference_episodes": [
+            e["guidance/reference_episodes"] for e in trainer.state.log_history if "guidance/reference_episodes" in e
+        ],
     }
     (output_dir / f"rank{rank}.json").write_text(json.dumps(state))
 

@@ -332,8 +332,8 @@ def test_embedded_model_trains_two_steps(tmp_path):
     assert len(records) == 4 and all("".join(r["steps"]).strip() for r in records)  # the real model writes text
 
 
-@pytest.mark.slow
-def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
+def _launch_two_processes(output_dir, model_dir, overrides: dict | None = None) -> list[dict]:
+    """Train the tiny model in 2 processes (tests/ddp_train_script.py); each rank's summary."""
     # `accelerate launch --cpu --num_processes 2` starts ONE process on a single machine (accelerate 1.15 only runs
     # several CPU processes through mpirun); `--multi_gpu` goes through torchrun, which starts both, and the trainer's
     # use_cpu=True puts them in one gloo process group on the CPU.
@@ -341,15 +341,30 @@ def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path), str(tiny_model_dir),
+        str(REPO / "tests" / "ddp_train_script.py"), str(output_dir), str(model_dir), json.dumps(overrides or {}),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
+    ranks = _launch_two_processes(tmp_path, tiny_model_dir)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]  # they are identical after really training
     assert ranks[0]["questions"] != ranks[1]["questions"]  # each rank rolled out its own problems
+
+
+@pytest.mark.slow
+def test_two_process_reference_guidance_logs_the_groups_of_both_ranks(tiny_model_dir, tmp_path):
+    """Each rank guides its own failed groups (a random model fails them all); the log counts both ranks'."""
+    overrides = {"reference_guidance": True, "max_step_tokens": 32, "max_episode_steps": 3}
+    ranks = _launch_two_processes(tmp_path, tiny_model_dir, overrides)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
+    groups_per_rank = 4 // 2  # per_device_train_batch_size 4, num_generations 2
+    assert ranks[0]["reference_episodes"] == [2 * groups_per_rank] * 2
 
 
 def test_few_shot_source_without_solutions_falls_back_to_worked_examples(tiny_model, tokenizer, tmp_path, caplog):
