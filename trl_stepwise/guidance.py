@@ -59,13 +59,4 @@ def play_references(
 ) -> list[Trajectory]:
     """Play each text as an episode of its row, with ``rollout``'s prompts, limits and tools."""
     engine = ReferenceEngine(rollout.tokenizer, dict(enumerate(texts)), rollout.eos_ids)
-    player = StepwiseRollout(
-        None,
-        rollout.tokenizer,
-        rollout.prompt_builder,
-        rollout.sampling,
-        step_delimiter=rollout.step_delimiter,
-        calculator=rollout.calculator,
-        engine=engine,
-    )
-    return player.run(make_env, rows, group_ids=group_ids)
+    return rollout.with_engine(engine).run(make_env, rows, group_ids=group_ids)

@@ -127,6 +127,12 @@ class StepwiseRollout:
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ public API
+    def with_engine(self, engine: GenerationEngine) -> StepwiseRollout:
+        """The same prompts, limits, step delimiter and tools over another engine (e.g. a ``ReferenceEngine``)."""
+        return StepwiseRollout(
+            None, self.tokenizer, self.prompt_builder, self.sampling, self.step_delimiter, self.calculator, engine
+        )
+
     def run(
         self,
         make_env: Callable[[], Env | StepwiseMathEnv] | Sequence[Callable[[], Env | StepwiseMathEnv]],
