@@ -162,9 +162,9 @@ VARIANTS: dict[str, Variant] = {
         },
         "the first stage's one-step problems carry an irrelevant sentence half of the time",
     ),
-    "reference_guidance": Variant(
-        {"reference_guidance": True},
-        "a group whose 4 episodes all fail trains on the problem's worked solution in place of one of them",
+    "unguided": Variant(
+        {"reference_guidance": False, "curriculum_thresholds": [0.5, 0.4, 0.3, 0.25, 1.0]},
+        "no reference guidance, level 1 passed at 0.5 (the main job until its guidance)",
     ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
