@@ -613,7 +613,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
         the episode shapes and the printed samples describe ``sampled`` (the policy's own episodes, before any
         reference replaced one); default: the trained ``trajectories``."""
         episodes = [t.episode for t in trajectories]
-        sampled_episodes = [t.episode for t in (sampled or trajectories)]
+        sampled = sampled or trajectories
+        sampled_episodes = [t.episode for t in sampled]
         if returns is None:
             returns = [e.final_reward + sum(s.reward for s in e.steps) for e in episodes]
         names = list(dict.fromkeys(name for e in episodes for name in e.reward_components))
@@ -624,7 +625,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             "reward": list(returns),
             "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in sampled_episodes],
             "steps_per_episode": [float(len(e.steps)) for e in sampled_episodes],
-            "tokens_per_episode": [float(t.num_policy_tokens) for t in (sampled or trajectories)],
+            "tokens_per_episode": [float(t.num_policy_tokens) for t in sampled],
             "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in sampled_episodes],
         }
         for reason in ("answer", "eos", "max_steps", "token_budget"):
