@@ -41,7 +41,7 @@ def test_answer_ends_episode_and_is_graded():
     assert reward == 1.0
     assert obs.done and obs.steps == CORRECT and obs.question == QUESTION
     episode = env.episode
-    assert episode.done and episode.completion == "".join(CORRECT)
+    assert episode.done and episode.correct and episode.completion == "".join(CORRECT)
     assert episode.final_reward == 1.0 and episode.step_rewards == [0.0, 0.0, 0.0]
     assert episode.row["solution"] == ROW["solution"]
 
@@ -52,6 +52,14 @@ def test_eos_ends_episode_without_answer():
     assert done and info["end_reason"] == EndReason.EOS
     assert info["final_answer"] is None and not info["verdict"].correct
     assert reward == 0.0
+    assert not env.episode.correct
+
+
+def test_episode_not_graded_yet_is_not_correct():
+    env = StepwiseMathEnv()
+    env.reset(**ROW)
+    env.step(CORRECT[0])
+    assert env.episode.verdict is None and not env.episode.correct
 
 
 def test_empty_step_with_eos_ends_with_eos():

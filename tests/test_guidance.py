@@ -8,7 +8,8 @@ import pytest
 from scripted_engine import ScriptedEngine, forced_text
 
 from trl_stepwise.engines.reference import ReferenceEngine
-from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.envs import Episode, StepwiseMathEnv
+from trl_stepwise.grading import Verdict
 from trl_stepwise.guidance import failed_groups, play_references, reference_text
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
@@ -71,8 +72,8 @@ def test_reference_respects_the_step_token_limit(tokenizer):
 
 
 def _trajectory(group_id, correct: bool | None):
-    verdict = None if correct is None else SimpleNamespace(correct=correct)
-    return SimpleNamespace(episode=SimpleNamespace(group_id=group_id, verdict=verdict))
+    verdict = None if correct is None else Verdict(correct, None, "1", "scripted")
+    return SimpleNamespace(episode=Episode(episode_id=0, group_id=group_id, row={}, verdict=verdict))
 
 
 def test_failed_groups_picks_the_last_episode_of_each_group_with_no_correct_episode():

@@ -45,7 +45,7 @@ def failed_groups(trajectories: Sequence[Trajectory]) -> list[int]:
     for index, trajectory in enumerate(trajectories):
         episode = trajectory.episode
         last[episode.group_id] = index
-        if episode.verdict is not None and episode.verdict.correct:
+        if episode.correct:
             solved.add(episode.group_id)
     return [index for group, index in last.items() if group not in solved and group is not None]
 

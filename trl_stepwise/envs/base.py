@@ -80,6 +80,11 @@ class Episode:
     def done(self) -> bool:
         return self.end_reason is not None
 
+    @property
+    def correct(self) -> bool:
+        """Graded correct (an episode not graded yet, or one that gave no answer, is not)."""
+        return self.verdict is not None and bool(self.verdict.correct)
+
 
 @runtime_checkable
 class StepwiseEnv(Protocol):

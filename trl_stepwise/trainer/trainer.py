@@ -362,7 +362,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             trajectories, engine, generation_seconds, optimisation_seconds, returns, judged, sampled=sampled
         )
         if self.curriculum is not None:
-            accuracies = [float(bool(t.episode.verdict and t.episode.verdict.correct)) for t in sampled]
+            accuracies = [float(t.episode.correct) for t in sampled]
             stages = [row.get(STAGE_COLUMN) for row in rows]
             if self.accelerator.num_processes > 1:  # every process must promote at the same step
                 accuracies = [a for part in gather_object([accuracies]) for a in part]
@@ -397,8 +397,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                 mask = reference.policy_mask
                 reference.sampling_logps = [lp if kept else 0.0 for lp, kept in zip(logps, mask, strict=True)]
                 trajectories[index] = reference
-        verdicts = [trajectories[i].episode.verdict for i in chosen]
-        counts = [(len(chosen), sum(bool(v and v.correct) for v in verdicts))]
+        counts = [(len(chosen), sum(trajectories[i].episode.correct for i in chosen))]
         if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
             counts = gather_object(counts)
         guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
@@ -623,7 +622,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             components["judge"] = [sum(steps) for steps in judged]
         local = {
             "reward": list(returns),
-            "accuracy": [float(bool(e.verdict and e.verdict.correct)) for e in sampled_episodes],
+            "accuracy": [float(e.correct) for e in sampled_episodes],
             "steps_per_episode": [float(len(e.steps)) for e in sampled_episodes],
             "tokens_per_episode": [float(t.num_policy_tokens) for t in sampled],
             "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in sampled_episodes],
@@ -670,7 +669,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
                     "answer": e.row.get("answer"),
                     "steps": [s.text for s in e.steps],
                     "final_answer": e.final_answer,
-                    "correct": bool(e.verdict and e.verdict.correct),
+                    "correct": e.correct,
                     "reward": e.final_reward,
                     "end_reason": _reason(e),
                 }
