@@ -58,7 +58,7 @@ def rollout(
     engine = StepwiseRollout(model, tokenizer, builder, sampling=sampling, step_delimiter="\n", calculator=True)
     with Timer() as timer:
         trajectories = engine.run(make_env, rows, group_ids=groups)
-    correct = sum(bool(t.episode.verdict and t.episode.verdict.correct) for t in trajectories)
+    correct = sum(t.episode.correct for t in trajectories)
     figures = {
         "seconds": timer.seconds,
         "generated_tokens": engine.stats.generated_tokens,

@@ -160,7 +160,7 @@ def run_stepwise(
         sampled_tokens=stats.generated_tokens,
         forced_tokens=stats.forced_tokens,
         model_calls=stats.model_calls,
-        correct=sum(bool(t.episode.verdict and t.episode.verdict.correct) for t in trajectories),
+        correct=sum(t.episode.correct for t in trajectories),
     )
 
 
@@ -250,8 +250,7 @@ def run_original_loop(
                 env.step(partial, eos=eos, num_tokens=policy_tokens)
                 steps.append(partial)
                 measurement.policy_tokens += policy_tokens
-            verdict = env.episode.verdict
-            measurement.correct += bool(verdict and verdict.correct)
+            measurement.correct += env.episode.correct
     measurement.seconds = timer.seconds
     return measurement
 

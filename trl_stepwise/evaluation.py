@@ -66,7 +66,7 @@ def episode_record(
         "completion": episode.completion,
         "steps": [step.text for step in episode.steps],
         "final_answer": episode.final_answer,
-        "correct": bool(verdict.correct) if verdict is not None else False,
+        "correct": episode.correct,
         "reason": verdict.reason if verdict is not None else "unfinished",
         "end_reason": episode.end_reason.value if episode.end_reason is not None else None,
         "num_steps": len(episode.steps),
