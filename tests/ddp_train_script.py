@@ -54,6 +54,11 @@ def main() -> None:
         "checksum": checksum(trainer.accelerator.unwrap_model(trainer.model)),
         "questions": questions,
         "weight_syncs": getattr(trainer._engine, "weight_syncs", None),
+        "sampler_gaps": [
+            e["sampling/sampling_logp_difference/mean"]
+            for e in trainer.state.log_history
+            if "sampling/sampling_logp_difference/mean" in e
+        ],
         "reference_episodes": [
             e["guidance/reference_episodes"] for e in trainer.state.log_history if "guidance/reference_episodes" in e
         ],

@@ -119,6 +119,16 @@ GRADE_CASES = [
     ("The answer is: p - q", "p - q", True),
     ("The answer is: q - p", "p - q", False),
     ("The answer is:", "5", False),
+    # chat models' answer lines handed to grade(): the marker must not reach the number or symbolic parsers
+    ("**Answer:** 48115525", "48115525", True),
+    ("**Answer:** 48115526", "48115525", False),
+    ("**Answer:** $\\frac{3}{4}$", "\\frac34", True),
+    ("**Answer:** $\\frac{3}{5}$", "\\frac34", False),
+    ("**Final answer: 18**", "18", True),
+    ("Final Answer: $\\boxed{6\\sqrt{2}}$", "6\\sqrt{2}", True),
+    ("Answer: 19", "18", False),
+    ("#### 1,024", "1024", True),
+    ("**Answer:**", "5", False),
     # scientific notation, plain and LaTeX
     ("8e-06", "0.000008", True),
     ("8 \\times 10^{-6}", "8e-06", True),
@@ -375,3 +385,202 @@ def test_gold_answers_in_every_written_form_are_accepted_and_wrong_ones_rejected
         result = module.run(name, answers, timeout_s=2.0)
         assert result["misses"] == {} and result["false_accepts"] == [], result
         assert len(result["accepted"]) >= 15 and all(total > 0 for _, total in result["rejected"].values())
+
+
+# --- answer markers of chat models ---
+
+# (solution text, what extract_final_answer returns): the explicit marker nearest the end wins
+CHAT_MARKERS = [
+    ("**Answer:** 48115525", "48115525"),
+    ("**Answer:** $\\frac{3}{4}$", "$\\frac{3}{4}$"),
+    ("**Answer**: 18", "18"),
+    ("**Final Answer:** 18", "18"),
+    ("**Final answer: 18**", "18"),
+    ("***Final Answer:*** 18", "18"),
+    ("__Answer:__ 18", "18"),
+    ("*Answer:* 18.", "18"),
+    ("- **Answer:** 18", "18"),
+    ("1. **Answer:** 18", "18"),
+    ("> **Answer:** 18", "18"),
+    ("Answer: 18 square feet per day", "18 square feet per day"),
+    ("### Answer: 18", "18"),
+    ("Final answer: 18", "18"),
+    ("FINAL ANSWER: 18", "18"),
+    ("Answer: 18", "18"),
+    ("Answer: 18. I hope this helps!", "18"),
+    ("Answer: 18 apples", "18 apples"),
+    ("Answer: \\text{Evelyn}", "\\text{Evelyn}"),
+    ("**Answer:** \\begin{pmatrix} -2 \\\\ 5 \\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ 5 \\end{pmatrix}"),
+    ("**Answer:** $x \\in \\mathbb{R}$", "$x \\in \\mathbb{R}$"),
+    ("Final Answer: $\\boxed{18}$", "18"),
+    ("Final Answer: The final answer is $18$. I hope it is correct.", "$18$"),
+    ("The final answer is $\\boxed{6\\sqrt{2}}$", "6\\sqrt{2}"),
+    ("So the farm earns $\\boxed{48115525}$ dollars in total.", "48115525"),
+    ("The answer is: **18**", "18"),
+    ("Therefore, the answer is **18**.", "18"),
+    ("#### 18", "18"),
+    ("#### 1,024", "1,024"),
+    ("#### $\\frac{3}{4}$", "$\\frac{3}{4}$"),
+    ("### Final Answer\n18", "18"),
+    ("Final Answer:\n18", "18"),
+    ("### Final Answer\n\n$\\frac{3}{4}$\n", "$\\frac{3}{4}$"),
+    ("**Final Answer**\n\n\\[ 6\\sqrt{2} \\]", "\\[ 6\\sqrt{2} \\]"),
+    ("**Final Answer**\n\\[\n\\frac{3}{4}\n\\]", "\\frac{3}{4}"),
+    ("**Final Answer:**\n$$\n48115525\n$$\nDone.", "48115525"),
+    ("**Answer**\n**18**", "18"),
+    ("**Final Answer**\n\\[\n\\boxed{18}\n\\]", "18"),
+    # the last marker wins, whatever its kind
+    ("Answer: 17\nLet me check that again: 4 + 14 = 18.\n**Final Answer:** 18", "18"),
+    ("**Answer:** 17\nWait, I forgot the pears.\nThe answer is: 18", "18"),
+    ("The answer is: 17\n#### 18", "18"),
+    ("\\boxed{17}\n**Final Answer:** 18", "18"),
+    ("**Final Answer:** 18\nActually \\boxed{17}", "17"),
+    ("### Final Answer\n17\n\nOn second thought:\n### Final Answer\n18", "18"),
+    # not markers: bold text, headings, prose and empty labels
+    ("**5 apples** remain", None),
+    ("Step 1: **3 + 4 = 7**", None),
+    ("#### Step 1: add the apples\n3 + 4 = 7", None),
+    ("#### 1. Compute the total\nShe buys 3 + 4 = 7 apples.", None),
+    ("#### Summary\nShe has 7 apples.", None),
+    ("### Final Answer\nThe total number of apples she has left is 18.", None),
+    ("Answer: First we add 3 and 4 to get 7 apples, then she buys more.", None),
+    ("Answering takes two steps: 3 + 4 = 7.", None),
+    ("Answers: 7 and 8", None),
+    ("**Final Answer**", None),
+    ("**Final Answer**\n" * 3, None),
+    ("### Final Answer\n### Summary\nShe has 7 apples.", None),
+    ("**Answer:**", None),
+    ("**Final Answer**\n\n### Step 1\n3 + 4 = 7", None),
+    ("**Final Answer**\n\\[\n18", None),  # display math never closed
+    ("Answer:\n5 + 3 = 8\nShe then buys more.", None),  # our plain prompt's "Answer:" opens the solution
+    ("Question: How many?\nAnswer:\n18", None),
+    ("The final answer: 18 apples", None),  # "answer" does not open the line
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CHAT_MARKERS)
+def test_extract_final_answer_chat_markers(text: str, expected: str | None) -> None:
+    assert extract_final_answer(text) == expected
+
+
+CHAT_SOLUTION = "Step 1: 3 + 4 = 7 apples.\nStep 2: 7 * 2 = 14 pears.\n\n"
+
+
+@pytest.mark.parametrize(
+    ("final_line", "reference", "wrong_reference"),
+    [
+        ("**Answer:** 48115525", "48115525", "48115526"),
+        ("**Answer:** 48,115,525", "48115525", "4811552"),
+        ("**Answer:** $48,115,525$", "48115525", "48115524"),
+        ("**Answer:** $\\frac{3}{4}$", "\\frac34", "\\frac35"),
+        ("**Answer:** $6\\sqrt{2}$", "6\\sqrt{2}", "6\\sqrt{3}"),
+        ("**Final Answer:** 18", "18", "7"),
+        ("**Final answer: 48115525**", "48115525", "48115526"),
+        ("Final answer: 18", "18", "14"),
+        ("Final Answer: $\\boxed{48115525}$", "48115525", "48115526"),
+        ("The final answer is $\\boxed{6\\sqrt{2}}$", "6\\sqrt{2}", "6"),
+        ("Therefore, the total is $\\boxed{\\frac{3}{4}}$ of the cake.", "\\frac{3}{4}", "4"),
+        ("#### 48115525", "48115525", "48115526"),
+        ("Answer: 18", "18", "7"),
+        ("### Final Answer\n48115525", "48115525", "48115526"),
+        ("**Final Answer**\n\\[\n\\frac{3}{4}\n\\]", "\\frac{3}{4}", "\\frac{4}{3}"),
+        ("**Answer**\n**48115525**", "48115525", "14"),
+        ("**Answer:** \\text{Evelyn}", "\\text{Evelyn}", "\\text{Emily}"),
+    ],
+)
+def test_chat_answer_markers_grade_correct(final_line: str, reference: str, wrong_reference: str) -> None:
+    verdict = grade_solution(CHAT_SOLUTION + final_line, reference)
+    assert verdict.correct, verdict
+    assert not grade_solution(CHAT_SOLUTION + final_line, wrong_reference).correct  # not an intermediate (7, 14)
+
+
+@pytest.mark.parametrize(
+    ("final_line", "reference"),
+    [
+        ("**Answer:** 48115525", "48115525"),
+        ("**Final answer: 18**", "18"),
+        ("Final Answer: $\\boxed{18}$", "18"),
+        ("#### 1,024", "1024"),
+        ("### Final Answer\n48115525", "48115525"),
+    ],
+)
+def test_chat_answer_markers_take_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch, final_line: str, reference: str
+) -> None:
+    """A number after a chat marker is read as that number, not found by math-verify's last-number fallback."""
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("symbolic path used")
+
+    monkeypatch.setattr(grading, "_math_verify_equal", boom)
+    verdict = grade_solution(CHAT_SOLUTION + final_line, reference)
+    assert verdict.correct and verdict.reason in ("string_equal", "numeric_equal"), verdict
+    assert grade(final_line, reference).reason in ("string_equal", "numeric_equal")
+
+
+@pytest.mark.parametrize(
+    ("text", "reference"),
+    [
+        # bold intermediate results are not answers
+        ("**5 apples** remain after lunch.\nShe buys 7 more, so the answer is 12.", "5"),
+        ("Step 1: **3 + 4 = 7**\nStep 2: 7 + 2 = 9\n**Final Answer:** 9", "7"),
+        ("We find **x = 7** first.\nThen y = 2x = 14.\n\n**Answer:** 14", "7"),
+        # the final marker holds a wrong value while an intermediate equals the gold
+        ("Step 1: 3 + 4 = 7\n**Final Answer:** 8", "7"),
+        ("She has $\\boxed{7}$ apples before lunch.\n**Final Answer:** 9", "7"),
+        ("#### 7\nWait, she also buys 2 more.\n#### 9", "7"),
+        # an earlier marker is overridden by the last one
+        ("**Answer:** 7\nWait, I forgot the 2 pears.\n**Final Answer:** 9", "7"),
+        ("Answer: 7\n\n### Final Answer\n9", "7"),
+        # no marker at all: an intermediate number, bold or not, is not an answer
+        ("Step 1: **3 + 4 = 7**", "7"),
+        ("So she has **7** apples.", "7"),
+        ("#### 1. Add the apples\n3 + 4 = 7", "7"),
+        ("#### 1. Add the apples\n3 + 4 = 7", "1"),
+        ("### Final Answer\nShe has 3 + 4 = 7 apples.", "7"),
+        ("Answer: First, 3 + 4 = 7 apples.", "7"),
+    ],
+)
+def test_intermediate_results_are_not_answers(text: str, reference: str) -> None:
+    assert not grade_solution(text, reference).correct
+    assert not grade(text, reference).correct or extract_final_answer(text) is None
+
+
+def test_last_marker_overrides_earlier_ones() -> None:
+    assert grade_solution("**Answer:** 7\nWait, I forgot the 2 pears.\n**Final Answer:** 9", "9").correct
+    assert grade_solution("Answer: 7\n\n### Final Answer\n9", "9").correct
+    assert grade_solution("#### 7\nWait, she also buys 2 more.\n#### 9", "9").correct
+    assert grade_solution("**5 apples** remain after lunch.\nShe buys 7 more, so the answer is 12.", "12").correct
+
+
+def test_project_answer_format_is_unchanged() -> None:
+    """Our own prompt's "The answer is: N" line reads as before, markdown or chat markers earlier on or not."""
+    assert grade_solution("2 + 3 = 5.\nThe answer is: 5", "5") == Verdict(True, "5", "5", "string_equal")
+    assert grade_solution("**Answer:** 4\nNo: 2 + 3 = 5.\nThe answer is: 5", "5").correct
+    assert not grade_solution("**Answer:** 5\nNo: 2 + 2 = 4.\nThe answer is: 4", "5").correct
+    assert extract_final_answer("Answer the question.\nThe answer is: 18 dollars. Next question: how many?") == (
+        "18 dollars"
+    )
+    assert extract_final_answer("### Step 1\n3 + 4 = 7\n### Step 2\nThe answer is: 7") == "7"
+
+
+def test_hostile_chat_marker_texts_return_quickly() -> None:
+    texts = [
+        "**Answer:**" * 5_000,
+        "Answer:\n" * 20_000,
+        "**Final Answer**\n" * 10_000,
+        "#### " * 20_000,
+        "####\n" * 20_000,
+        " " * 100_000 + "Answer",
+        "\t" * 50_000 + "x",
+        "*" * 100_000,
+        "_" * 100_000 + "\n",
+        "**Final Answer**\n" + "\\[\n" * 20_000,
+        "**Final Answer**\n" + "\n" * 100_000 + "18",
+        "Answer: " + "a " * 50_000,
+    ]
+    start = time.perf_counter()
+    verdicts = [grade_solution(text, "5", timeout_s=1.0) for text in texts]
+    verdicts += [grade(text[:9_000], "5", timeout_s=1.0) for text in texts]
+    assert time.perf_counter() - start < HANG_GUARD_S
+    assert not any(v.correct for v in verdicts)

@@ -93,6 +93,6 @@ def test_reference_kl_is_exactly_zero_at_step_zero_under_bf16(tiny_model, tokeni
 
     trainer._score = spy
     trainer.train()
-    policy, reference = scored[0]
+    (policy, _), reference = scored[0]
     assert policy == reference  # identical weights, identical precision: bit-identical log-probs
     assert logged(trainer, "kl")[1] == 0.0

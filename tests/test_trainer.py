@@ -202,7 +202,7 @@ def test_lora_trains_only_adapters_and_reference_is_the_base_model(
     trajectories = trainer.rollout_engine().run(
         trainer.make_env, [dict(r) for r in arithmetic_problems.select(range(3))]
     )
-    policy, reference = trainer._score(trajectories)
+    (policy, _), reference = trainer._score(trajectories)
     assert policy is None and reference is not None
     expected = trainer._logps(base_copy, trajectories)
     with_adapter = trainer._logps(peft_model, trajectories)

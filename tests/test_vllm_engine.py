@@ -24,36 +24,15 @@ pytestmark = pytest.mark.slow
 GREEDY = SamplingConfig(temperature=0.0, max_step_tokens=64, batch_size=16)
 
 
-@pytest.fixture(scope="module")
-def policy():
-    from trl_stepwise.models import load_model
-
-    return load_model(None).eval()
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(policy, tokenizer):
-    from trl_stepwise.engines.factory import vllm_model_path
-    from trl_stepwise.engines.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(
-        vllm_model_path(policy, tokenizer),
-        tokenizer,
-        dtype="float32",
-        max_model_len=2048,
-        kv_cache_space_gb=1,
-        generation_config=policy.generation_config,
-    )
-    yield engine
-    del engine
+@pytest.fixture
+def policy(embedded_policy):
+    return embedded_policy
 
 
 @pytest.fixture
-def restore_weights(policy, vllm_engine):
+def restore_weights(restore_vllm_weights):
     """Push the embedded model's own weights back after a test that pushed others."""
     yield
-    with policy_weights(policy) as weights:
-        vllm_engine.sync_weights(weights)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +138,10 @@ def test_trainer_with_use_vllm_pushes_weights_and_logs_the_engine_mismatch(
     )
     trainer.train()
     assert vllm_engine.weight_syncs - syncs == 2  # before the rollouts of step 1 and of step 2
-    logged = [entry for entry in trainer.state.log_history if "vllm/logprob_abs_diff" in entry]
-    assert logged and all(0.0 <= entry["vllm/logprob_abs_diff"] < 1.0 for entry in logged)
-    assert all(0.0 < entry["vllm/is_weight_mean"] <= 3.0 for entry in logged)
+    gap, ratio = "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean"
+    logged = [entry for entry in trainer.state.log_history if gap in entry]
+    assert len(logged) == 2 and all(0.0 <= entry[gap] < 0.05 for entry in logged)  # fp32 both sides
+    assert all(0.0 < entry[ratio] <= 3.0 for entry in logged)
 
 
 def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tmp_path):
@@ -192,6 +172,8 @@ def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tm
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
     assert [r["weight_syncs"] for r in ranks] == [2, 2]  # before each step's rollout, on each rank
+    # the combination matrix's (colocate, 2 processes) cell: after an optimizer step both engines sample the policy
+    assert all(len(r["sampler_gaps"]) == 2 and r["sampler_gaps"][-1] < 0.05 for r in ranks)
 
 
 def test_seeded_sampling_with_chunked_prompts(tokenizer, vllm_engine, builder, problems):

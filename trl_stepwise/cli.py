@@ -19,9 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from trl_stepwise.engines.config import GenerationEngineArguments
+from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
 from trl_stepwise.quiet import quiet_data_progress_bars
-from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelParser, UsageError
+from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelParser, UsageError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,14 @@ def _check_arguments(args: EvaluateArguments) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if args.output:  # before the model loads: an unwritable path would lose the whole evaluation at its end
+        check_writable(args.output, "--output")
+    if args.summary_output:
+        check_writable(args.summary_output, "--summary_output")
+    greedy = [(args.temperature == 0, ("top_p", "top_k"), "with --temperature 0 (greedy decoding)")]
+    for line in args.inert_engine_flags(training=False) + inert_flags(args, greedy):
+        if _is_main_process():
+            print(f"{PROG} evaluate: warning: {line}", file=sys.stderr)
 
 
 def _summary_path(args: EvaluateArguments) -> Path | None:

@@ -25,7 +25,8 @@ from trl_stepwise.prompting import has_worked_solutions, load_system_prompt
 from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
-from trl_stepwise.usage import UsageError, parse_recipe_args, report_usage_error
+from trl_stepwise.trainer.setup import check_engine_setup
+from trl_stepwise.usage import UsageError, check_writable, parse_recipe_args, report_usage_error
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ def prepare_reinforce(
             **(training_args.model_init_kwargs or {}),
             "quantization_config": quantization,
         }
+    check_writable(training_args.output_dir, "--output_dir", is_dir=True)
+    try:
+        check_engine_setup(training_args, quantized=quantization is not None, peft_config=get_peft_config(model_args))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if training_args.env_flavour is None:
         training_args.env_flavour = dataset_flavour(script_args.dataset_name)
     if training_args.distill_coef > 0 and not training_args.teacher_model:

@@ -62,6 +62,7 @@ class Trajectory:
     policy_mask: list[bool] = field(default_factory=list)
     step_index: list[int] = field(default_factory=list)
     sampling_logps: list[float] = field(default_factory=list)  # the engine's log-prob of each token (0 if forced)
+    engine_sampled: bool = True  # False for a reference solution played in: its log-probs are not the engine's
 
     @property
     def num_policy_tokens(self) -> int:
@@ -253,7 +254,7 @@ class StepwiseRollout:
             return self._insert(envs, play, play.pending, play.read)
         if output.finish_reason == "length" and not tokens:
             # the engine cannot extend this sequence any further (its context is full): end the episode
-            self._close_step(envs, play, eos=True)
+            self._close_step(envs, play, eos=False, context_full=True)
             return None
         return Continuation([], *self._limits(envs, play))
 
@@ -295,11 +296,15 @@ class StepwiseRollout:
         trajectory.step_index.append(play.step_number if step is None else step)
         trajectory.sampling_logps.append(logp)
 
-    def _close_step(self, envs: list[EnvSession], play: _Play, eos: bool) -> tuple[bool, str]:
+    def _close_step(
+        self, envs: list[EnvSession], play: _Play, eos: bool, context_full: bool = False
+    ) -> tuple[bool, str]:
         """Hand the current step to the environment; returns whether the episode ended and its reply."""
         segments = self._segments(play)
         text = "".join(s.text for s in segments)
-        reply, done = envs[play.index].step(text, eos=eos, num_tokens=self._step_length(play), segments=segments)
+        reply, done = envs[play.index].step(
+            text, eos=eos, num_tokens=self._step_length(play), segments=segments, context_full=context_full
+        )
         play.step_start = len(play.trajectory.completion_ids)
         play.step_number += 1
         return done, reply
@@ -317,6 +322,9 @@ class StepwiseRollout:
             max_tokens = min(max_tokens, budget - episode.num_tokens - in_step + step_limit)
         stops: list[str] = []
         if self.engine.cheap_stops:
+            # also at the step's token limit: such an engine feeds every sampled token at once and cannot take back
+            # tokens sampled past a step the environment answers (a reply must follow the step, not what came after)
+            max_tokens = min(max_tokens, step_limit - in_step)
             stops.append(self.step_delimiter or "\n")
         if not self.engine_streams:  # a streaming engine is cut at the right token without stop strings
             stops.extend(s for s in session.stop_strings(self._step_text(play)) if s not in stops)

@@ -21,6 +21,7 @@ __all__ = [
     "USAGE_ERROR",
     "OneLineErrorParser",
     "UsageError",
+    "check_writable",
     "one_line",
     "parse_recipe_args",
     "report_usage_error",
@@ -40,6 +41,32 @@ def one_line(err: BaseException | str) -> str:
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+
+
+def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> None:
+    """Refuse, before any work, a path the run could not write at its end (the work would be lost): a folder that
+    cannot be created or written in, or a file in one. Creates nothing that was not there."""
+    target = Path(path).expanduser()
+    folder = target if is_dir else target.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if target.exists() and is_dir != target.is_dir():
+        problem = f"it is {'a file' if target.is_file() else 'a folder'}"
+    elif not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    else:
+        try:  # a real write: permissions alone do not tell (root, read-only and virtual file systems)
+            import tempfile
+
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+        except OSError as err:
+            problem = f"{existing} is not writable ({err.strerror or err})"
+    if problem is None and target.is_file() and not os.access(target, os.W_OK):
+        problem = "the file is not writable"
+    if problem is not None:
+        raise UsageError(f"{flag} {path}: cannot write there: {problem}; choose a writable path.")
 
 
 def report_usage_error(prog: str, err: BaseException | str) -> int:

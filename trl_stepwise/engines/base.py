@@ -13,6 +13,7 @@ or None) and the engine aborts it. Such an engine needs no stop strings: the loo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -102,6 +103,47 @@ class GenerationEngine(Protocol):
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take new policy weights (checkpoint names, full precision) before the next generation."""
+
+
+class MissingLogprobsError(RuntimeError):
+    """An engine returned no (or a NaN) log-prob for a sampled token."""
+
+
+def checked_logprob(value: float | None, request_id: int, position: int) -> float:
+    """``value`` as a float; None or NaN raise ``MissingLogprobsError`` naming the request and the token."""
+    if value is None or math.isnan(float(value)):
+        raise MissingLogprobsError(
+            f"the engine returned {'no' if value is None else 'a NaN'} log-prob for token {position} of request "
+            f"{request_id}; the trainer needs the log-prob of every sampled token (a vLLM server must not drop them)."
+        )
+    return float(value)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (run seed, step, process, request, ...): different parts give unrelated
+    seeds, the same parts the same seed."""
+    value = 0x9E3779B1
+    for part in parts:
+        value = (value * 1_000_003 ^ (int(part) & 0xFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    value ^= value >> 29
+    value = (value * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return int(value >> 33)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (already divided by the temperature) with every token outside top-k / the top-p nucleus set to -inf.
+
+    The one definition of the truncated sampling distribution: the transformers engine samples from it, and the
+    trainer scores sampled tokens under it to compare with any engine's log-probs (vLLM applies the same rule)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
 
 VLLM_MODES = ("colocate", "server")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask")
+SERVER_FLAGS = ("vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout")
+COLOCATE_FLAGS = (
+    "vllm_gpu_memory_utilization",
+    "vllm_kv_cache_space_gb",
+    "vllm_max_model_length",
+    "vllm_enable_sleep_mode",
+    "vllm_enforce_eager",
+    "vllm_dtype",
+)
+GPU_ONLY_FLAGS = ("vllm_gpu_memory_utilization", "vllm_enable_sleep_mode")
+IMPORTANCE_SAMPLING_FLAGS = (
+    "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max",
+)
 
 
 @dataclass
@@ -108,8 +125,47 @@ class GenerationEngineArguments:
                 "torchvision torchaudio torchcodec`), on a GPU machine `pip install vllm`; or --use_vllm false."
             )
 
+    def inert_engine_flags(self, training: bool) -> list[str]:
+        """One line per engine flag set away from its default where it has no effect (the caller warns with them).
+
+        ``training`` is False for ``trl-stepwise evaluate``, which neither pushes weights nor corrects importance
+        weights."""
+        on_gpu = torch.cuda.is_available()
+        rules: list[tuple[bool, tuple[str, ...], str]] = [
+            (not self.use_vllm, (*SERVER_FLAGS, *COLOCATE_FLAGS, "vllm_mode"), "with --use_vllm false"),
+            (self.use_vllm and self.vllm_mode == "server", COLOCATE_FLAGS, "with --vllm_mode server (colocate only)"),
+            (self.use_vllm and self.vllm_mode == "colocate", SERVER_FLAGS, "with --vllm_mode colocate (server only)"),
+            (self.use_vllm and self.vllm_mode == "colocate" and not on_gpu, GPU_ONLY_FLAGS, "on a CPU (GPU only)"),
+            (self.use_vllm and self.vllm_mode == "colocate" and on_gpu, ("vllm_kv_cache_space_gb",), "on a GPU"),
+            (not training, IMPORTANCE_SAMPLING_FLAGS, "in evaluation (training only)"),
+            (training and not self.use_vllm, IMPORTANCE_SAMPLING_FLAGS, "with --use_vllm false (vLLM only)"),
+            (
+                training and self.use_vllm and not self.vllm_importance_sampling_correction,
+                IMPORTANCE_SAMPLING_FLAGS[1:],
+                "with --vllm_importance_sampling_correction false",
+            ),
+        ]
+        return inert_flags(self, rules)
+
     @property
     def vllm_server_url(self) -> str:
         if self.vllm_server_base_url:
             return self.vllm_server_base_url.rstrip("/")
         return f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+
+def inert_flags(
+    config, rules: list[tuple[bool, tuple[str, ...], str]], resolved: dict[str, object] | None = None
+) -> list[str]:
+    """``--flag value has no effect <where>`` for each flag of a rule that applies and whose value is not its
+    default (``resolved``: the value an unset flag was given); a flag is named once, by the first rule."""
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    defaults.update(resolved or {})
+    lines, named = [], set()
+    for applies, names, where in rules:
+        for name in names:
+            value = getattr(config, name)
+            if applies and name not in named and name in defaults and value != defaults[name]:
+                named.add(name)
+                lines.append(f"--{name} {value} has no effect {where}; drop it.")
+    return lines

@@ -22,6 +22,9 @@ def build_engine(
     """The transformers engine, colocated vLLM or a vLLM server, as ``args.use_vllm`` / ``vllm_mode`` say."""
     if not args.use_vllm:
         return TransformersEngine(model, tokenizer)
+    from trl_stepwise.engines.weights import check_servable_model
+
+    check_servable_model(model)  # before vLLM loads: the pushed weights must be the trained policy, or refused
     generation_config = getattr(model, "generation_config", None)
     if args.vllm_mode == "server":
         from trl_stepwise.engines.vllm_server import VLLMServerEngine
@@ -31,11 +34,6 @@ def build_engine(
         )
     from trl_stepwise.engines.vllm_engine import VLLMEngine
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        raise ValueError(
-            "--use_vllm true cannot serve a 4/8-bit base with a LoRA adapter (the adapter is merged into the weights "
-            "for vLLM). Use --use_vllm false to train in 4-bit, or load the base in bfloat16 for vLLM."
-        )
     dtype = args.vllm_dtype if args.vllm_dtype != "auto" else str(_dtype_of(model)).removeprefix("torch.")
     return VLLMEngine(
         vllm_model_path(model, tokenizer),

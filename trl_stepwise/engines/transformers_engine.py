@@ -24,6 +24,7 @@ from trl_stepwise.engines.base import (
     OnStop,
     SamplingConfig,
     eos_token_ids,
+    filter_logits,
 )
 from trl_stepwise.kv_cache import grouped_query_attention, growing_cache
 
@@ -53,6 +54,7 @@ class TransformersEngine:
         self.stop_token_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.model_calls = 0
         self._generator: torch.Generator | None = None
+        self._generator_seed: int | None = None
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: this engine decodes with the policy model itself."""
@@ -178,25 +180,20 @@ class TransformersEngine:
         if sampling.greedy:
             tokens = logits.argmax(-1)
         else:
-            logits = logits / sampling.temperature
-            if sampling.top_k > 0:
-                kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if sampling.top_p < 1.0:
-                sorted_logits, order = torch.sort(logits, descending=True)
-                probs = sorted_logits.softmax(-1)
-                drop = probs.cumsum(-1) - probs > sampling.top_p
-                logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+            logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
             generator = self._rng(sampling.seed, logits.device)
             tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens.cpu(), logprobs.cpu()
 
     def _rng(self, seed: int | None, device: torch.device) -> torch.Generator | None:
+        """One generator per seed: a new seed (the next training step's) starts a new stream, the same seed goes on
+        with its own."""
         if seed is None:
             return None
-        if self._generator is None:
+        if self._generator is None or self._generator_seed != seed:
             self._generator = torch.Generator(device=device).manual_seed(seed)
+            self._generator_seed = seed
         return self._generator
 
     def _autocast(self, sampling: SamplingConfig) -> contextlib.AbstractContextManager:

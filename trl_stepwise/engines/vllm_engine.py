@@ -22,8 +22,10 @@ from trl_stepwise.engines.base import (
     KEEP_SAMPLING,
     GenerationOutput,
     GenerationRequest,
+    MissingLogprobsError,
     OnStop,
     SamplingConfig,
+    checked_logprob,
     eos_token_ids,
 )
 
@@ -119,7 +121,7 @@ class VLLMEngine:
                 completion = result.outputs[0]
                 new_ids = list(completion.token_ids)
                 entry.token_ids.extend(new_ids)
-                entry.logprobs.extend(_sampled_logprobs(completion, new_ids))
+                entry.logprobs.extend(_sampled_logprobs(completion, new_ids, entry.request_id))
                 reason = completion.finish_reason if result.finished else None
                 answer = on_stop(GenerationOutput(entry.request_id, entry.token_ids, entry.logprobs, reason))
                 if answer is KEEP_SAMPLING:
@@ -185,8 +187,17 @@ class _Running:
     logprobs: list[float] = field(default_factory=list)
 
 
-def _sampled_logprobs(completion: Any, token_ids: list[int]) -> list[float]:
-    """The log-prob of each sampled token (vLLM returns a dict per position, keyed by token id)."""
-    if completion.logprobs is None:
-        return [0.0] * len(token_ids)
-    return [float(position[token].logprob) for position, token in zip(completion.logprobs, token_ids, strict=True)]
+def _sampled_logprobs(completion: Any, token_ids: list[int], request_id: int) -> list[float]:
+    """The log-prob of each sampled token (vLLM returns a dict per position, keyed by token id); a missing or NaN
+    value is an error naming the request, never a silent 0 (it would be read as probability 1)."""
+    positions = completion.logprobs
+    if positions is None or len(positions) != len(token_ids):
+        raise MissingLogprobsError(
+            f"vLLM returned {0 if positions is None else len(positions)} log-probs for the {len(token_ids)} tokens "
+            f"sampled for request {request_id}; the trainer needs the log-prob of every sampled token."
+        )
+    values = []
+    for index, (position, token) in enumerate(zip(positions, token_ids, strict=True)):
+        entry = position.get(token) if position is not None else None
+        values.append(checked_logprob(None if entry is None else entry.logprob, request_id, index))
+    return values

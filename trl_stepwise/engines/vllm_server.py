@@ -7,7 +7,6 @@ Weights are pushed with TRL's ``VLLMClient`` (its NCCL weight-transfer engine: G
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -16,7 +15,20 @@ from typing import Any
 import requests
 import torch
 
-from trl_stepwise.engines.base import GenerationOutput, GenerationRequest, OnStop, SamplingConfig, eos_token_ids
+from trl_stepwise.engines.base import (
+    GenerationOutput,
+    GenerationRequest,
+    OnStop,
+    SamplingConfig,
+    checked_logprob,
+    derive_seed,
+    eos_token_ids,
+)
+
+SERVE_HINT = (
+    "start it with `trl vllm-serve --model <model>` (or `VLLM_SERVER_DEV_MODE=1 vllm serve <model> "
+    """--weight-transfer-config '{"backend": "nccl"}' --logprobs-mode processed_logprobs`)"""
+)
 
 CONCURRENCY = 64  # sequences in flight at once
 
@@ -36,36 +48,19 @@ class VLLMServerEngine:
         self.tokenizer = tokenizer
         self.stop_token_ids = eos_token_ids(tokenizer, generation_config)
         self.session = requests.Session()
-        self.model = self._wait_for_server()
+        self.model = wait_for_server(self.session, self.base_url, timeout)
         self._client = None
         self.weight_syncs = 0
 
-    def _wait_for_server(self) -> str:
-        """The served model's id, once ``/health`` answers; a clear error after ``timeout`` seconds."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                if self.session.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return self.session.get(f"{self.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
-            except (requests.RequestException, KeyError, IndexError, ValueError):
-                pass
-            if time.monotonic() >= deadline:
-                raise VLLMServerError(
-                    f"The vLLM server at {self.base_url} did not answer within {self.timeout:g} s. Start it with "
-                    "`trl vllm-serve --model <model>` (or check --vllm_server_base_url / --vllm_server_host / "
-                    "--vllm_server_port), or raise --vllm_server_timeout."
-                )
-            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
-
     def generate(self, requests_: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
         with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
-            running: dict[Future, tuple[GenerationRequest, list[int]]] = {}
+            running: dict[Future, tuple[GenerationRequest, list[int], int]] = {}
             for request in requests_:
-                running[pool.submit(self._complete, request, sampling)] = (request, list(request.prompt_ids))
+                running[pool.submit(self._complete, request, sampling, 0)] = (request, list(request.prompt_ids), 0)
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    request, context = running.pop(future)
+                    request, context, part = running.pop(future)
                     output = future.result()
                     continuation = on_stop(output)
                     if continuation is None:
@@ -75,9 +70,11 @@ class VLLMServerEngine:
                     follow_up = GenerationRequest(
                         request.request_id, context, continuation.max_tokens, continuation.stop_strings
                     )
-                    running[pool.submit(self._complete, follow_up, sampling)] = (follow_up, context)
+                    future = pool.submit(self._complete, follow_up, sampling, part + 1)
+                    running[future] = (follow_up, context, part + 1)
 
-    def _complete(self, request: GenerationRequest, sampling: SamplingConfig) -> GenerationOutput:
+    def _complete(self, request: GenerationRequest, sampling: SamplingConfig, part: int) -> GenerationOutput:
+        """One request (``part``: how many continuations of the same sequence came before, so each draws anew)."""
         payload = {
             "model": self.model,
             "prompt": [list(request.prompt_ids)],
@@ -94,7 +91,7 @@ class VLLMServerEngine:
             "return_tokens_as_token_ids": True,
         }
         if sampling.seed is not None:
-            payload["seed"] = sampling.seed + request.request_id
+            payload["seed"] = derive_seed(sampling.seed, request.request_id, part)
         try:
             response = self.session.post(f"{self.base_url}/v1/completions", json=payload, timeout=self.timeout)
         except requests.RequestException as err:
@@ -103,10 +100,19 @@ class VLLMServerEngine:
             raise VLLMServerError(f"The vLLM server at {self.base_url} refused a request: {response.text[:300]}")
         choice = response.json()["choices"][0]
         token_ids = [int(t) for t in choice["token_ids"]]
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(token_ids)
-        logprobs = [0.0 if value is None or math.isnan(value) else float(value) for value in logprobs]
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        if logprobs is None or len(logprobs) != len(token_ids):
+            raise VLLMServerError(
+                f"The vLLM server at {self.base_url} returned {0 if logprobs is None else len(logprobs)} log-probs "
+                f"for the {len(token_ids)} tokens of request {request.request_id}; the trainer needs one per token."
+            )
+        logprobs = [checked_logprob(value, request.request_id, i) for i, value in enumerate(logprobs)]
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
         return GenerationOutput(request.request_id, token_ids, logprobs, reason)
+
+    def check_trainable(self) -> None:
+        """Refuse a server that cannot serve a policy being trained (see ``check_trainable_server``)."""
+        check_trainable_server(self.base_url, self.timeout, self.session)
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU)."""
@@ -125,3 +131,50 @@ class VLLMServerEngine:
         self._client.update_named_params(metadata, iter(pairs))
         self._client.reset_prefix_cache()
         self.weight_syncs += 1
+
+
+def wait_for_server(session: requests.Session, base_url: str, timeout: float) -> str:
+    """The served model's id, once ``/health`` answers; a clear error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if session.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return session.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+        except (requests.RequestException, KeyError, IndexError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            raise VLLMServerError(
+                f"The vLLM server at {base_url} did not answer within {timeout:g} s. Start it with "
+                "`trl vllm-serve --model <model>` (or check --vllm_server_base_url / --vllm_server_host / "
+                "--vllm_server_port), or raise --vllm_server_timeout."
+            )
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def check_trainable_server(base_url: str, timeout: float, session: requests.Session | None = None) -> None:
+    """Refuse, before training starts, a server that cannot serve a policy being trained: one without the
+    weight-transfer engine (a plain ``vllm serve``: it would keep sampling the initial weights) or that returns raw
+    log-probs instead of those of the distribution it samples from."""
+    session = session or requests.Session()
+    wait_for_server(session, base_url, timeout)
+    try:
+        response = session.get(f"{base_url}/server_info", params={"config_format": "json"}, timeout=timeout)
+    except requests.RequestException as err:
+        raise VLLMServerError(f"The vLLM server at {base_url} stopped answering: {err}") from err
+    if response.status_code != 200:
+        raise VLLMServerError(
+            f"The vLLM server at {base_url} cannot take weight updates (no /server_info: a plain `vllm serve`); "
+            f"{SERVE_HINT}."
+        )
+    config = response.json().get("vllm_config", {})
+    if config.get("weight_transfer_config") is None:
+        raise VLLMServerError(
+            f"The vLLM server at {base_url} has no weight-transfer engine, so it would keep sampling the initial "
+            f"weights; {SERVE_HINT}."
+        )
+    mode = (config.get("model_config") or {}).get("logprobs_mode", "raw_logprobs")
+    if mode != "processed_logprobs":
+        raise VLLMServerError(
+            f"The vLLM server at {base_url} returns {mode}, not the log-probs of the distribution it samples from "
+            f"(processed_logprobs); {SERVE_HINT}."
+        )

@@ -20,6 +20,7 @@ class EndReason(str, Enum):
     EOS = "eos"
     MAX_STEPS = "max_steps"
     TOKEN_BUDGET = "token_budget"
+    CONTEXT_LIMIT = "context_limit"  # the engine's context (max model length) is full: truncated, not an EOS
 
 
 @dataclass

@@ -80,9 +80,18 @@ class EnvSession:
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def step(
-        self, text: str, *, eos: bool = False, num_tokens: int | None = None, segments: list[Segment] | None = None
+        self,
+        text: str,
+        *,
+        eos: bool = False,
+        num_tokens: int | None = None,
+        segments: list[Segment] | None = None,
+        context_full: bool = False,
     ) -> tuple[str, bool]:
-        """Hand one step to the environment; returns ``(reply, done)`` (the reply is empty once the episode ended)."""
+        """Hand one step to the environment; returns ``(reply, done)`` (the reply is empty once the episode ended).
+
+        ``context_full``: the engine cannot extend the sequence any further; the episode ends there (the environment
+        sees it as an end of turn) and is recorded as cut by the context limit unless the environment ended it."""
         episode = self.episode
         if episode.done:
             raise RuntimeError(f"step() on a finished episode (end_reason={episode.end_reason.value})")
@@ -91,11 +100,13 @@ class EnvSession:
         self._calls = self._errors = 0
         episode.steps.append(record)
         episode.num_tokens += num_tokens or 0
-        action = StepText(text, eos=eos, num_tokens=num_tokens, segments=segments)
+        action = StepText(text, eos=eos or context_full, num_tokens=num_tokens, segments=segments)
         reply, reward, terminated, truncated, info = self.env.step(action)
         end = info.get("end_reason")
         if not (terminated or truncated):
-            if eos:
+            if context_full:
+                end = EndReason.CONTEXT_LIMIT
+            elif eos:
                 end = EndReason.EOS
             elif self.max_episode_tokens is not None and episode.num_tokens >= self.max_episode_tokens:
                 end = EndReason.TOKEN_BUDGET

@@ -12,11 +12,15 @@ and its key/value cache is shared by every row, gradients included; only the res
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.rollout import Trajectory
+
+FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
 
 
 def pad_trajectories(
@@ -28,6 +32,7 @@ def pad_trajectories(
     ref_logps: Sequence[Sequence[float]] | None = None,
     teacher_logps: Sequence[Sequence[float]] | None = None,
     sampling_logps: Sequence[Sequence[float]] | None = None,
+    old_sampling_logps: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
     pad_id = 0 if pad_id is None else pad_id
@@ -43,10 +48,14 @@ def pad_trajectories(
         masks.append([0] * left + [1] * (len(prompt) + len(t.completion_ids)) + [0] * right)
         completion_masks.append([bool(m) for m in t.policy_mask] + [False] * right)
     attention_mask = torch.tensor(masks, dtype=torch.long)
+    completion_mask = torch.tensor(completion_masks, dtype=torch.bool)
+    engine_sampled = torch.tensor([t.engine_sampled for t in trajectories], dtype=torch.bool)
     batch: dict[str, torch.Tensor | int] = {
         "input_ids": torch.tensor(rows, dtype=torch.long),
         "attention_mask": attention_mask,
-        "completion_mask": torch.tensor(completion_masks, dtype=torch.bool),
+        "completion_mask": completion_mask,
+        # tokens the engine sampled (its log-probs are real): not forced, not a reference solution played in
+        "sampled_mask": completion_mask & engine_sampled[:, None],
         "completion_width": completion_width,
         "prefix_ids": torch.tensor([trajectories[0].prompt_ids[:shared]], dtype=torch.long),
     }
@@ -56,6 +65,7 @@ def pad_trajectories(
         "ref_logps": ref_logps,
         "teacher_logps": teacher_logps,
         "sampling_logps": sampling_logps,
+        "old_sampling_logps": old_sampling_logps,
     }
     for name, values in per_token.items():
         if values is not None:
@@ -74,6 +84,7 @@ def micro_batches(
     ref_logps: Sequence[Sequence[float]] | None = None,
     teacher_logps: Sequence[Sequence[float]] | None = None,
     sampling_logps: Sequence[Sequence[float]] | None = None,
+    old_sampling_logps: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, torch.Tensor | int]]:
     """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
     order = sorted(
@@ -93,19 +104,34 @@ def micro_batches(
                 ref_logps=[ref_logps[i] for i in index] if ref_logps is not None else None,
                 teacher_logps=[teacher_logps[i] for i in index] if teacher_logps is not None else None,
                 sampling_logps=[sampling_logps[i] for i in index] if sampling_logps is not None else None,
+                old_sampling_logps=(
+                    [old_sampling_logps[i] for i in index] if old_sampling_logps is not None else None
+                ),
             )
         )
     return batches
 
 
-def completion_logprobs(
+@dataclass
+class CompletionScores:
+    """What one forward pass gives per completion token (B, C)."""
+
+    logps: torch.Tensor  # log pi_T(token): the tempered softmax the policy gradient is taken of (with grad)
+    entropy: torch.Tensor | None = None  # of the tempered softmax (no grad)
+    sampling_logps: torch.Tensor | None = None  # under the engine's top-k / top-p filter, renormalised (no grad)
+
+
+def score_completions(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor | int],
     temperature: float = 1.0,
     with_entropy: bool = False,
     prefix_model: torch.nn.Module | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad).
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> CompletionScores:
+    """Log-probabilities of the completion tokens from one forward pass; optionally the entropy and the log-probs
+    of the truncated distribution the engine samples from (``top_k`` / ``top_p``; without them it is ``logps``).
 
     ``prefix_model`` encodes the shared prefix (default ``model``); pass the unwrapped model when ``model`` is a
     DDP wrapper, which allows one forward call per backward.
@@ -136,10 +162,26 @@ def completion_logprobs(
     logits = out.logits[:, :-1, :]
     targets = input_ids[:, -width:]
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    logps = selective_log_softmax(logits, targets, scale)
-    if not with_entropy:
-        return logps
-    return logps, _entropy(logits.detach(), scale)
+    scores = CompletionScores(selective_log_softmax(logits, targets, scale))
+    if with_entropy:
+        scores.entropy = _entropy(logits.detach(), scale)
+    if top_k > 0 or top_p < 1.0:
+        scores.sampling_logps = _filtered_logprobs(logits.detach(), targets, scale, top_k, top_p)
+    else:
+        scores.sampling_logps = scores.logps.detach()
+    return scores
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor | int],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    prefix_model: torch.nn.Module | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad)."""
+    scores = score_completions(model, batch, temperature, with_entropy, prefix_model)
+    return (scores.logps, scores.entropy) if with_entropy else scores.logps
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -200,6 +242,18 @@ def _entropy(logits: torch.Tensor, scale: float) -> torch.Tensor:
         log_probs = torch.log_softmax(logits[b, cols].float() * scale, dim=-1)
         out[b, cols] = -(log_probs.exp() * log_probs).sum(-1)
     return out
+
+
+@torch.no_grad()
+def _filtered_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, scale: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """Log-probs of ``targets`` under the top-k / top-p truncated, renormalised tempered softmax, chunk by chunk."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for b, cols in _chunks(logits):
+        filtered = filter_logits(logits[b, cols].float() * scale, top_k, top_p)
+        out[b, cols] = filtered.log_softmax(-1).gather(-1, targets[b, cols, None]).squeeze(-1)
+    return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
 def _shared_prefix_length(trajectories: Sequence[Trajectory], minimum: int = 16) -> int:

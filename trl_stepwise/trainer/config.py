@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -9,12 +10,30 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
-from trl_stepwise.engines.config import GenerationEngineArguments
+from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
 from trl_stepwise.prompting import FLAVOURS
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.parallelism import check_launch
 
+logger = logging.getLogger(__name__)
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+JUDGE_FLAGS = (
+    "judge_mode",
+    "judge_weight",
+    "judge_prompt",
+    "judge_questions",
+    "judge_batch_size",
+    "judge_device",
+    "judge_load_in_4bit",
+)
+CURRICULUM_FLAGS = (
+    "curriculum_thresholds",
+    "curriculum_min_steps",
+    "curriculum_max_steps",
+    "curriculum_window",
+    "curriculum_replay",
+)
 
 
 @dataclass
@@ -74,8 +93,25 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of training rollouts (1.0 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of training rollouts (0 = off)."})
-    rollout_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together in one batch."})
-    rollout_bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast during generation."})
+    rollout_batch_size: int = field(
+        default=64,
+        metadata={"help": "Episodes decoded together in one batch (transformers engine; vLLM batches continuously)."},
+    )
+    rollout_bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast during generation (transformers engine only)."}
+    )
+    sampler_logprob_tolerance: float = field(
+        default=0.5,
+        metadata={
+            "help": "Stop training when the mean |log-prob difference| per sampled token between the generation "
+            "engine and the trainer (sampling/sampling_logp_difference/mean, measured every step on every engine) "
+            "stays above this for sampler_logprob_patience optimizer steps in a row: the engine no longer samples "
+            "the policy being trained. 0 turns the check off."
+        },
+    )
+    sampler_logprob_patience: int = field(
+        default=3, metadata={"help": "Optimizer steps in a row above sampler_logprob_tolerance before the stop."}
+    )
 
     # ---- objective
     algorithm: str = field(
@@ -260,6 +296,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
         self.max_episode_tokens = _alias(
             self.max_episode_tokens, "max_episode_tokens", self.max_completion_length, "max_completion_length", 384
         )
+        if self.scale_advantages and self.scale_rewards not in (None, "batch"):
+            raise ValueError(
+                f"scale_advantages=True and scale_rewards={self.scale_rewards!r} disagree: scale_advantages is the "
+                "older spelling of scale_rewards=batch; set only --scale_rewards."
+            )
         if self.scale_rewards is None:
             self.scale_rewards = "batch" if self.scale_advantages else "none"
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
@@ -279,6 +320,21 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
         if self.kl_in_reward is None:
             self.kl_in_reward = defaults.get("kl_in_reward", False)
         self._check()
+        for line in self.inert_flags():
+            logger.warning(line)
+
+    def inert_flags(self) -> list[str]:
+        """One line per flag set away from its default where this configuration makes it do nothing."""
+        rules = [
+            (self.use_vllm, ("rollout_batch_size", "rollout_bf16"), "with --use_vllm true (transformers engine only)"),
+            (self.kl_coef == 0, ("ref_sync_steps", "ref_model_mixup_alpha"), "with --kl_coef 0 (no reference model)"),
+            (self.baseline != "moving_average", ("moving_average_decay",), f"with --baseline {self.baseline}"),
+            (self.num_iterations == 1, ("epsilon",), "with --num_iterations 1 (the importance ratio is always 1)"),
+            (not self.judge_model, JUDGE_FLAGS, "without --judge_model"),
+            (not self.curriculum, CURRICULUM_FLAGS, "without --curriculum"),
+            (self.sampler_logprob_tolerance == 0, ("sampler_logprob_patience",), "with --sampler_logprob_tolerance 0"),
+        ]
+        return self.inert_engine_flags(training=True) + inert_flags(self, rules, resolved={"ref_sync_steps": 0})
 
     def _check(self) -> None:
         self.check_engine_arguments()
@@ -323,6 +379,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(
                 "scale_rewards='group' divides by the std of each problem's group, which needs num_generations >= 2; "
                 "raise --num_generations or use --scale_rewards batch / none."
+            )
+        if self.sampler_logprob_tolerance < 0 or self.sampler_logprob_patience < 1:
+            raise ValueError(
+                f"sampler_logprob_tolerance={self.sampler_logprob_tolerance}, sampler_logprob_patience="
+                f"{self.sampler_logprob_patience}: use a tolerance >= 0 (0 = off, e.g. 0.5) and a patience >= 1."
             )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations}; use >= 1 optimizer steps per batch of rollouts.")

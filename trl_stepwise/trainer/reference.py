@@ -61,3 +61,18 @@ def copy_policy_to_reference(model: Any, policy: str) -> None:
             copied += 1
     if copied == 0:
         raise RuntimeError(f"The reference adapter has no parameters to copy from adapter {policy!r}.")
+
+
+@torch.no_grad()
+def load_reference_adapter(model: Any, state: dict[str, torch.Tensor], checkpoint: Any) -> None:
+    """Restore the reference adapter from a checkpoint, refusing any key mismatch: a tensor left out would leave part
+    of the reference at its initial (random) values, silently."""
+    expected = {name for name in model.state_dict() if f".{REFERENCE_ADAPTER}." in name}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise ValueError(
+            f"{checkpoint}: its reference adapter does not match this model's ({len(missing)} tensors missing, "
+            f"{len(unexpected)} unexpected, e.g. {example}); resume with the peft settings the run was started with."
+        )
+    model.load_state_dict(state, strict=False)

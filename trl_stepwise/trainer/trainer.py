@@ -34,16 +34,17 @@ from trl_stepwise.algorithms import Algorithm, EpisodeScores, build_algorithm
 from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum
 from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
+from trl_stepwise.engines.base import derive_seed
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
-from trl_stepwise.envs import FLAVOURS, EnvRouter, StepwiseMathEnv, make_limited, resolve_env_factory
+from trl_stepwise.envs import FLAVOURS, EndReason, EnvRouter, StepwiseMathEnv, make_limited, resolve_env_factory
 from trl_stepwise.guidance import failed_groups, play_references, reference_text
 from trl_stepwise.models import build_quantization_config, load_model, load_tokenizer
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
 from trl_stepwise.rewards import combine_rewards, unique_name
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
-from trl_stepwise.trainer.batching import completion_logprobs, micro_batches, pad_trajectories
+from trl_stepwise.trainer.batching import micro_batches, pad_trajectories, score_completions
 from trl_stepwise.trainer.checkpoints import (
     publish_checkpoint,
     remove_stale_staging,
@@ -58,12 +59,15 @@ from trl_stepwise.trainer.reference import (
     REFERENCE_ADAPTER,
     add_reference_adapter,
     copy_policy_to_reference,
+    load_reference_adapter,
     needs_initial_snapshot,
     policy_adapter,
 )
+from trl_stepwise.trainer.setup import check_engine_setup
 
 logger = logging.getLogger(__name__)
 
+SAMPLER_GAP = "sampling/sampling_logp_difference/mean"  # TRL's name: mean |log pi_trainer - log pi_engine|
 STATE_FILE = "stepwise_state.json"
 REFERENCE_FILE = "reference_model.pt"
 
@@ -100,6 +104,12 @@ class StepwiseReinforceTrainer(BaseTrainer):
         environment_factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
+        quantized = (
+            "quantization_config" in (args.model_init_kwargs or {})
+            if model is None or isinstance(model, str)
+            else bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+        )
+        check_engine_setup(args, quantized, peft_config)  # before any model loads
         if model is None or isinstance(model, str):
             model_name = model
             init_kwargs = dict(args.model_init_kwargs or {})  # every from_pretrained kwarg (attn_implementation, ...)
@@ -194,7 +204,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._buffer_uses = 0
         self._ref_syncs = 0
         self._last_rollout_end: float | None = None
-        self.add_callback(_ReferenceRefreshCallback(self))
+        self._sampler_gap = [0.0, 0.0]  # this optimizer step's summed |log-prob gap| and token count, all processes
+        self._sampler_strikes = 0  # steps in a row above sampler_logprob_tolerance
+        self.add_callback(_StepEndCallback(self))
         self._engine: GenerationEngine | None = None
         self._engine_step: int | None = None  # global step of the weights the engine holds (None: not yet pushed)
 
@@ -236,6 +248,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
             max_step_tokens=args.max_step_tokens,
             batch_size=args.rollout_batch_size,
             bf16=args.rollout_bf16,
+            # another draw every step and process, the same on a resume
+            seed=derive_seed(args.seed, self.state.global_step, self.accelerator.process_index),
         )
         prompts = self.prompt_builder
         if args.few_shot_pool_size is not None:  # another draw of the pool every optimizer step (resumes the same)
@@ -269,12 +283,21 @@ class StepwiseReinforceTrainer(BaseTrainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         loader = DataLoader(
             self.train_dataset,
-            batch_size=max(1, self.args.problems_per_batch),  # 1 when a micro-batch is smaller than a group
+            batch_size=self._problems_per_loader_batch(),
             sampler=RandomSampler(self.train_dataset, generator=generator),
             collate_fn=_identity,
             drop_last=True,
         )
         return self.accelerator.prepare(loader)
+
+    def _problems_per_loader_batch(self) -> int:
+        """Problems per loader batch: a micro-batch's worth when it holds whole groups, else 1, so that an
+        accumulation cycle pulls exactly ``generation_batch_size / num_generations`` problems (5 episodes per
+        micro-batch with 2 per problem would otherwise pull 3 problems for 2 micro-batches of 5: 12 episodes)."""
+        args = self.args
+        if args.per_device_train_batch_size % args.num_generations == 0:
+            return args.problems_per_batch
+        return 1
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: Any = None):
         """Roll out the problems of a whole accumulation cycle at once and split the episodes into micro-batches."""
@@ -318,7 +341,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             self._guide_failed_groups(engine, trajectories, rows, group_ids)
         generation_seconds = time.perf_counter() - started
         self._add_reward_funcs(trajectories)
-        policy_logps, ref_logps = self._score(trajectories)
+        (policy_logps, old_sampling_logps), ref_logps = self._score(trajectories)
         teacher_logps = self._teacher_logps(trajectories)
         judged = self._judge_rewards(trajectories)
         scores, returns = [], []
@@ -341,7 +364,6 @@ class StepwiseReinforceTrainer(BaseTrainer):
             for trajectory, adv in zip(trajectories, step_advantages, strict=True)
         ]
         num_tokens, num_sequences = self._global_normalisers(trajectories)
-        correct = args.use_vllm and args.vllm_importance_sampling_correction
         batches = micro_batches(
             trajectories,
             token_advantages,
@@ -350,11 +372,9 @@ class StepwiseReinforceTrainer(BaseTrainer):
             old_logps=policy_logps,
             ref_logps=ref_logps,
             teacher_logps=teacher_logps,
-            sampling_logps=[t.sampling_logps for t in trajectories] if args.use_vllm else None,
+            sampling_logps=[t.sampling_logps for t in trajectories],
+            old_sampling_logps=old_sampling_logps,
         )
-        if not correct:
-            for batch in batches:
-                batch.pop("sampling_logps", None)
         for batch in batches:
             batch["num_tokens"] = num_tokens
             batch["num_sequences"] = num_sequences
@@ -377,8 +397,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
     ) -> None:
         """Replace one episode of every all-failed group by the problem's worked solution (``reference_guidance``).
 
-        The reference is scored by the policy so that the importance weight against the engine's log-probs is 1: it
-        was not sampled, and its gradient is the policy's own."""
+        The reference was not sampled by the engine (``engine_sampled`` False): its tokens get importance weight 1
+        and stay out of the sampler-trainer comparison; its gradient is the policy's own."""
         chosen, texts = [], []
         for index in failed_groups(trajectories):
             row = rows[index]
@@ -391,11 +411,8 @@ class StepwiseReinforceTrainer(BaseTrainer):
             played = play_references(
                 rollout, self.env_router(), [rows[i] for i in chosen], [group_ids[i] for i in chosen], texts
             )
-            with torch.no_grad():
-                policy_logps = self._logps(self.accelerator.unwrap_model(self.model), played)
-            for index, reference, logps in zip(chosen, played, policy_logps, strict=True):
-                mask = reference.policy_mask
-                reference.sampling_logps = [lp if kept else 0.0 for lp, kept in zip(logps, mask, strict=True)]
+            for index, reference in zip(chosen, played, strict=True):
+                reference.engine_sampled = False
                 trajectories[index] = reference
         counts = [(len(chosen), sum(trajectories[i].episode.correct for i in chosen))]
         if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
@@ -458,13 +475,14 @@ class StepwiseReinforceTrainer(BaseTrainer):
         return float(total[0]) / processes, float(total[1]) / processes
 
     @torch.no_grad()
-    def _score(self, trajectories: list[Trajectory]) -> tuple[list[list[float]] | None, list[list[float]] | None]:
-        """Log-probs of the sampled tokens under the rollout policy (when needed) and under the reference."""
+    def _score(self, trajectories: list[Trajectory]) -> tuple[tuple[Any, Any], list[list[float]] | None]:
+        """``((policy, policy under the sampling filter), reference)`` log-probs of the sampled tokens: the rollout
+        policy's when needed (later iterations of a batch, KL in the reward), the reference's when there is one."""
         args = self.args
         need_policy = args.num_iterations > 1 or (args.kl_coef > 0 and bool(args.kl_in_reward))
         need_ref = args.kl_coef > 0
         model = self.accelerator.unwrap_model(self.model)
-        policy = self._logps(model, trajectories) if need_policy else None
+        policy = self._logps(model, trajectories, filtered=True) if need_policy else (None, None)
         ref = None
         if need_ref:
             if self.ref_model is not None:
@@ -507,72 +525,118 @@ class StepwiseReinforceTrainer(BaseTrainer):
         self._metrics["time/judge_s"].append(time.perf_counter() - started)
         return per_episode
 
-    def _logps(self, model: PreTrainedModel, trajectories: list[Trajectory]) -> list[list[float]]:
+    def _logps(self, model: PreTrainedModel, trajectories: list[Trajectory], filtered: bool = False):
+        """Log-probs of every completion token; with ``filtered``, a pair: also those under the sampling filter."""
         was_training = model.training
         model.eval()
         out: list[list[float]] = []
+        out_filtered: list[list[float]] = []
+        top_k, top_p = (self.args.top_k, self.args.top_p) if filtered else (0, 1.0)
         try:
             for chunk in _chunks_by_tokens(trajectories, self.args.logprob_batch_tokens):
                 batch = pad_trajectories(chunk, pad_id=self.processing_class.pad_token_id, device=model.device)
                 with self.accelerator.autocast():  # the reference and teacher sit outside accelerator.prepare
-                    logps = completion_logprobs(model, batch, temperature=self.args.temperature)
-                for row, trajectory in zip(logps.tolist(), chunk, strict=True):
+                    scores = score_completions(
+                        model, batch, temperature=self.args.temperature, top_k=top_k, top_p=top_p
+                    )
+                for row, row_filtered, trajectory in zip(
+                    scores.logps.tolist(), scores.sampling_logps.tolist(), chunk, strict=True
+                ):
                     out.append(row[: len(trajectory.completion_ids)])
+                    out_filtered.append(row_filtered[: len(trajectory.completion_ids)])
         finally:
             if was_training:
                 model.train()
-        return out
+        return (out, out_filtered) if filtered else out
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
-        logps, entropy = completion_logprobs(
+        args = self.args
+        scores = score_completions(
             model,
             inputs,
-            temperature=self.args.temperature,
+            temperature=args.temperature,
             with_entropy=True,
             prefix_model=self.accelerator.unwrap_model(model),
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
+        logps, entropy = scores.logps, scores.entropy
         mask = inputs["completion_mask"]
         old = inputs.get("old_logps")
         old = logps.detach() if old is None else old
+        # the trainer's log-prob of each sampled token under the engine's own sampling distribution (top-k / top-p
+        # applied), at the weights that sampled it: the quantity the engine's log-probs are compared with
+        old_sampling = inputs.get("old_sampling_logps")
+        old_sampling = scores.sampling_logps if old_sampling is None else old_sampling
+        sampled = inputs["sampled_mask"]
+        gap = torch.where(sampled, old_sampling - inputs["sampling_logps"], torch.zeros_like(old_sampling))
         ref = inputs.get("ref_logps")
         advantages = inputs["advantages"]
-        sampling = inputs.get("sampling_logps")
-        if sampling is not None:  # the engine sampled from slightly different log-probs: weight each token's term
+        weights = None
+        if args.use_vllm and args.vllm_importance_sampling_correction:
+            # the engine sampled from slightly different log-probs: weight each token's policy-gradient term (it is
+            # linear in the advantage, so this weights it alone; the KL term is not weighted)
             weights = importance_weights(
-                old, sampling, self.args.vllm_importance_sampling_mode, self.args.vllm_importance_sampling_clip_max
+                gap, args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_max
             )
-            # the policy term is linear in the advantage, so this weights it alone (the KL term is not weighted)
             advantages = advantages * weights
         token_losses = self.algorithm.token_loss(logps, old, ref, advantages)
         teacher = inputs.get("teacher_logps")
         if teacher is not None:
             distill = self.algorithm.distill(logps, teacher)
-            token_losses = token_losses + self.args.distill_coef * distill
+            token_losses = token_losses + args.distill_coef * distill
         loss = self.algorithm.reduce(token_losses, mask, inputs["num_tokens"], inputs["num_sequences"])
         with torch.no_grad():
-            m = mask.float()
-            sums = {"entropy": (entropy * m).sum()}
+            m, s = mask.float(), sampled.float()
+            sums = {"entropy": (entropy * m, m)}
             if ref is not None:
-                sums["kl"] = (self.algorithm.kl(logps, ref) * m).sum()
+                sums["kl"] = (self.algorithm.kl(logps, ref) * m, m)
             if teacher is not None:
-                sums["distill/teacher_kl"] = (distill * m).sum()
+                sums["distill/teacher_kl"] = (distill * m, m)
             ratio = torch.exp(logps - old)
-            sums["clip_ratio"] = (((ratio - 1.0).abs() > self.args.epsilon).float() * m).sum()
-            if sampling is not None:  # how far the engine's log-probs are from the trainer's
-                sums["vllm/logprob_abs_diff"] = ((logps - sampling).abs() * m).sum()
-                sums["vllm/is_weight_mean"] = (weights * m).sum()
-            for key, value in self._gathered_token_means(sums, m.sum()).items():
+            sums["clip_ratio"] = (((ratio - 1.0).abs() > args.epsilon).float() * m, m)
+            sums[SAMPLER_GAP] = (gap.abs() * s, s)  # every engine, every step: the runtime guard reads it
+            if weights is not None:
+                sums["sampling/importance_sampling_ratio/mean"] = (weights * s, s)
+            means, (gap_sum, gap_count) = self._gathered_token_means(sums, SAMPLER_GAP)
+            for key, value in means.items():
                 self._metrics[key].append(value)
+            self._sampler_gap[0] += gap_sum
+            self._sampler_gap[1] += gap_count
         return loss
 
-    def _gathered_token_means(self, sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
-        """Token means over every process's micro-batch (one gather for all metrics), not rank 0's alone."""
-        values = torch.stack([*sums.values(), count]).float()
+    def _gathered_token_means(
+        self, sums: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: str
+    ) -> tuple[dict[str, float], tuple[float, float]]:
+        """Per-token means over every process's micro-batch (one gather for all metrics), not rank 0's alone; and
+        the gathered ``(sum, count)`` of ``keep``."""
+        values = torch.stack([t for value, weight in sums.values() for t in (value.sum(), weight.sum())]).float()
         if self.accelerator.num_processes > 1:
             values = self.accelerator.gather(values).reshape(self.accelerator.num_processes, -1).sum(0)
-        denominator = values[-1].clamp(min=1.0)
-        return {key: float(values[i] / denominator) for i, key in enumerate(sums)}
+        pairs = values.reshape(-1, 2).tolist()
+        means = {key: total / count for key, (total, count) in zip(sums, pairs, strict=True) if count > 0}
+        return means, tuple(pairs[list(sums).index(keep)])
+
+    def _check_sampler(self) -> None:
+        """After each optimizer step: stop when the engine's and the trainer's log-probs of the sampled tokens have
+        disagreed beyond ``sampler_logprob_tolerance`` for ``sampler_logprob_patience`` steps in a row."""
+        total, count = self._sampler_gap
+        self._sampler_gap = [0.0, 0.0]
+        tolerance = self.args.sampler_logprob_tolerance
+        if tolerance <= 0 or count == 0:
+            return
+        gap = total / count
+        self._sampler_strikes = self._sampler_strikes + 1 if gap > tolerance else 0
+        if self._sampler_strikes >= self.args.sampler_logprob_patience:
+            raise SamplerMismatchError(
+                f"step {self.state.global_step}: the generation engine's log-probs of its sampled tokens differ from "
+                f"the trainer's by {gap:.3f} per token (> --sampler_logprob_tolerance {tolerance:g}) for "
+                f"{self._sampler_strikes} steps in a row, so it no longer samples the policy being trained. Likely "
+                "causes: a part of the adapter not pushed to the engine, a dtype or kernel mismatch (--vllm_dtype, "
+                "--bf16, --rollout_bf16), or a sampling filter the engine applies differently (--top_p, --top_k). "
+                "Raise the tolerance or set it to 0 to train anyway."
+            )
 
     # ------------------------------------------------------------------ reference model
     def _maybe_sync_reference(self) -> None:
@@ -627,7 +691,7 @@ class StepwiseReinforceTrainer(BaseTrainer):
             "tokens_per_episode": [float(t.num_policy_tokens) for t in sampled],
             "calculator_calls": [float(sum(s.calc_calls for s in e.steps)) for e in sampled_episodes],
         }
-        for reason in ("answer", "eos", "max_steps", "token_budget"):
+        for reason in (r.value for r in EndReason):
             local[f"end/{reason}"] = [float(_reason(e) == reason) for e in sampled_episodes]
         gathered = (
             gather_object([(local, components)]) if self.accelerator.num_processes > 1 else [(local, components)]
@@ -878,12 +942,17 @@ class StepwiseReinforceTrainer(BaseTrainer):
             elif state.get("has_ref_adapter"):
                 add_reference_adapter(unwrapped, self._policy_adapter)
                 self._has_ref_adapter = True
-                unwrapped.load_state_dict(reference, strict=False)
+                load_reference_adapter(unwrapped, reference, checkpoint)
 
 
-def importance_weights(old: torch.Tensor, sampling: torch.Tensor, mode: str, clip_max: float) -> torch.Tensor:
-    """Per-token truncated importance weights trainer/engine: min(ratio, C) (token_truncate) or 1[ratio <= C]."""
-    ratio = torch.exp(old.detach() - sampling)
+class SamplerMismatchError(RuntimeError):
+    """The generation engine no longer samples the policy being trained (the runtime guard tripped)."""
+
+
+def importance_weights(gap: torch.Tensor, mode: str, clip_max: float) -> torch.Tensor:
+    """Per-token truncated importance weights from ``gap`` = log pi_trainer - log pi_engine of each sampled token:
+    min(ratio, C) (token_truncate) or 1[ratio <= C] (token_mask)."""
+    ratio = torch.exp(gap.detach())
     if mode == "token_mask":
         return (ratio <= clip_max).to(ratio.dtype)
     return ratio.clamp(max=clip_max)
@@ -945,7 +1014,17 @@ def _attach_peft(model, peft_config):
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layers_differentiable(model)
     return get_peft_model(model, peft_config)
+
+
+def _keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights at its first no-grad eval call (the
+    rollout's decoding) into a kernel without a backward: the adapters above it would then silently get no gradient.
+    Keep the differentiable kernel on every 4-bit layer of a model that trains."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _environments(
@@ -1028,13 +1107,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 __all__ = ["StepwiseReinforceTrainer", "build_quantization_config"]
 
 
-class _ReferenceRefreshCallback(TrainerCallback):
-    """Refresh the reference after the optimizer step (``on_step_end``), as TRL's ``SyncRefModelCallback`` does."""
+class _StepEndCallback(TrainerCallback):
+    """After each optimizer step: the sampler guard, then the reference refresh (TRL's ``SyncRefModelCallback``
+    timing)."""
 
     def __init__(self, trainer: StepwiseReinforceTrainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._check_sampler()
         self.trainer._maybe_sync_reference()
 
 

@@ -1,0 +1,35 @@
+"""Checks of a training set-up that need no model: run before any model loads, by the recipes and the trainer.
+
+The engine must sample the policy being trained; a combination where it cannot is refused here, in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl_stepwise.trainer.config import StepwiseReinforceConfig
+
+
+def check_engine_setup(args: StepwiseReinforceConfig, quantized: bool, peft_config: Any = None) -> None:
+    """Raise ``ValueError`` (one line: the flag, the value, the fix) when the engine could not sample the policy:
+    a quantized base or an adapter that cannot be folded into the weights vLLM loads, or a vLLM server that cannot
+    take weight updates."""
+    if not args.use_vllm:
+        return
+    if quantized:
+        raise ValueError(
+            "--use_vllm true cannot serve a 4/8-bit base (the adapter would have to be merged into quantized "
+            "weights): train in 4-bit with --use_vllm false, or load the base in bfloat16 (--load_in_4bit false) for "
+            "vLLM."
+        )
+    if peft_config is not None:
+        from trl_stepwise.engines.weights import check_servable_peft
+
+        check_servable_peft(peft_config)  # an adapter whose trained parts cannot be folded into the weights
+    if args.vllm_mode == "server":
+        from trl_stepwise.engines.vllm_server import VLLMServerError, check_trainable_server
+
+        try:
+            check_trainable_server(args.vllm_server_url, args.vllm_server_timeout)
+        except VLLMServerError as err:
+            raise ValueError(f"--vllm_mode server: {err}") from err
