@@ -98,6 +98,24 @@ CASES = [
     _c("reinforce", "--question_field nosuch", "--question_field 'nosuch'", "Pass --question_field"),
     _c("reinforce", "--system_prompt nofile.txt", "--system_prompt nofile.txt", "bundled prompt"),
     _c("reinforce", "--load_in_4bit true --load_in_8bit true --use_peft true", "8 bit and 4 bit"),
+    # set-ups whose engine could not sample the policy being trained, and paths the run could not write at its end
+    _c(
+        "reinforce",
+        "--use_vllm true --load_in_4bit true --use_peft true",
+        "--use_vllm true",
+        "4/8-bit",
+        "--use_vllm false",
+    ),
+    _c(
+        "reinforce",
+        "--use_vllm true --vllm_mode server --vllm_server_base_url http://127.0.0.1:9 --vllm_server_timeout 1",
+        "--vllm_mode server",
+        "did not answer",
+    ),
+    _c("reinforce", "--output_dir /proc/nope/out", "--output_dir /proc/nope/out", "cannot write"),
+    _c("reinforce", "--scale_advantages true --scale_rewards group", "scale_advantages=True", "disagree"),
+    _c("reinforce", "--sampler_logprob_tolerance -1", "sampler_logprob_tolerance=-1.0", "0 = off"),
+    _c("reinforce", "--sampler_logprob_patience 0", "sampler_logprob_patience=0"),
     # the MATH and SFT recipes
     _c("math", "--gamma 2", "gamma=2.0"),
     _c("math", "--dataset_name nope.jsonl", "--dataset_name nope.jsonl", "does not exist"),
@@ -118,6 +136,8 @@ CASES = [
     _c("evaluate", "--dataset nope.jsonl", "nope.jsonl", "does not exist"),
     _c("evaluate", "--dataset {tmp}/plain.jsonl --answer_field nosuch", "--answer_field 'nosuch'"),
     _c("evaluate", "--nosuch 1", "--nosuch"),
+    _c("evaluate", "--output /proc/nope/x.jsonl", "--output /proc/nope/x.jsonl", "cannot write"),
+    _c("evaluate", "--summary_output /proc/nope/s.json", "--summary_output /proc/nope/s.json", "cannot write"),
     _c("evaluate", "--dataset {tmp}/plain.jsonl --few_shot_dataset {tmp}/plain.jsonl", "--few_shot_dataset", "worked"),
 ]
 

@@ -115,6 +115,8 @@ class EnvSession:
             if end is None:
                 record.reward = float(reward)
                 return reply or "", False
+        elif context_full and end == EndReason.EOS:
+            end = EndReason.CONTEXT_LIMIT  # the environment saw an end of turn; the engine had no room left
         final = float(info.get("final_reward", reward))
         record.reward = float(info.get("step_reward", float(reward) - final))
         self._finish(end or (EndReason.ANSWER if terminated else EndReason.MAX_STEPS), final, info)
