@@ -44,10 +44,10 @@ class Cell:
     @property
     def refusal(self) -> str | None:
         """Words of the one-line refusal this cell must end with (None: it must train)."""
+        if self.engine != "transformers" and self.weights == "qlora":
+            return "4/8-bit base"  # checked first: no engine that loads merged weights can serve it
         if self.engine == "server":
             return "no weight-transfer engine"  # CI's CPU server is a plain `vllm serve` (NCCL sync needs CUDA)
-        if self.engine == "colocate" and self.weights == "qlora":
-            return "4/8-bit base"
         return None
 
 

@@ -92,12 +92,13 @@ def test_colocated_vllm_cells(cell: Cell, tmp_path, shared_vllm):
 
 
 @pytest.mark.parametrize("cell", [c for c in CELLS if c.engine == "server"], ids=lambda c: c.name)
-def test_server_cells_refuse_a_server_that_cannot_take_weights(cell: Cell, tmp_path, vllm_server_url):
+def test_server_cells_are_refused_in_one_line(cell: Cell, tmp_path, vllm_server_url):
     """CI's CPU server is a plain `vllm serve` (weight transfer is NCCL: CUDA only): training against it is refused at
     start, in one line that says how to start a server that can take weights; the GPU check covers the sync."""
     result = run_cell(cell, tmp_path, server_url=vllm_server_url)
     message = result["refused"]
-    assert message and cell.refusal in message and "trl vllm-serve" in message and "\n" not in message
+    assert message and cell.refusal in message and "\n" not in message
+    assert "trl vllm-serve" in message or cell.weights == "qlora"  # how to start a server that can take weights
     assert not (tmp_path / "rollouts.jsonl").exists()
 
 
