@@ -94,23 +94,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/gpu_check.py` with any python, the package not installed
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # its sibling modules, also when loaded from a path (the tests)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DEFAULT_WHEELS = ROOT / "build" / "gpu_wheels"
 GIB = 1024**3
+from shapes import LLAMA_3_2_1B  # noqa: E402 (after the path set-up above)
+
 ROWS = ("full_fp32", "full_bf16", "lora_bf16", "qlora_4bit", "vllm_lora")
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": {
-        "hidden_size": 2048,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 8192,
-        "vocab_size": 128256,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-    },
+    "llama-3.2-1b": LLAMA_3_2_1B,
     "tiny": {  # head size 32: vLLM's CPU attention has no kernel for smaller ones
         "hidden_size": 128,
         "num_hidden_layers": 2,

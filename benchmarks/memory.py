@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from common import GIB, MIB, base_parser, print_table, setup_torch, write_json
+from shapes import LLAMA_3_2_1B
 
 NAME = "memory"
 # name -> (LoRA, 4-bit base, naive log-softmax, target GiB)
@@ -44,17 +45,6 @@ CONFIGS: dict[str, tuple[bool, bool, bool, float]] = {
     "lora": (True, False, False, 4.0),
     "lora_naive": (True, False, True, 4.0),
     "lora_4bit": (True, True, False, 4.0),
-}
-LLAMA_1B_SHAPE = {
-    "hidden_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 8192,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
 }
 TINY_SHAPE = {
     "hidden_size": 64,
@@ -86,7 +76,7 @@ def build_model(source: str, lora: bool, four_bit: bool, device: str, workdir: s
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        shape = LLAMA_1B_SHAPE if source == "llama1b" else {**TINY_SHAPE, "vocab_size": SOURCE_VOCAB[source]}
+        shape = LLAMA_3_2_1B if source == "llama1b" else {**TINY_SHAPE, "vocab_size": SOURCE_VOCAB[source]}
         config = LlamaConfig(**shape)
         torch.manual_seed(0)
         if quantization is None:

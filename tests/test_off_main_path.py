@@ -236,10 +236,10 @@ def test_a_server_that_cannot_serve_training_is_refused_at_start(info, words, tm
     args = make_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=5)
     try:
         if words is None:
-            check_engine_setup(args, quantized=False)
+            check_engine_setup(args)
         else:
             with pytest.raises(ValueError, match="trl vllm-serve") as err:
-                check_engine_setup(args, quantized=False)
+                check_engine_setup(args)
             assert words in str(err.value) and "\n" not in str(err.value)
     finally:
         server.shutdown()

@@ -132,7 +132,9 @@ def prepare_reinforce(
         }
     check_writable(training_args.output_dir, "--output_dir", is_dir=True)
     try:
-        check_engine_setup(training_args, quantized=quantization is not None, peft_config=get_peft_config(model_args))
+        check_engine_setup(
+            training_args, get_peft_config(model_args), model_args.load_in_4bit, model_args.load_in_8bit
+        )
     except ValueError as err:
         raise UsageError(str(err)) from err
     if training_args.env_flavour is None:

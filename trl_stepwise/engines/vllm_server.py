@@ -110,10 +110,6 @@ class VLLMServerEngine:
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
         return GenerationOutput(request.request_id, token_ids, logprobs, reason)
 
-    def check_trainable(self) -> None:
-        """Refuse a server that cannot serve a policy being trained (see ``check_trainable_server``)."""
-        check_trainable_server(self.base_url, self.timeout, self.session)
-
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU)."""
         if not torch.cuda.is_available():
@@ -151,11 +147,11 @@ def wait_for_server(session: requests.Session, base_url: str, timeout: float) ->
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
 
-def check_trainable_server(base_url: str, timeout: float, session: requests.Session | None = None) -> None:
+def check_trainable_server(base_url: str, timeout: float) -> None:
     """Refuse, before training starts, a server that cannot serve a policy being trained: one without the
     weight-transfer engine (a plain ``vllm serve``: it would keep sampling the initial weights) or that returns raw
     log-probs instead of those of the distribution it samples from."""
-    session = session or requests.Session()
+    session = requests.Session()
     wait_for_server(session, base_url, timeout)
     try:
         response = session.get(f"{base_url}/server_info", params={"config_format": "json"}, timeout=timeout)

@@ -40,7 +40,7 @@ def check_servable_peft(peft_config: Any, *, load_in_4bit: bool = False, load_in
         flag = "--load_in_4bit" if load_in_4bit else "--load_in_8bit"
         raise ValueError(
             f"{flag} true cannot be served with --use_vllm true: vLLM loads the adapter merged into the base "
-            f"weights, which 4/8-bit weights cannot hold; use --use_vllm false to train on the quantized base, or "
+            f"weights, which a 4/8-bit base cannot hold; use --use_vllm false to train on the quantized base, or "
             f"{flag} false to generate with vLLM."
         )
     if peft_config is not None and (reason := _unfoldable(peft_config)) is not None:

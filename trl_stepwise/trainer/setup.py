@@ -10,22 +10,17 @@ from typing import Any
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 
 
-def check_engine_setup(args: StepwiseReinforceConfig, quantized: bool, peft_config: Any = None) -> None:
+def check_engine_setup(
+    args: StepwiseReinforceConfig, peft_config: Any = None, load_in_4bit: bool = False, load_in_8bit: bool = False
+) -> None:
     """Raise ``ValueError`` (one line: the flag, the value, the fix) when the engine could not sample the policy:
     a quantized base or an adapter that cannot be folded into the weights vLLM loads, or a vLLM server that cannot
     take weight updates."""
     if not args.use_vllm:
         return
-    if quantized:
-        raise ValueError(
-            "--use_vllm true cannot serve a 4/8-bit base (the adapter would have to be merged into quantized "
-            "weights): train in 4-bit with --use_vllm false, or load the base in bfloat16 (--load_in_4bit false) for "
-            "vLLM."
-        )
-    if peft_config is not None:
-        from trl_stepwise.engines.weights import check_servable_peft
+    from trl_stepwise.engines.weights import check_servable_peft
 
-        check_servable_peft(peft_config)  # an adapter whose trained parts cannot be folded into the weights
+    check_servable_peft(peft_config, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     if args.vllm_mode == "server":
         from trl_stepwise.engines.vllm_server import VLLMServerError, check_trainable_server
 

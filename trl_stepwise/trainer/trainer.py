@@ -104,12 +104,12 @@ class StepwiseReinforceTrainer(BaseTrainer):
         environment_factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
-        quantized = (
-            "quantization_config" in (args.model_init_kwargs or {})
-            if model is None or isinstance(model, str)
-            else bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-        )
-        check_engine_setup(args, quantized, peft_config)  # before any model loads
+        if model is None or isinstance(model, str):  # what from_pretrained will be asked for
+            quantization = (args.model_init_kwargs or {}).get("quantization_config")
+            bits = (getattr(quantization, "load_in_4bit", False), getattr(quantization, "load_in_8bit", False))
+        else:
+            bits = (getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False))
+        check_engine_setup(args, peft_config, *map(bool, bits))  # before any model loads
         if model is None or isinstance(model, str):
             model_name = model
             init_kwargs = dict(args.model_init_kwargs or {})  # every from_pretrained kwarg (attn_implementation, ...)
@@ -539,11 +539,11 @@ class StepwiseReinforceTrainer(BaseTrainer):
                     scores = score_completions(
                         model, batch, temperature=self.args.temperature, top_k=top_k, top_p=top_p
                     )
-                for row, row_filtered, trajectory in zip(
-                    scores.logps.tolist(), scores.sampling_logps.tolist(), chunk, strict=True
-                ):
-                    out.append(row[: len(trajectory.completion_ids)])
-                    out_filtered.append(row_filtered[: len(trajectory.completion_ids)])
+                lengths = [len(t.completion_ids) for t in chunk]
+                out.extend(row[:n] for row, n in zip(scores.logps.tolist(), lengths, strict=True))
+                if filtered:  # the reference and the teacher need the plain log-probs only
+                    rows = scores.sampling_logps.tolist()
+                    out_filtered.extend(row[:n] for row, n in zip(rows, lengths, strict=True))
         finally:
             if was_training:
                 model.train()
