@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from trl_stepwise.data import dataset_flavour, load_math_dataset  # noqa: E402
-from trl_stepwise.envs import StepwiseMathEnv  # noqa: E402
+from trl_stepwise.envs import MathEnv  # noqa: E402
 from trl_stepwise.models import load_model_and_tokenizer, load_tokenizer  # noqa: E402
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt  # noqa: E402
 
@@ -134,13 +134,11 @@ def prompt_builder(tokenizer: Any, dataset: str, k: int, seed: int = 0) -> Promp
 
 def env_factory(
     flavour: str, max_episode_tokens: int | None, max_steps: int | None = None, calculator: bool = True
-) -> Callable[[], StepwiseMathEnv]:
+) -> Callable[[], MathEnv]:
     """A zero-argument factory of fresh environments (what ``StepwiseRollout.run`` expects)."""
 
-    def make() -> StepwiseMathEnv:
-        return StepwiseMathEnv(
-            flavour=flavour, max_episode_tokens=max_episode_tokens, max_steps=max_steps, calculator=calculator
-        )
+    def make() -> MathEnv:
+        return MathEnv(flavour, max_episode_tokens=max_episode_tokens, max_steps=max_steps, calculator=calculator)
 
     return make
 

@@ -51,6 +51,7 @@ from transformers import DynamicCache, GenerationConfig
 import trl_stepwise.engines.transformers_engine as rollout_module
 from trl_stepwise import calculator, grading
 from trl_stepwise.engines import eos_token_ids
+from trl_stepwise.envs import EnvSession
 from trl_stepwise.kv_cache import FORCE_GQA_ENV
 from trl_stepwise.prompting import PromptBuilder
 from trl_stepwise.rewards import correctness_reward
@@ -168,7 +169,7 @@ def run_stepwise(
 # (b) the original loop
 
 
-def _cut_step(env: Any, partial: str, text: str) -> tuple[str, str | None, str]:
+def _cut_step(session: EnvSession, partial: str, text: str) -> tuple[str, str | None, str]:
     """Where the original loop cuts freshly generated ``text`` (continuing ``partial``).
 
     Returns ``(kept, kind, insert)``: kind "calc" (kept ends with a pending ``<<expr=``, ``insert`` is the calculator's
@@ -180,7 +181,7 @@ def _cut_step(env: Any, partial: str, text: str) -> tuple[str, str | None, str]:
         end = newline + 1 if newline >= 0 else len(text)
         for j in range(position + 1, end + 1):
             if text[j - 1] in "=>" and calculator.pending_calculation(partial + text[:j]) is not None:
-                insert = env.calculator_insert(partial + text[:j])  # calculator.completion_for, counted by the env
+                insert, _ = session.tool_insert(partial + text[:j])  # the calculator tool, counted by the session
                 if insert:
                     return text[:j], "calc", insert
                 position = j  # the expression failed: the model's own text stands
@@ -224,10 +225,9 @@ def run_original_loop(
     model.eval()
     with torch.no_grad(), Timer() as timer:
         for row in rows:
-            env = make_env()
-            env.reset(**row)
+            session = EnvSession(make_env(), row)
             steps: list[str] = []
-            while not env.done:
+            while not session.done:
                 partial, policy_tokens, eos = "", 0, False
                 while True:
                     prompt = builder.render(row["question"], [*steps, partial] if (steps or partial) else ())
@@ -239,7 +239,7 @@ def run_original_loop(
                     stop = next((k for k, token in enumerate(new) if token in eos_ids), None)
                     eos = stop is not None
                     ids = new if stop is None else new[:stop]
-                    kept, kind, insert = _cut_step(env, partial, tokenizer.decode(ids))
+                    kept, kind, insert = _cut_step(session, partial, tokenizer.decode(ids))
                     kept_tokens = _tokens_for_chars(tokenizer, ids, len(kept)) if kind else len(ids)
                     policy_tokens += kept_tokens + (1 if eos and kind is None else 0)
                     partial += kept + insert
@@ -247,10 +247,10 @@ def run_original_loop(
                     if kind != "calc" or policy_tokens >= sampling.max_step_tokens:
                         eos = eos and kind is None
                         break
-                env.step(partial, eos=eos, num_tokens=policy_tokens)
+                session.step(partial, eos=eos, num_tokens=policy_tokens)
                 steps.append(partial)
                 measurement.policy_tokens += policy_tokens
-            measurement.correct += env.episode.correct
+            measurement.correct += session.episode.correct
     measurement.seconds = timer.seconds
     return measurement
 

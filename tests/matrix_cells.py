@@ -174,7 +174,8 @@ def cell_config(cell: Cell, output_dir: Path, server_url: str | None = None):
     settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=2,
-        per_device_train_batch_size=4,
+        # 4 episodes per step in every cell: 2-process cells play 2 per process (one group each)
+        per_device_train_batch_size=4 // cell.processes,
         num_generations=2,
         gradient_accumulation_steps=1,
         max_step_tokens=16,

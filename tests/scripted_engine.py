@@ -3,7 +3,7 @@
 It lets rollout tests drive episodes token by token without a model: stops at stop strings (checked on the text
 sampled since the request started), end-of-turn ids and ``max_tokens``, honours ``Continuation.keep`` by rewinding
 the script (and skipping inserted tokens the script itself holds next), and records every request it served.
-With ``streams=True`` it reports every token as it is sampled, as the vLLM engine does, runs on while the loop
+With ``StopPolicy.STREAMING`` it reports every token as it is sampled, as the vLLM engine does, runs on while the loop
 answers ``KEEP_SAMPLING`` and counts the tokens it sampled.
 """
 
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from collections import deque
 
-from trl_stepwise.engines import KEEP_SAMPLING, GenerationOutput, GenerationRequest
+from trl_stepwise.engines import KEEP_SAMPLING, GenerationOutput, GenerationRequest, StopPolicy
 
 
 class ScriptedEngine:
     """Each request id plays its own script (or all share one); an exhausted script writes EOS."""
 
-    def __init__(self, tokenizer, scripts, cheap_stops: bool = False, streams: bool = False) -> None:
+    def __init__(self, tokenizer, scripts, stop_policy: StopPolicy = StopPolicy.ENVIRONMENT) -> None:
         self.tokenizer = tokenizer
         self.scripts = scripts
-        self.cheap_stops = cheap_stops
-        self.streams = streams
+        self.stop_policy = stop_policy
         self.sampled = 0
         self.stop_token_ids = {tokenizer.eos_token_id}
         self.requests: list[GenerationRequest] = []
@@ -53,7 +52,7 @@ class ScriptedEngine:
                 if token in self.stop_token_ids or any(s in text for s in request.stop_strings):
                     reason = "stop"
                     break
-                if self.streams and len(out) < request.max_tokens:
+                if self.stop_policy is StopPolicy.STREAMING and len(out) < request.max_tokens:
                     continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), None))
                     if continuation is not KEEP_SAMPLING:
                         break

@@ -108,7 +108,7 @@ def test_server_generation_samples_what_the_trainer_scores(tokenizer, embedded_p
     from trl_stepwise.data import load_math_dataset
     from trl_stepwise.engines import SamplingConfig
     from trl_stepwise.engines.vllm_server import VLLMServerEngine
-    from trl_stepwise.envs import StepwiseMathEnv
+    from trl_stepwise.envs import MathEnv
     from trl_stepwise.prompting import PromptBuilder, load_system_prompt
     from trl_stepwise.rollout import StepwiseRollout
     from trl_stepwise.trainer.batching import pad_trajectories, score_completions
@@ -119,7 +119,7 @@ def test_server_generation_samples_what_the_trainer_scores(tokenizer, embedded_p
     engine = VLLMServerEngine(vllm_server_url, tokenizer, timeout=60)
 
     def make_env():
-        return StepwiseMathEnv("gsm8k", max_episode_tokens=64)
+        return MathEnv("gsm8k", max_episode_tokens=64)
 
     sampling = SamplingConfig(temperature=0.8, top_p=0.9, top_k=50, max_step_tokens=32, seed=0)
     trajectories = StepwiseRollout(None, tokenizer, builder, sampling, engine=engine).run(make_env, problems * 2)

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum, Stage
-from trl_stepwise.envs import ArithmeticWordProblemEnv
+from trl_stepwise.envs import MathEnv
 from trl_stepwise.prompting import gsm8k_solution_to_steps
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
-from trl_stepwise.trainer.trainer import STATE_FILE
+from trl_stepwise.trainer.saving import STATE_FILE
 
 
 def two_stage(**kwargs) -> Curriculum:
@@ -131,15 +131,16 @@ def test_trainer_logs_stage_and_resume_continues_in_the_same_stage(make_tiny_mod
 
 
 def test_arithmetic_env_draws_reproducible_problems_and_grades_their_reference():
-    first, second = ArithmeticWordProblemEnv(level=2, split="test"), ArithmeticWordProblemEnv(level=2, split="test")
-    a, b = first.reset(), second.reset()
-    assert a.question == b.question
-    assert first.reset().question != a.question  # the next draw moves on
-    env = ArithmeticWordProblemEnv(level=1, split="test")
-    env.reset()
-    row = env.episode.row
+    first, second = MathEnv("arithmetic", level=2, split="test"), MathEnv("arithmetic", level=2, split="test")
+    (a, _), (b, _) = first.reset(), second.reset()
+    assert a == b
+    assert first.reset()[0] != a  # the next draw moves on
+    assert MathEnv("arithmetic", level=2, split="test", start=1).reset()[0] == first.reset(seed=1)[0]
+    env = MathEnv("arithmetic", level=1, split="test")
+    _, info = env.reset()
+    row = info["row"]
     for step in gsm8k_solution_to_steps(row["solution"].replace("The answer is: ", "#### ")):
-        observation, reward, done, info = env.step(step)
-        if done:
+        observation, reward, terminated, truncated, info = env.step(step)
+        if terminated or truncated:
             break
-    assert done and reward == 1.0 and info["end_reason"] == "answer"
+    assert terminated and reward == 1.0 and info["end_reason"] == "answer"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from scripted_engine import ScriptedEngine
 
+from trl_stepwise.algorithms import importance_weights
 from trl_stepwise.engines.config import GenerationEngineArguments
 from trl_stepwise.engines.vllm_server import VLLMServerEngine, VLLMServerError
-from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.envs import MathEnv
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
-from trl_stepwise.trainer.trainer import importance_weights
 
 EXAMPLE = FewShotExample("Tom has 2 apples and buys 3 more. How many?", ["2+3 = <<2+3=5>>5\n", "The answer is: 5\n"])
 ROW = {"question": "Ann has 4 pens and buys 5 more. How many pens?", "answer": "9"}
@@ -118,7 +118,7 @@ def test_server_engine_plays_episodes_through_a_stub_server(tokenizer):
     try:
         engine = VLLMServerEngine(f"http://127.0.0.1:{server.server_address[1]}/", tokenizer, timeout=10)
         rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
-        (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), [ROW])
+        (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=3), [ROW])
     finally:
         server.shutdown()
     assert trajectory.prompt_ids == prompt_ids

@@ -9,13 +9,13 @@ import pytest
 from scripted_engine import ScriptedEngine
 
 from trl_stepwise import envs
+from trl_stepwise.engines import StopPolicy
 from trl_stepwise.envs import (
     EndReason,
     Env,
     EnvSession,
     FunctionTool,
     MathEnv,
-    StepwiseMathEnv,
     make,
     play_scripted,
     register,
@@ -82,20 +82,26 @@ def test_seeded_resets_are_identical(guess_id):
     assert len(set(targets)) == 1
 
 
-def test_math_env_on_the_new_api_scores_exactly_like_the_old_one():
-    for steps in (CORRECT, ["In May 96.\n", "The answer is: 144"], ["Thinking.\n"] * 3):
-        legacy = StepwiseMathEnv(max_steps=3)
-        legacy.reset(**ROW)
-        old = [legacy.step(text) for text in steps]
-        env = make("gsm8k", max_steps=3)
-        problem, _ = env.reset(options=ROW)
-        assert problem == ROW["question"]
-        new = [env.step(text) for text in steps]
-        assert [r for _, r, *_ in new] == [r for _, r, _, _ in old]
-        assert [t or u for _, _, t, u, _ in new] == [d for _, _, d, _ in old]
-        assert new[-1][4]["end_reason"] == old[-1][3]["end_reason"]
-        assert new[-1][2] == (old[-1][3]["end_reason"] == EndReason.ANSWER)  # terminated vs truncated
-        assert all(obs == "" for obs, *_ in new)
+@pytest.mark.parametrize(
+    ("steps", "rewards", "ends", "end_reason"),
+    [
+        (CORRECT, [0.0, 0.0, 1.0], [False, False, True], EndReason.ANSWER),
+        (["In May 96.\n", "The answer is: 144"], [0.0, 0.0], [False, True], EndReason.ANSWER),
+        (["Thinking.\n"] * 3, [0.0, 0.0, 0.0], [False, False, True], EndReason.MAX_STEPS),
+    ],
+)
+def test_math_env_on_the_api_ends_and_scores_episodes(steps, rewards, ends, end_reason):
+    env = make("gsm8k", max_steps=3)
+    problem, _ = env.reset(options=ROW)
+    assert problem == ROW["question"]
+    results = [env.step(text) for text in steps]
+    assert [r for _, r, *_ in results] == rewards
+    assert [t or u for _, _, t, u, _ in results] == ends
+    assert results[-1][4]["end_reason"] == end_reason
+    assert results[-1][2] == (end_reason == EndReason.ANSWER)  # terminated vs truncated
+    assert all(obs == "" for obs, *_ in results)
+    episode = play_scripted(lambda: make("gsm8k", max_steps=3), ROW, steps).episode
+    assert episode.end_reason == end_reason and episode.final_reward == rewards[-1]
 
 
 def test_scripted_policy_session_records_replies_rewards_and_verdict(guess_id):
@@ -118,14 +124,12 @@ def test_scripted_policy_session_records_replies_rewards_and_verdict(guess_id):
 # -- replies and tools as masked tokens --------------------------------------------------------------------------
 
 
-ENGINE_KINDS = [(True, False), (False, False), (False, True)]  # (cheap_stops, streams): transformers, server, vLLM
+ENGINE_KINDS = list(StopPolicy)  # transformers, server, vLLM in process
 
 
-def _rollout(
-    tokenizer, script_text: str, cheap_stops: bool, streams: bool = False, **kwargs
-) -> tuple[StepwiseRollout, ScriptedEngine]:
+def _rollout(tokenizer, script_text: str, stop_policy: StopPolicy, **kwargs) -> tuple[StepwiseRollout, ScriptedEngine]:
     ids = tokenizer(script_text, add_special_tokens=False)["input_ids"]
-    engine = ScriptedEngine(tokenizer, ids, cheap_stops, streams=streams)
+    engine = ScriptedEngine(tokenizer, ids, stop_policy)
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
     return StepwiseRollout(
         None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine, **kwargs
@@ -137,16 +141,14 @@ def _forced_text(tokenizer, trajectory) -> str:
     return tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("cheap_stops,streams", ENGINE_KINDS)
-def test_environment_replies_are_masked_tokens_and_the_next_step_follows_them(
-    tokenizer, guess_id, cheap_stops, streams
-):
+@pytest.mark.parametrize("stop_policy", ENGINE_KINDS)
+def test_environment_replies_are_masked_tokens_and_the_next_step_follows_them(tokenizer, guess_id, stop_policy):
     env = make(guess_id)
     env.reset(seed=4)
     target = env.target
     wrong = 9 if target != 9 else 1
     # the script runs on past the first step: what was sampled without the reply is dropped and sampled again after
-    rollout, engine = _rollout(tokenizer, f"{wrong}\n{target}\n", cheap_stops, streams)
+    rollout, engine = _rollout(tokenizer, f"{wrong}\n{target}\n", stop_policy)
     (trajectory,) = rollout.run(lambda: make(guess_id), [{"seed": 4}])
     reply = "Lower.\n" if wrong > target else "Higher.\n"
     assert tokenizer.decode(trajectory.completion_ids) == f"{wrong}\n{reply}{target}\n"
@@ -187,10 +189,10 @@ class ConvertEnv(Env):
         return "", float(done and "3000" in action), done, False, {"correct": done and "3000" in action}
 
 
-@pytest.mark.parametrize("cheap_stops,streams", ENGINE_KINDS)
-def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, cheap_stops, streams):
+@pytest.mark.parametrize("stop_policy", ENGINE_KINDS)
+def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, stop_policy):
     script = "That is <convert>3 km in m</convert> so 1+2 = <<1+2= parts.\nThe answer is 3000\n"  # the tools fill in
-    rollout, engine = _rollout(tokenizer, script, cheap_stops, streams)
+    rollout, engine = _rollout(tokenizer, script, stop_policy)
     (trajectory,) = rollout.run(ConvertEnv, [{}])
     completion = trajectory.episode.completion
     assert completion.startswith("That is <convert>3 km in m</convert> 3000 m so 1+2 = <<1+2=3>>3 parts.\n")
@@ -199,9 +201,9 @@ def test_a_user_tool_result_is_inserted_as_masked_tokens(tokenizer, cheap_stops,
     assert step.calc_calls == 2 and step.calc_errors == 0
     assert [s.from_policy for s in step.segments] == [True, False, True, False, True]
     assert trajectory.episode.verdict.correct
-    if streams:  # cut at the tools' calls as the tokens came, without stop strings
+    if stop_policy is StopPolicy.STREAMING:  # cut at the tools' calls as the tokens came, without stop strings
         assert all(request.stop_strings == () for request in engine.requests)
-    elif not cheap_stops:  # the engine was asked to pause at the tools' own stop strings only
+    elif stop_policy is StopPolicy.ENVIRONMENT:  # the engine was asked to pause at the tools' own stop strings only
         assert "<convert>" in engine.requests[0].stop_strings and "<<" in engine.requests[0].stop_strings
         assert "</convert>" in engine.requests[1].stop_strings
 

@@ -11,7 +11,7 @@ import pytest
 
 from trl_stepwise import calculator
 from trl_stepwise.data import load_math_dataset
-from trl_stepwise.envs import EndReason, StepwiseMathEnv
+from trl_stepwise.envs import EndReason, EnvSession, MathEnv
 from trl_stepwise.evaluation import (
     episode_record,
     evaluate_gold,
@@ -130,12 +130,11 @@ ROW = {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "7",
 
 
 def test_episode_record_is_json_and_complete():
-    env = StepwiseMathEnv()
-    env.reset(**ROW)
-    env.calculator_insert("He has 3+4 = <<3+4=")
-    env.step("He has 3+4 = <<3+4=7>>7 apples.\n", num_tokens=9)
-    env.step("The answer is: 7\n", num_tokens=5)
-    rec = episode_record(env.episode, problem_index=3, sample_index=1)
+    session = EnvSession(MathEnv(), ROW)
+    session.tool_insert("He has 3+4 = <<3+4=")
+    session.step("He has 3+4 = <<3+4=7>>7 apples.\n", num_tokens=9)
+    session.step("The answer is: 7\n", num_tokens=5)
+    rec = episode_record(session.episode, problem_index=3, sample_index=1)
     assert json.loads(json.dumps(rec)) == rec
     assert rec["completion"] == "He has 3+4 = <<3+4=7>>7 apples.\nThe answer is: 7\n"
     assert rec["steps"] == ["He has 3+4 = <<3+4=7>>7 apples.\n", "The answer is: 7\n"]
@@ -148,7 +147,7 @@ def test_episode_record_is_json_and_complete():
 def test_evaluate_gold_scores_reference_solutions():
     rows = load_math_dataset("gsm8k", "test", limit=5).to_list()
     wrong = {**rows[0], "solution": rows[0]["solution"].replace(f"#### {rows[0]['answer']}", "#### 123456")}
-    summary, records = evaluate_gold([*rows, wrong], partial(StepwiseMathEnv, flavour="gsm8k"), "gsm8k")
+    summary, records = evaluate_gold([*rows, wrong], partial(MathEnv, flavour="gsm8k"), "gsm8k")
     assert [r["correct"] for r in records] == [True] * 5 + [False]
     assert records[-1]["final_answer"] == "123456" and records[-1]["reason"] == "numeric_mismatch"
     assert summary["correct"] == 5 and summary["total"] == 6 and summary["unparsable"] == 0
@@ -157,7 +156,7 @@ def test_evaluate_gold_scores_reference_solutions():
 
 def test_evaluate_gold_reports_solutions_longer_than_max_steps():
     rows = load_math_dataset("arithmetic:level=3", "test", limit=2).to_list()  # 3 calculation steps + answer
-    summary, records = evaluate_gold(rows, partial(StepwiseMathEnv, flavour="gsm8k", max_steps=2), "arithmetic")
+    summary, records = evaluate_gold(rows, partial(MathEnv, flavour="gsm8k", max_steps=2), "arithmetic")
     assert summary["correct"] == 0 and summary["truncated"] == 2
     assert all(r["end_reason"] == EndReason.MAX_STEPS.value and r["num_steps"] == 2 for r in records)
 
@@ -195,7 +194,7 @@ def builder(tokenizer, k: int = 1) -> PromptBuilder:
 def test_evaluate_problems_tiny_model_records_and_totals(tiny, arithmetic_rows):
     model, tokenizer = tiny
     sampling = SamplingConfig(temperature=1.0, max_step_tokens=6, batch_size=8, seed=0)
-    make_env = partial(StepwiseMathEnv, flavour="gsm8k", max_steps=3)
+    make_env = partial(MathEnv, flavour="gsm8k", max_steps=3)
     summary, records = evaluate_problems(
         model, tokenizer, arithmetic_rows, builder(tokenizer), make_env, sampling, num_samples=2, progress=False
     )
@@ -220,7 +219,7 @@ def test_evaluate_problems_tiny_model_records_and_totals(tiny, arithmetic_rows):
 def test_evaluate_problems_direct_mode_is_one_step(tiny, arithmetic_rows):
     model, tokenizer = tiny
     sampling = SamplingConfig(temperature=0.0, max_step_tokens=12, batch_size=4)
-    make_env = partial(StepwiseMathEnv, flavour="gsm8k", max_steps=1)
+    make_env = partial(MathEnv, flavour="gsm8k", max_steps=1)
     rows = arithmetic_rows[:2]
     summary, records = evaluate_problems(
         model, tokenizer, rows, builder(tokenizer), make_env, sampling, progress=False, step_delimiter=None
@@ -242,7 +241,7 @@ def test_embedded_model_arithmetic_level1_with_calculator():
     model, tokenizer = load_model_and_tokenizer()
     rows = load_math_dataset("arithmetic:level=1", "test", limit=4).to_list()
     sampling = SamplingConfig(temperature=0.0, max_step_tokens=48, batch_size=4)
-    make_env = partial(StepwiseMathEnv, flavour="gsm8k", max_steps=4, calculator=True)
+    make_env = partial(MathEnv, flavour="gsm8k", max_steps=4, calculator=True)
     summary, records = evaluate_problems(
         model, tokenizer, rows, builder(tokenizer, k=2), make_env, sampling, progress=False, calculator=True
     )

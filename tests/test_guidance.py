@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 from scripted_engine import ScriptedEngine, forced_text
 
+from trl_stepwise.engines import StopPolicy
 from trl_stepwise.engines.reference import ReferenceEngine
-from trl_stepwise.envs import Episode, StepwiseMathEnv
+from trl_stepwise.envs import Episode, MathEnv
 from trl_stepwise.grading import Verdict
 from trl_stepwise.guidance import failed_groups, play_references, reference_text
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
@@ -29,7 +30,7 @@ def _rollout(tokenizer, engine, max_step_tokens: int = 40) -> StepwiseRollout:
 
 
 def _make_env():
-    return StepwiseMathEnv("gsm8k", max_steps=5)
+    return MathEnv("gsm8k", max_steps=5)
 
 
 def test_reference_text_is_the_worked_solution_in_steps():
@@ -42,7 +43,9 @@ def test_reference_episode_is_what_a_policy_writing_the_solution_would_get(token
     """Same ids, loss mask, steps and verdict as a streaming engine that samples the solution's tokens."""
     rollout = _rollout(tokenizer, ReferenceEngine(tokenizer, {}, {tokenizer.eos_token_id}))
     (reference,) = play_references(rollout, _make_env, [ROW], [7], [REFERENCE])
-    scripted = ScriptedEngine(tokenizer, tokenizer(REFERENCE, add_special_tokens=False)["input_ids"], streams=True)
+    scripted = ScriptedEngine(
+        tokenizer, tokenizer(REFERENCE, add_special_tokens=False)["input_ids"], StopPolicy.STREAMING
+    )
     (sampled,) = _rollout(tokenizer, scripted).run(_make_env, [ROW], group_ids=[7])
     assert tokenizer.decode(reference.completion_ids) == REFERENCE
     assert reference.completion_ids == sampled.completion_ids
@@ -65,7 +68,7 @@ def test_reference_that_disagrees_with_the_calculator_ends_there(tokenizer):
 def test_reference_respects_the_step_token_limit(tokenizer):
     """The loop's limits hold for references too: a step cut at max_step_tokens, the rest in the next step."""
     rollout = _rollout(tokenizer, ReferenceEngine(tokenizer, {}, {tokenizer.eos_token_id}), max_step_tokens=5)
-    (reference,) = play_references(rollout, lambda: StepwiseMathEnv("gsm8k", max_steps=2), [ROW], [0], [REFERENCE])
+    (reference,) = play_references(rollout, lambda: MathEnv("gsm8k", max_steps=2), [ROW], [0], [REFERENCE])
     assert len(reference.episode.steps) == 2
     assert all(step.num_tokens <= 5 for step in reference.episode.steps)
     assert not reference.episode.verdict or not reference.episode.verdict.correct

@@ -159,7 +159,7 @@ def test_judge_rewards_flow_into_per_step_returns(tmp_path, tiny_model, tokenize
     advantages = batch["advantages"][batch["completion_mask"]]
     allowed = {0.5 * k for k in range(1, config.max_episode_steps + 1)}
     assert set(round(a, 6) for a in advantages.tolist()) <= allowed
-    assert trainer._metrics["judge/step_score"] == [pytest.approx(0.25)]
+    assert trainer.metrics.values["judge/step_score"] == [pytest.approx(0.25)]
 
 
 def test_judge_weights_never_change_during_training(tmp_path, make_tiny_model, tokenizer, arithmetic_problems):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from scripted_engine import ScriptedEngine
 
+from trl_stepwise.countdown import check_countdown, generate_countdown
 from trl_stepwise.data import load_math_dataset
+from trl_stepwise.engines import StopPolicy
 from trl_stepwise.envs import EndReason, make, play_scripted
-from trl_stepwise.envs.countdown import check_countdown, generate_countdown
 from trl_stepwise.envs.feedback import FEEDBACK
 from trl_stepwise.prompting import PromptBuilder, solution_to_steps
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
@@ -98,10 +99,10 @@ def test_feedback_env_draws_generated_problems_by_seed():
     assert a.reset(seed=7) == b.reset(seed=7) and a.answer == b.answer
 
 
-@pytest.mark.parametrize("cheap_stops,streams", [(True, False), (False, False), (False, True)])
-def test_feedback_reply_is_masked_and_the_retry_follows_it(tokenizer, cheap_stops, streams):
+@pytest.mark.parametrize("stop_policy", list(StopPolicy))
+def test_feedback_reply_is_masked_and_the_retry_follows_it(tokenizer, stop_policy):
     script = tokenizer("The answer is: 8\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
-    engine = ScriptedEngine(tokenizer, script, cheap_stops=cheap_stops, streams=streams)
+    engine = ScriptedEngine(tokenizer, script, stop_policy)
     builder = PromptBuilder(tokenizer, [WORD_ROW | {"solution": "4+5 = 9\n#### 9"}], k=0)
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=30), engine=engine)
     (trajectory,) = rollout.run(lambda: make("math_feedback"), [WORD_ROW])

@@ -14,10 +14,17 @@ from scripted_engine import ScriptedEngine
 from tiny_training import length_reward, make_config
 
 from trl_stepwise import cli
-from trl_stepwise.engines import Continuation, GenerationOutput, GenerationRequest, SamplingConfig, TransformersEngine
+from trl_stepwise.engines import (
+    Continuation,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingConfig,
+    StopPolicy,
+    TransformersEngine,
+)
 from trl_stepwise.engines.base import MissingLogprobsError
 from trl_stepwise.engines.config import GenerationEngineArguments
-from trl_stepwise.envs import EndReason, MathFeedbackEnv, StepwiseMathEnv
+from trl_stepwise.envs import EndReason, MathEnv, MathFeedbackEnv
 from trl_stepwise.prompting import PromptBuilder
 from trl_stepwise.rollout import StepwiseRollout
 from trl_stepwise.trainer import StepwiseReinforceTrainer
@@ -248,10 +255,10 @@ def test_a_server_that_cannot_serve_training_is_refused_at_start(info, words, tm
 def test_a_4bit_base_with_vllm_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     from peft import LoraConfig
 
-    import trl_stepwise.trainer.trainer as trainer_module
+    import trl_stepwise.trainer.builders as builders
     from trl_stepwise.models import build_quantization_config
 
-    monkeypatch.setattr(trainer_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(builders, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     args = make_config(tmp_path, use_vllm=True)
     args.model_init_kwargs = {"quantization_config": build_quantization_config(load_in_4bit=True, use_peft=True)}
     with pytest.raises(ValueError, match="4/8-bit base"):
@@ -259,12 +266,12 @@ def test_a_4bit_base_with_vllm_is_refused_before_the_model_loads(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------------- the rollout loop
-def test_an_engine_with_cheap_stops_is_never_asked_past_the_step_token_limit(tokenizer):
+def test_an_engine_stopping_at_every_step_is_never_asked_past_the_step_token_limit(tokenizer):
     """The transformers engine cannot take back tokens: asked for more than the step's limit, it sampled past a step
     the environment then answered ("cannot drop sampled tokens (asked to keep 9 of 11)")."""
     words = "The answer is: 7 because I think so and more words\n"
     script = tokenizer(words * 3, add_special_tokens=False)["input_ids"]
-    engine = ScriptedEngine(tokenizer, script, cheap_stops=True)
+    engine = ScriptedEngine(tokenizer, script, StopPolicy.EVERY_STEP)
     rollout = StepwiseRollout(
         None, tokenizer, PromptBuilder(tokenizer, [], k=0), SamplingConfig(max_step_tokens=9), engine=engine
     )
@@ -276,7 +283,7 @@ def test_an_engine_with_cheap_stops_is_never_asked_past_the_step_token_limit(tok
 class _FullContextEngine:
     """An engine whose context is full at once (vLLM reports an empty, length-limited output)."""
 
-    cheap_stops, streams, stop_token_ids = False, False, {0}
+    stop_policy, stop_token_ids = StopPolicy.ENVIRONMENT, {0}
 
     def generate(self, requests, sampling, on_stop):
         for request in requests:
@@ -288,7 +295,7 @@ class _FullContextEngine:
 
 def test_an_episode_cut_by_the_context_limit_is_not_logged_as_eos(tokenizer):
     rollout = StepwiseRollout(None, tokenizer, PromptBuilder(tokenizer, [], k=0), engine=_FullContextEngine())
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k"), [{"question": "What is 2 + 3?", "answer": "5"}])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k"), [{"question": "What is 2 + 3?", "answer": "5"}])
     assert trajectory.episode.end_reason == EndReason.CONTEXT_LIMIT
 
 

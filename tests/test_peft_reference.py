@@ -46,7 +46,7 @@ def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
     )
     policy = flat(trainer._logps(model, trajectories))
     # the initial adapter is not zero for PiSSA / OLoRA: the reference is the initial policy, not the bare base
-    _, reference = trainer._score(trajectories)
+    *_, reference = trainer._rollout_logps(trajectories)
     assert torch.allclose(flat(reference), policy, atol=1e-5)
 
     with torch.no_grad():  # a training step moved the policy adapter
@@ -62,7 +62,7 @@ def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
     assert all(torch.equal(snapshot[k], policy_adapter[k]) for k in snapshot)
     assert model.active_adapter == "policy"
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
-    _, reference = trainer._score(trajectories)
+    *_, reference = trainer._rollout_logps(trajectories)
     assert torch.allclose(flat(reference), flat(trainer._logps(model, trajectories)), atol=1e-5)
 
 
@@ -87,7 +87,7 @@ def test_save_model_writes_the_policy_adapter_only(make_tiny_model, tokenizer, a
     )  # fmt: skip
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    assert trainer._has_ref_adapter
+    assert trainer.reference.has_adapter
     final = tmp_path / "final"
     trainer.save_model(str(final))
     for folder in (final, tmp_path / "run" / "checkpoint-2"):

@@ -84,15 +84,15 @@ def test_reference_kl_is_exactly_zero_at_step_zero_under_bf16(tiny_model, tokeni
         tiny_model, tokenizer, arithmetic_problems, tmp_path, max_steps=1, bf16=True, num_iterations=2
     )
     scored: list = []
-    original = trainer._score
+    original = trainer._rollout_logps
 
     def spy(trajectories):
         result = original(trajectories)
         scored.append(result)
         return result
 
-    trainer._score = spy
+    trainer._rollout_logps = spy
     trainer.train()
-    (policy, _), reference = scored[0]
+    policy, _, reference = scored[0]
     assert policy == reference  # identical weights, identical precision: bit-identical log-probs
     assert logged(trainer, "kl")[1] == 0.0

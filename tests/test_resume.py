@@ -14,7 +14,8 @@ from tiny_training import length_reward, make_config
 from transformers import Trainer
 
 from trl_stepwise.trainer import StepwiseReinforceTrainer
-from trl_stepwise.trainer.trainer import REFERENCE_FILE, STATE_FILE
+from trl_stepwise.trainer.reference import REFERENCE_FILE
+from trl_stepwise.trainer.saving import STATE_FILE
 
 SETTINGS = dict(
     save_strategy="steps",
@@ -56,7 +57,7 @@ def test_resume_restores_trainer_state_when_transformers_skips_load_from_checkpo
     def spy(*args, **kwargs):  # the state the first rollout after resuming starts from
         if not seen:
             seen.update(
-                ref_syncs=second._ref_syncs,
+                ref_syncs=second.reference.last_sync,
                 baseline=second.algorithm.running_baseline,
                 stage=second.curriculum.stage,
                 reference={k: v.detach().clone() for k, v in second.ref_model.state_dict().items()},

@@ -7,7 +7,8 @@ import torch
 from scripted_engine import ScriptedEngine, forced_text
 from transformers import DynamicCache
 
-from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.engines import StopPolicy
+from trl_stepwise.envs import MathEnv
 from trl_stepwise.kv_cache import growing_cache
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
@@ -48,7 +49,7 @@ def test_batched_direct_rollout_matches_one_sequence_greedy_decoding(make_tiny_m
     engine.eos_ids = engine.engine.stop_token_ids = set()  # a random model may emit EOS: compare fixed lengths
 
     def make_env():
-        return StepwiseMathEnv("gsm8k", max_steps=1, calculator=False)
+        return MathEnv("gsm8k", max_steps=1, calculator=False)
 
     trajectories = engine.run(make_env, ROWS)
     for trajectory in trajectories:
@@ -83,13 +84,13 @@ def _calculator_script(tokenizer) -> list[int]:
     )
 
 
-@pytest.mark.parametrize("cheap_stops", [True, False])
-def test_calculator_tokens_are_forced_and_masked_out(tokenizer, cheap_stops):
+@pytest.mark.parametrize("stop_policy", [StopPolicy.EVERY_STEP, StopPolicy.ENVIRONMENT])
+def test_calculator_tokens_are_forced_and_masked_out(tokenizer, stop_policy):
     """A step that opens `<<4+5=` gets `9>>9` from the calculator; those tokens are excluded from the policy mask."""
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
-    engine = ScriptedEngine(tokenizer, _calculator_script(tokenizer), cheap_stops=cheap_stops)
+    engine = ScriptedEngine(tokenizer, _calculator_script(tokenizer), stop_policy)
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=3), ROWS[:1])
     episode = trajectory.episode
     assert episode.completion.startswith("4+5 = <<4+5=9>>9 pens\n")
     assert episode.final_answer == "9" and episode.verdict.correct
@@ -104,13 +105,25 @@ def test_calculator_tokens_are_forced_and_masked_out(tokenizer, cheap_stops):
     assert all(lp == -0.5 for lp, p in zip(trajectory.sampling_logps, trajectory.policy_mask, strict=True) if p)
 
 
-def test_engine_without_cheap_stops_pauses_only_for_the_calculator(tokenizer):
+def test_rollout_needs_a_fresh_environment_per_row_and_one_group_id_per_row(tokenizer):
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    engine = ScriptedEngine(tokenizer, tokenizer("The answer is: 9\n", add_special_tokens=False)["input_ids"])
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
+    env = MathEnv("gsm8k")
+    with pytest.raises(ValueError, match="new environment"):
+        rollout.run(lambda: env, ROWS[:2])
+    with pytest.raises(ValueError, match="group_ids"):
+        rollout.run(MathEnv, ROWS[:2], group_ids=[0])
+    assert engine.requests == []  # refused before anything was generated
+
+
+def test_an_engine_stopping_at_environment_stops_pauses_only_for_the_calculator(tokenizer):
     """vLLM-style: one request runs across step boundaries; the loop splits the steps from the returned ids."""
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
     script = tokenizer("Ann has 4.\nShe buys 5.\nThe answer is: 9\nextra words\n", add_special_tokens=False)
-    engine = ScriptedEngine(tokenizer, script["input_ids"], cheap_stops=False)
+    engine = ScriptedEngine(tokenizer, script["input_ids"], StopPolicy.ENVIRONMENT)
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=5), ROWS[:1])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=5), ROWS[:1])
     assert [s.text for s in trajectory.episode.steps] == ["Ann has 4.\n", "She buys 5.\n", "The answer is: 9\n"]
     assert len(engine.requests) == 1  # no stop at step boundaries
     assert "\n" not in engine.requests[0].stop_strings and "<<" in engine.requests[0].stop_strings
@@ -120,9 +133,9 @@ def test_engine_without_cheap_stops_pauses_only_for_the_calculator(tokenizer):
 
 def _streamed_rollout(tokenizer, text: str, max_steps: int = 5) -> tuple[object, ScriptedEngine]:
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
-    engine = ScriptedEngine(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], streams=True)
+    engine = ScriptedEngine(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], StopPolicy.STREAMING)
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=max_steps), ROWS[:1])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=max_steps), ROWS[:1])
     return trajectory, engine
 
 
@@ -154,7 +167,7 @@ def test_streaming_engine_matches_a_stopping_engine_token_for_token(tokenizer):
     builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
     engine = ScriptedEngine(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=40), engine=engine)
-    (stopped,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=5), ROWS[:1])
+    (stopped,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=5), ROWS[:1])
     assert streamed.completion_ids == stopped.completion_ids
     assert streamed.policy_mask == stopped.policy_mask and streamed.step_index == stopped.step_index
     assert [s.text for s in streamed.episode.steps] == [s.text for s in stopped.episode.steps]
@@ -167,7 +180,7 @@ def test_forced_tokens_count_towards_the_step_and_episode_budgets(tokenizer):
     engine = ScriptedEngine(tokenizer, prefix + tokenizer(" more text\n", add_special_tokens=False)["input_ids"])
     limit = len(prefix) + 2
     rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=limit), engine=engine)
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=1), ROWS[:1])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=1), ROWS[:1])
     first = trajectory.episode.steps[0]
     assert first.calc_calls == 1
     assert first.num_tokens == limit + (len(trajectory.completion_ids) - limit)  # every token, forced ones too
@@ -184,7 +197,7 @@ def test_segments_join_to_the_step_text_with_a_sentencepiece_tokenizer():
     script += spm(" pens in all\nThe answer is: 9\n", add_special_tokens=False)["input_ids"]
     engine = ScriptedEngine(spm, script)
     rollout = StepwiseRollout(None, spm, builder, SamplingConfig(max_step_tokens=60), engine=engine)
-    (trajectory,) = rollout.run(lambda: StepwiseMathEnv("gsm8k", max_steps=3), ROWS[:1])
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=3), ROWS[:1])
     step = trajectory.episode.steps[0]
     assert [s.from_policy for s in step.segments] == [True, False, True]
     assert "".join(s.text for s in step.segments) == step.text

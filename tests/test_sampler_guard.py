@@ -15,7 +15,8 @@ from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.rollout import StepwiseRollout
 from trl_stepwise.trainer import StepwiseReinforceTrainer
 from trl_stepwise.trainer.batching import pad_trajectories, score_completions
-from trl_stepwise.trainer.trainer import SAMPLER_GAP, SamplerMismatchError
+from trl_stepwise.trainer.metrics import SAMPLER_GAP
+from trl_stepwise.trainer.sampler_guard import SamplerMismatchError
 
 GAP = SAMPLER_GAP
 
@@ -48,14 +49,14 @@ def test_under_top_p_the_trainer_scores_the_engines_truncated_distribution(
     """The two readings of the ratio differ here: the full softmax puts log Z < 0 (the mass outside the nucleus)
     between trainer and engine on every token, the truncated one nothing. The trainer compares like with like."""
     model = make_tiny_model(seed=3)
-    from trl_stepwise.envs import StepwiseMathEnv
+    from trl_stepwise.envs import MathEnv
     from trl_stepwise.prompting import PromptBuilder
 
     builder = PromptBuilder(tokenizer, list(arithmetic_problems.select(range(2))), k=1, flavour="arithmetic")
     sampling = SamplingConfig(temperature=0.8, top_p=0.5, top_k=0, max_step_tokens=6, seed=1)
     rollout = StepwiseRollout(model, tokenizer, builder, sampling)
     trajectories = rollout.run(
-        lambda: StepwiseMathEnv("arithmetic", max_steps=2), [dict(r) for r in arithmetic_problems.select(range(4))]
+        lambda: MathEnv("arithmetic", max_steps=2), [dict(r) for r in arithmetic_problems.select(range(4))]
     )
     batch = pad_trajectories(
         trajectories, pad_id=tokenizer.pad_token_id, sampling_logps=[t.sampling_logps for t in trajectories]

@@ -16,7 +16,9 @@ from tiny_training import length_reward, make_config
 
 from trl_stepwise.data import DatasetFieldError
 from trl_stepwise.trainer import StepwiseReinforceTrainer
-from trl_stepwise.trainer.trainer import REFERENCE_FILE, STATE_FILE, _as_problems
+from trl_stepwise.trainer.builders import as_problems as _as_problems
+from trl_stepwise.trainer.reference import REFERENCE_FILE
+from trl_stepwise.trainer.saving import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +204,7 @@ def test_lora_trains_only_adapters_and_reference_is_the_base_model(
     trajectories = trainer.rollout_engine().run(
         trainer.make_env, [dict(r) for r in arithmetic_problems.select(range(3))]
     )
-    (policy, _), reference = trainer._score(trajectories)
+    policy, _, reference = trainer._rollout_logps(trajectories)
     assert policy is None and reference is not None
     expected = trainer._logps(base_copy, trajectories)
     with_adapter = trainer._logps(peft_model, trajectories)
@@ -263,7 +265,7 @@ def test_resume_restores_step_optimizer_and_reference(make_tiny_model, tokenizer
         load_optimizer(path)
         loaded["optimizer"] = copy.deepcopy(second.optimizer.state_dict())
         loaded["reference"] = snapshot(second.ref_model)
-        loaded["ref_syncs"] = second._ref_syncs
+        loaded["ref_syncs"] = second.reference.last_sync
 
     def spy_checkpoint(path, model=None):
         load_checkpoint(path, model)
@@ -305,7 +307,7 @@ def test_lora_resume_after_reference_sync(make_tiny_model, tokenizer, arithmetic
 
     second._load_optimizer_and_scheduler = spy
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert second.state.global_step == 4 and second._has_ref_adapter
+    assert second.state.global_step == 4 and second.reference.has_adapter
     assert saved and all(torch.equal(loaded["reference"][k], v) for k, v in saved.items())
     assert loaded["trainable"] and all(".default." in n for n in loaded["trainable"])
 

@@ -15,7 +15,7 @@ import torch
 from trl_stepwise.data import load_math_dataset
 from trl_stepwise.engines import SamplingConfig
 from trl_stepwise.engines.weights import policy_weights
-from trl_stepwise.envs import StepwiseMathEnv
+from trl_stepwise.envs import MathEnv
 from trl_stepwise.prompting import PromptBuilder, load_system_prompt
 from trl_stepwise.rollout import StepwiseRollout
 
@@ -47,7 +47,7 @@ def problems():
 
 
 def _make_env():
-    return StepwiseMathEnv("gsm8k", max_episode_tokens=160)
+    return MathEnv("gsm8k", max_episode_tokens=160)
 
 
 def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, tokenizer, vllm_engine, builder, problems):
@@ -71,8 +71,13 @@ def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, toke
         assert all(lp <= 0.0 for lp in t.sampling_logps)
 
 
+def _short_env():
+    return MathEnv("gsm8k", max_episode_tokens=48)
+
+
 def _greedy_ids(rollout: StepwiseRollout, problems) -> list[list[int]]:
-    return [t.completion_ids for t in rollout.run(_make_env, problems)]
+    """Short greedy episodes: enough tokens to tell two policies apart, few enough for the transformers engine."""
+    return [t.completion_ids for t in rollout.run(_short_env, problems)]
 
 
 def test_weight_push_after_an_optimizer_step_makes_vllm_follow_the_policy(
@@ -84,7 +89,7 @@ def test_weight_push_after_an_optimizer_step_makes_vllm_follow_the_policy(
     trained(input_ids=batch, labels=batch).loss.backward()
     optimizer.step()
     trained.eval()
-    few = problems[:4]
+    few = problems[:2]
     before = _greedy_ids(StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine), few)
     with policy_weights(trained) as weights:
         vllm_engine.sync_weights(weights)
@@ -111,7 +116,7 @@ def test_lora_is_merged_for_the_push_and_the_adapter_is_left_unchanged(
     base_q = lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
     with policy_weights(lora) as weights:
         vllm_engine.sync_weights(weights)
-    few = problems[:4]
+    few = problems[:2]
     served = _greedy_ids(StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine), few)
     assert served == _greedy_ids(StepwiseRollout(lora, tokenizer, builder, GREEDY), few)
     assert served != _greedy_ids(StepwiseRollout(policy, tokenizer, builder, GREEDY), few)

@@ -49,6 +49,23 @@ class AlgorithmSettings:
     epsilon: float = 0.2
     loss_normalization: str = "token"  # "token" or "sequence"
     moving_average_decay: float = 0.9
+    importance_sampling: str | None = None  # correct for the engine's sampling: "token_truncate", "token_mask", None
+    importance_sampling_clip_max: float = 2.0
+
+
+@dataclass
+class BehaviourLogps:
+    """How the sampled tokens were drawn: the engine's log-probs, the trainer's under the same sampling filter at the
+    weights that sampled them, and which tokens the engine sampled (not tool results, not reference episodes)."""
+
+    engine: torch.Tensor
+    trainer: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """log pi_trainer - log pi_engine per sampled token (0 elsewhere)."""
+        return torch.where(self.mask, self.trainer - self.engine, torch.zeros_like(self.trainer))
 
 
 class Algorithm:
@@ -165,14 +182,29 @@ class Algorithm:
             return -log_ratio
         return torch.exp(log_ratio) - log_ratio - 1.0
 
+    def importance_weights(self, behaviour: BehaviourLogps | None) -> torch.Tensor | None:
+        """Per-token truncated importance weights correcting for the engine's sampling (None: no correction):
+        min(ratio, C) (token_truncate) or 1[ratio <= C] (token_mask), ratio = pi_trainer / pi_engine."""
+        mode = self.settings.importance_sampling
+        if mode is None or behaviour is None:
+            return None
+        return importance_weights(behaviour.gap, mode, self.settings.importance_sampling_clip_max)
+
     def token_loss(
         self,
         logps: torch.Tensor,
         old_logps: torch.Tensor,
         ref_logps: torch.Tensor | None,
         advantages: torch.Tensor,
+        behaviour: BehaviourLogps | None = None,
     ) -> torch.Tensor:
-        """Per-token loss: clipped importance-weighted policy gradient, plus the KL term when it is in the loss."""
+        """Per-token loss: clipped importance-weighted policy gradient, plus the KL term when it is in the loss.
+
+        The engine's sampling is corrected by weighting each token's policy-gradient term (linear in the advantage,
+        so the advantage alone is weighted; the KL term is not)."""
+        weights = self.importance_weights(behaviour)
+        if weights is not None:
+            advantages = advantages * weights
         ratio = torch.exp(logps - old_logps)
         clipped = torch.clamp(ratio, 1.0 - self.settings.epsilon, 1.0 + self.settings.epsilon)
         loss = -torch.min(ratio * advantages, clipped * advantages)
@@ -215,6 +247,15 @@ class Algorithm:
             per_sequence = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
             return per_sequence.sum() / max(num_sequences, 1.0)
         return (token_losses * mask).sum() / max(num_tokens, 1.0)
+
+
+def importance_weights(gap: torch.Tensor, mode: str, clip_max: float) -> torch.Tensor:
+    """Per-token truncated importance weights from ``gap`` = log pi_trainer - log pi_engine of each sampled token:
+    min(ratio, C) (token_truncate) or 1[ratio <= C] (token_mask)."""
+    ratio = torch.exp(gap.detach())
+    if mode == "token_mask":
+        return (ratio <= clip_max).to(ratio.dtype)
+    return ratio.clamp(max=clip_max)
 
 
 def _groups(group_ids: Sequence[int]) -> dict[int, list[int]]:

@@ -295,7 +295,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
     """Load data, prompts and model, run the evaluation, print the summary and write the outputs (main process)."""
     from trl_stepwise.data import DatasetFieldError, dataset_flavour
     from trl_stepwise.engines.factory import build_engine
-    from trl_stepwise.envs import FLAVOURS, EnvRouter, StepwiseMathEnv, make_limited, registry
+    from trl_stepwise.envs import FLAVOURS, EnvRouter, MathEnv, make_limited, registry
     from trl_stepwise.evaluation import evaluate_gold, evaluate_problems
     from trl_stepwise.models import ModelLoadError, load_model, load_tokenizer
     from trl_stepwise.rollout import SamplingConfig
@@ -307,8 +307,8 @@ def run_evaluate(args: EvaluateArguments) -> int:
     max_steps = 1 if direct else (args.max_steps or (GOLD_MAX_STEPS if args.gold else None))
     math = {
         name: partial(
-            StepwiseMathEnv,
-            flavour=name,
+            MathEnv,
+            name,
             max_steps=max_steps,
             max_episode_tokens=args.max_episode_tokens,
             calculator=calculator,

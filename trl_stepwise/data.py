@@ -99,7 +99,7 @@ def _load_raw(name_or_path: str, split: str) -> Dataset:
 
         return arithmetic_dataset(split=split, **parse_arithmetic_spec(name_or_path))
     if name_or_path.lower().startswith("countdown"):
-        from trl_stepwise.envs.countdown import countdown_dataset
+        from trl_stepwise.countdown import countdown_dataset
 
         return countdown_dataset(split=split, **_generator_spec(name_or_path))
     if name_or_path in BUNDLED:

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from trl_stepwise.engines import GenerationEngine
-from trl_stepwise.envs import EndReason, Env, Episode, StepwiseMathEnv, play_scripted
+from trl_stepwise.envs import EndReason, Env, Episode, play_scripted
 from trl_stepwise.prompting import PromptBuilder, solution_to_steps
 from trl_stepwise.rollout import RolloutStats, SamplingConfig, StepwiseRollout, Trajectory
 
@@ -195,7 +195,7 @@ def evaluate_problems(
     tokenizer: Any,
     rows: Sequence[dict],
     prompt_builder: PromptBuilder,
-    make_env: Callable[[], Env | StepwiseMathEnv],
+    make_env: Callable[[], Env],
     sampling: SamplingConfig,
     num_samples: int = 1,
     accelerator: Any = None,
@@ -260,7 +260,7 @@ def _throughput(stats: Sequence[tuple[float, RolloutStats]]) -> dict[str, float]
 
 
 def evaluate_gold(
-    rows: Sequence[dict], make_env: Callable[[], Env | StepwiseMathEnv], flavour: str
+    rows: Sequence[dict], make_env: Callable[[], Env], flavour: str
 ) -> tuple[dict[str, Any], list[dict]]:
     """Feed each reference solution, converted to steps, into an environment as if a model wrote it.
 

@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trl_stepwise.engines.reference import ReferenceEngine
+from trl_stepwise.flavours import FLAVOURS
 from trl_stepwise.prompting import _is_answer_step, solution_to_steps
 from trl_stepwise.rollout import StepwiseRollout, Trajectory
 
-__all__ = ["failed_groups", "play_references", "reference_text"]
+__all__ = ["failed_groups", "guide_failed_groups", "play_references", "reference_text"]
 
 
 def reference_text(row: Mapping[str, Any], flavour: str) -> str | None:
@@ -60,3 +61,32 @@ def play_references(
     """Play each text as an episode of its row, with ``rollout``'s prompts, limits and tools."""
     engine = ReferenceEngine(rollout.tokenizer, dict(enumerate(texts)), rollout.eos_ids)
     return rollout.with_engine(engine).run(make_env, rows, group_ids=group_ids)
+
+
+def guide_failed_groups(
+    rollout: StepwiseRollout,
+    make_env,
+    trajectories: list[Trajectory],
+    rows: Sequence[dict],
+    group_ids: Sequence[int],
+    flavour: str,
+) -> tuple[int, int]:
+    """Replace, in place, one episode of every all-failed group by its row's worked solution, where it has one;
+    ``(episodes replaced, of which correct)``.
+
+    A reference episode was not sampled by the engine (``engine_sampled`` False): its tokens get importance weight 1
+    and stay out of the sampler-trainer comparison; its gradient is the policy's own. A row's ``env`` column, when it
+    names a math flavour, decides how its solution is split into steps (else ``flavour``)."""
+    chosen, texts = [], []
+    for index in failed_groups(trajectories):
+        row = rows[index]
+        text = reference_text(row, row.get("env") if row.get("env") in FLAVOURS else flavour)
+        if text is not None:
+            chosen.append(index)
+            texts.append(text)
+    if chosen:
+        played = play_references(rollout, make_env, [rows[i] for i in chosen], [group_ids[i] for i in chosen], texts)
+        for index, reference in zip(chosen, played, strict=True):
+            reference.engine_sampled = False
+            trajectories[index] = reference
+    return len(chosen), sum(trajectories[i].episode.correct for i in chosen)

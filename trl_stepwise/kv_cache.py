@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+MIN_SHARED_PREFIX = 16  # a shared prefix shorter than this is not worth its own pass
 SPARE = 128  # tokens of room added per growth: one copy per 128 decoded tokens, little memory held spare
 
 
@@ -93,3 +95,16 @@ def grouped_query_attention():
             os.environ.pop(FORCE_GQA_ENV, None)
         else:
             os.environ[FORCE_GQA_ENV] = previous
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Tokens every sequence starts with, keeping at least one own token per sequence; 0 when shorter than
+    ``minimum`` (encoding the shared prefix once then costs more than it saves)."""
+    first = sequences[0]
+    length = min(len(s) for s in sequences) - 1
+    for sequence in sequences[1:]:
+        n = 0
+        while n < length and sequence[n] == first[n]:
+            n += 1
+        length = n
+    return length if length >= minimum else 0

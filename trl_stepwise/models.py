@@ -116,6 +116,24 @@ def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrained
     return tokenizer
 
 
+def quantization_bits(model: Any = None, init_kwargs: dict | None = None) -> tuple[bool, bool]:
+    """``(4-bit, 8-bit)``: how a loaded model holds its weights (the base under a peft wrapper included), or, for a
+    model still to load (``model`` None or a name), what ``init_kwargs``' quantization config will make of it."""
+    if model is None or isinstance(model, str):
+        quantization = (init_kwargs or {}).get("quantization_config")
+        return bool(getattr(quantization, "load_in_4bit", False)), bool(getattr(quantization, "load_in_8bit", False))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    four, eight = (any(getattr(m, f"is_loaded_in_{b}bit", False) for m in (model, base)) for b in (4, 8))
+    if not (four or eight) and getattr(base, "quantization_method", None):
+        four = True  # another quantization method: treated as 4-bit, the stricter case
+    return bool(four), bool(eight)
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether a loaded model holds 4/8-bit weights (which cannot train directly nor take merged adapters)."""
+    return any(quantization_bits(model))
+
+
 def build_quantization_config(
     load_in_4bit: bool = False, load_in_8bit: bool = False, use_peft: bool = False, frozen: bool = False
 ):

@@ -18,13 +18,14 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trl_stepwise.flavours import get_flavour
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 ANSWER_PREFIX = "The answer is:"
-FLAVOURS = ("gsm8k", "math", "arithmetic")
 # Bundled prompt name -> file under trl_stepwise/prompts/. "arithmetic" reuses GSM8K's calculator-style prompt.
 BUNDLED_PROMPTS = {
     "gsm8k": "gsm8k_system.txt",
@@ -34,18 +35,13 @@ BUNDLED_PROMPTS = {
 }
 
 
-def _check_flavour(flavour: str) -> None:
-    if flavour not in FLAVOURS:
-        raise ValueError(f"Unknown flavour {flavour!r}; expected one of {FLAVOURS}.")
-
-
 def load_system_prompt(name_or_path: str | None, flavour: str = "gsm8k") -> str:
-    """Return system prompt text: None -> the flavour's bundled default, a bundled name, or a file's (stripped) text.
+    """Return system prompt text: None -> the flavour's default, a bundled name, or a file's (stripped) text.
 
     Bundled names win over same-named files in the working directory, so configs stay portable.
     """
-    _check_flavour(flavour)
-    name = flavour if name_or_path is None else name_or_path
+    default = get_flavour(flavour).system_prompt
+    name = default if name_or_path is None else name_or_path
     if name in BUNDLED_PROMPTS:
         return resources.files("trl_stepwise").joinpath("prompts", BUNDLED_PROMPTS[name]).read_text("utf-8").strip()
     path = Path(name)
@@ -208,8 +204,7 @@ def math_solution_to_steps(solution: str, answer: str) -> list[str]:
 
 def solution_to_steps(row: Mapping[str, Any], flavour: str) -> list[str]:
     """Convert a normalised data row (``solution``, ``answer``) to steps for the given flavour."""
-    _check_flavour(flavour)
-    if flavour == "math":
+    if get_flavour(flavour).solution_format == "latex":
         return math_solution_to_steps(row["solution"], str(row["answer"]))
     steps = gsm8k_solution_to_steps(row["solution"])
     answer = str(row.get("answer", "")).strip()
@@ -221,12 +216,6 @@ def solution_to_steps(row: Mapping[str, Any], flavour: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Few-shot sources
 
-# Worked examples used when a few-shot source has final answers only: (loader name, split) per flavour.
-BUNDLED_WORKED_EXAMPLES = {
-    "gsm8k": ("gsm8k", "train"),
-    "math": ("math", "train"),
-    "arithmetic": ("arithmetic", "fewshot"),
-}
 WORKED_SAMPLE = 32  # rows inspected to decide whether a source has worked solutions
 
 
@@ -255,9 +244,15 @@ def with_worked_examples(
     a note saying so (for the user: the fallback changes what the prompt shows)."""
     if has_worked_solutions(rows, flavour):
         return rows, None
+    fallback = get_flavour(flavour).worked_examples  # (dataset, split) of the flavour's worked examples
+    if fallback is None:
+        return rows, (
+            f"the few-shot examples from {source} have no worked solutions (final answers only), which teaches the "
+            f"model to answer without steps, and the {flavour!r} flavour names no worked examples to use instead."
+        )
     from trl_stepwise.data import load_math_dataset
 
-    name, split = BUNDLED_WORKED_EXAMPLES[flavour]
+    name, split = fallback
     examples = load_math_dataset(name, split=split, limit=256).to_list()  # plenty to draw k + spares from
     note = (
         f"the few-shot examples from {source} have no worked solutions (final answers only), which teaches the model "
@@ -309,7 +304,7 @@ class PromptBuilder:
         max_example_chars: int | None = None,
         pool_size: int | None = None,
     ) -> None:
-        _check_flavour(flavour)
+        get_flavour(flavour)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if pool_size is not None and pool_size < k:

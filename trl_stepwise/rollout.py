@@ -40,10 +40,11 @@ from trl_stepwise.engines import (
     GenerationOutput,
     GenerationRequest,
     SamplingConfig,
+    StopPolicy,
     TransformersEngine,
 )
 from trl_stepwise.engines.base import _KeepSampling
-from trl_stepwise.envs import Env, EnvSession, Episode, Segment, StepwiseMathEnv
+from trl_stepwise.envs import Env, EnvSession, Episode, Segment
 from trl_stepwise.prompting import PromptBuilder
 
 __all__ = ["RolloutStats", "SamplingConfig", "StepwiseRollout", "Trajectory"]
@@ -124,7 +125,8 @@ class StepwiseRollout:
         # A streaming engine is cut at the right token without stop strings, and runs on through a checked tool's call
         # (the calculator's): the loop keeps the tokens when they are exactly the result, so generation pauses only
         # where the policy gets it wrong. Other engines stop at the call (their stop strings say where).
-        self.engine_streams = bool(getattr(engine, "streams", False))
+        self.stop_policy = getattr(engine, "stop_policy", StopPolicy.ENVIRONMENT)
+        self.engine_streams = self.stop_policy is StopPolicy.STREAMING
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ public API
@@ -136,7 +138,7 @@ class StepwiseRollout:
 
     def run(
         self,
-        make_env: Callable[[], Env | StepwiseMathEnv] | Sequence[Callable[[], Env | StepwiseMathEnv]],
+        make_env: Callable[[], Env] | Sequence[Callable[[], Env]],
         rows: Sequence[dict],
         group_ids: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
@@ -321,7 +323,7 @@ class StepwiseRollout:
         if budget is not None:
             max_tokens = min(max_tokens, budget - episode.num_tokens - in_step + step_limit)
         stops: list[str] = []
-        if self.engine.cheap_stops:
+        if self.stop_policy is StopPolicy.EVERY_STEP:
             # also at the step's token limit: such an engine feeds every sampled token at once and cannot take back
             # tokens sampled past a step the environment answers (a reply must follow the step, not what came after)
             max_tokens = min(max_tokens, step_limit - in_step)

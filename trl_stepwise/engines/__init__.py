@@ -13,6 +13,7 @@ from trl_stepwise.engines.base import (
     GenerationRequest,
     OnStop,
     SamplingConfig,
+    StopPolicy,
     eos_token_ids,
 )
 from trl_stepwise.engines.transformers_engine import TransformersEngine
@@ -25,6 +26,7 @@ __all__ = [
     "GenerationRequest",
     "OnStop",
     "SamplingConfig",
+    "StopPolicy",
     "TransformersEngine",
     "eos_token_ids",
 ]

@@ -6,13 +6,14 @@ and the loop answers with a ``Continuation`` (tokens to append without sampling 
 stop settings) or None when the sequence is finished. An engine with continuous batching queues the continuation at
 once while the other sequences keep decoding.
 
-A streaming engine (``streams = True``, vLLM in process) also reports every request's tokens as they are sampled
+A streaming engine (``StopPolicy.STREAMING``, vLLM in process) also reports every request's tokens as they are sampled
 (``finish_reason`` None); the loop answers ``KEEP_SAMPLING`` to let it run on, or cuts it there (a ``Continuation``
 or None) and the engine aborts it. Such an engine needs no stop strings: the loop sees each token as it comes.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,18 +86,26 @@ KEEP_SAMPLING = _KeepSampling()
 OnStop = Callable[[GenerationOutput], "Continuation | None | _KeepSampling"]
 
 
+class StopPolicy(enum.Enum):
+    """Where the rollout loop asks an engine to stop: it depends on what a stop costs the engine."""
+
+    EVERY_STEP = "every_step"
+    """Stops are free (the transformers loop keeps each sequence's cache): stop at every step delimiter and at the
+    step's token limit, so finished episodes leave the batch at once and no token is sampled past a step."""
+    ENVIRONMENT = "environment"
+    """A stop costs a new request (a vLLM server): stop only where the environment must act (its stop strings); step
+    boundaries are found in the returned ids."""
+    STREAMING = "streaming"
+    """The engine reports tokens as they are sampled (vLLM in process): no stop strings, the loop cuts each sequence
+    at the right token and lets it run on through a tool call it can check."""
+
+
 @runtime_checkable
 class GenerationEngine(Protocol):
-    """A generator of token ids; ``cheap_stops`` says whether stopping at every step costs nothing extra.
+    """A generator of token ids; ``stop_policy`` says where the rollout loop asks it to stop."""
 
-    Engines whose stops are cheap (the transformers loop keeps each sequence's cache) are asked to stop at every step
-    delimiter, so finished episodes leave the batch at once; the others (vLLM) are asked to stop only where the
-    environment must act, and step boundaries are found in the returned ids.
-    """
-
-    cheap_stops: bool
+    stop_policy: StopPolicy
     stop_token_ids: set[int]
-    streams: bool  # reports partial outputs (see the module docstring); engines without the attribute do not
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
         """Run every request (and its continuations) to the end."""

@@ -17,14 +17,20 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from trl_stepwise.engines.base import KEEP_SAMPLING, GenerationOutput, GenerationRequest, OnStop, SamplingConfig
+from trl_stepwise.engines.base import (
+    KEEP_SAMPLING,
+    GenerationOutput,
+    GenerationRequest,
+    OnStop,
+    SamplingConfig,
+    StopPolicy,
+)
 
 
 class ReferenceEngine:
     """A streaming engine whose request ``i`` writes ``texts[i]`` and then an end-of-turn token."""
 
-    cheap_stops = False
-    streams = True
+    stop_policy = StopPolicy.STREAMING
 
     def __init__(self, tokenizer, texts: Mapping[int, str], stop_token_ids: Iterable[int]) -> None:
         self.tokenizer = tokenizer

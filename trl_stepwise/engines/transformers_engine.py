@@ -23,13 +23,13 @@ from trl_stepwise.engines.base import (
     GenerationRequest,
     OnStop,
     SamplingConfig,
+    StopPolicy,
     eos_token_ids,
     filter_logits,
 )
-from trl_stepwise.kv_cache import grouped_query_attention, growing_cache
+from trl_stepwise.kv_cache import grouped_query_attention, growing_cache, shared_prefix_length
 
 PRUNE_AT = 0.75  # shrink the batch once a quarter of its rows have finished
-MIN_SHARED_PREFIX = 16  # a shared prefix shorter than this is not worth its own pass
 
 
 @dataclass
@@ -46,7 +46,7 @@ class _Row:
 class TransformersEngine:
     """Generate with the policy model itself; stops are cheap (each sequence keeps its cache between requests)."""
 
-    cheap_stops = True
+    stop_policy = StopPolicy.EVERY_STEP
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
@@ -74,7 +74,7 @@ class TransformersEngine:
     def _decode_chunk(self, requests: list[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
         device = self.model.device
         rows = [_Row(request=r) for r in requests]
-        prefix_len = _shared_prefix_length([r.prompt_ids for r in requests])
+        prefix_len = shared_prefix_length([r.prompt_ids for r in requests])
         cache = self._prefix_cache(requests[0].prompt_ids[:prefix_len], len(rows))
         suffixes = [r.prompt_ids[prefix_len:] for r in requests]
         width = max(len(s) for s in suffixes)
@@ -200,15 +200,3 @@ class TransformersEngine:
         if not sampling.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
-
-
-def _shared_prefix_length(prompts: Sequence[list[int]]) -> int:
-    """Tokens every prompt starts with, keeping at least one own token per prompt (0 when too short to pay)."""
-    first = prompts[0]
-    length = min(len(p) for p in prompts) - 1
-    for prompt in prompts[1:]:
-        n = 0
-        while n < length and prompt[n] == first[n]:
-            n += 1
-        length = n
-    return length if length >= MIN_SHARED_PREFIX else 0

@@ -25,6 +25,7 @@ from trl_stepwise.engines.base import (
     MissingLogprobsError,
     OnStop,
     SamplingConfig,
+    StopPolicy,
     checked_logprob,
     eos_token_ids,
 )
@@ -52,8 +53,7 @@ def import_vllm() -> Any:
 class VLLMEngine:
     """A colocated vLLM ``LLM``; ``generate`` runs requests with continuous batching, ``sync_weights`` reloads."""
 
-    cheap_stops = False
-    streams = True
+    stop_policy = StopPolicy.STREAMING
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from trl_stepwise.engines.base import (
     GenerationRequest,
     OnStop,
     SamplingConfig,
+    StopPolicy,
     checked_logprob,
     derive_seed,
     eos_token_ids,
@@ -40,7 +41,7 @@ class VLLMServerError(RuntimeError):
 class VLLMServerEngine:
     """Generation on a vLLM server; ``sync_weights`` pushes the policy through TRL's client."""
 
-    cheap_stops = False
+    stop_policy = StopPolicy.ENVIRONMENT
 
     def __init__(self, base_url: str, tokenizer: Any, *, timeout: float = 240.0, generation_config: Any = None):
         self.base_url = base_url.rstrip("/")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from trl_stepwise.models import is_quantized
+
 # peft methods that train weights yet cannot be folded into fixed ones (peft cannot merge them either)
 _UNMERGEABLE = {
     "POLY": "it routes between its LoRA modules by task id",
@@ -108,10 +110,7 @@ def _checked(model: Any) -> tuple[dict[str, torch.nn.Module], list[str]]:
 
 
 def _refuse_quantized(model: Any) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if any(getattr(m, f"is_loaded_in_{bits}bit", False) for m in (model, base) for bits in (4, 8)) or getattr(
-        base, "quantization_method", None
-    ):
+    if is_quantized(model):
         raise ValueError(
             "A 4/8-bit base cannot be served with --use_vllm true: vLLM loads the adapter merged into the base "
             "weights, which quantized weights cannot hold; use --use_vllm false to train on the quantized base, or "

@@ -1,13 +1,13 @@
-"""State types shared by environments, the rollout engine and the trainer.
+"""State types shared by environments, the rollout loop and the trainer: how an episode is recorded.
 
-The environment works on text only: token counts arrive from the caller, and nothing here knows about models.
+``EnvSession`` fills an ``Episode`` as it plays any environment; nothing here knows about models or tokens' ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trl_stepwise.grading import Verdict
@@ -44,15 +44,6 @@ class StepRecord:
 
 
 @dataclass
-class Observation:
-    """What the policy sees before writing its next step."""
-
-    question: str
-    steps: list[str]
-    done: bool = False
-
-
-@dataclass
 class Episode:
     """The record of one episode: what the trainer trains on and evaluation reports."""
 
@@ -85,29 +76,3 @@ class Episode:
     def correct(self) -> bool:
         """Graded correct (an episode not graded yet, or one that gave no answer, is not)."""
         return self.verdict is not None and bool(self.verdict.correct)
-
-
-@runtime_checkable
-class StepwiseEnv(Protocol):
-    """What the rollout engine needs from an environment; `StepwiseMathEnv` is the reference implementation."""
-
-    step_delimiter: str
-
-    def reset(self, question: str, answer: str, **row: Any) -> Observation: ...
-
-    def step(
-        self,
-        step_text: str,
-        *,
-        eos: bool = False,
-        num_tokens: int | None = None,
-        segments: list[Segment] | None = None,
-    ) -> tuple[Observation, float, bool, dict[str, Any]]: ...
-
-    def calculator_insert(self, partial_step: str) -> str | None: ...
-
-    @property
-    def episode(self) -> Episode: ...
-
-    @property
-    def done(self) -> bool: ...

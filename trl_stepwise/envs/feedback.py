@@ -15,8 +15,8 @@ from typing import Any
 from trl_stepwise import grading
 from trl_stepwise.arithmetic import generate_problems
 from trl_stepwise.envs.core import Env, StepResult, register
-from trl_stepwise.envs.math_env import ANSWER_IS_PATTERN
 from trl_stepwise.envs.tools import CalculatorTool
+from trl_stepwise.flavours import ANSWER_IS_PATTERN
 
 __all__ = ["FEEDBACK", "MathFeedbackEnv"]
 

@@ -1,63 +1,60 @@
-"""The stepwise math environment: the policy writes one reasoning step per `step()` and is graded at the end.
+"""The math environments (GSM8K, MATH, arithmetic): the policy writes one reasoning step per ``step()`` and the
+solution is graded when the episode ends. Registered by flavour name: ``make("gsm8k")``, ``make("math")``,
+``make("arithmetic")``.
 
-It works on text alone (token counts come from the caller), so a scripted list of step strings can drive it.
+The environment works on text alone (token counts come with the action), so a scripted list of step strings can drive
+it (``trl_stepwise.envs.session.play_scripted``). ``reset(options=row)`` plays a dataset row; the arithmetic flavour
+with no row draws the generated problem numbered by ``seed`` (else the next one). The calculator is offered as a tool.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from trl_stepwise import calculator, grading
-from trl_stepwise.envs.base import EndReason, Episode, Observation, Segment, StepRecord
+from trl_stepwise import grading
+from trl_stepwise.arithmetic import generate_problems
+from trl_stepwise.envs.base import EndReason, Segment
+from trl_stepwise.envs.core import Env, StepResult, register
+from trl_stepwise.envs.tools import CalculatorTool, Tool
+from trl_stepwise.flavours import ANSWER_IS_PATTERN, BOXED_PATTERN, FLAVOURS, Flavour, get_flavour, register_flavour
 from trl_stepwise.rewards import RewardFunc, combine_rewards, format_reward, unique_name
 
-# The phrases grading.extract_final_answer reads, so an episode ends when (and only when) an answer is written.
-ANSWER_IS_PATTERN = r"(?i)\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is\b[ \t]*:?[ \t]*(?:[^\s:.]|\.\d)"
-BOXED_PATTERN = r"\\(?:boxed|fbox)\b[ \t]*\S"
-
-
-@dataclass(frozen=True)
-class Flavour:
-    """Per-dataset defaults; `StepwiseMathEnv` arguments left as None take their value from here."""
-
-    name: str
-    answer_patterns: tuple[str, ...]
-    max_steps: int
-    calculator: bool
-
-
-FLAVOURS: dict[str, Flavour] = {}
-
-
-def register_flavour(flavour: Flavour, *, overwrite: bool = False) -> Flavour:
-    """Add a flavour so `StepwiseMathEnv(flavour=name)` finds it; refuses to replace one silently."""
-    if flavour.name in FLAVOURS and not overwrite:
-        raise ValueError(f"flavour {flavour.name!r} is already registered (pass overwrite=True to replace it)")
-    FLAVOURS[flavour.name] = flavour
-    return flavour
-
-
-register_flavour(Flavour("gsm8k", answer_patterns=(ANSWER_IS_PATTERN,), max_steps=10, calculator=True))
-register_flavour(Flavour("arithmetic", answer_patterns=(ANSWER_IS_PATTERN,), max_steps=6, calculator=True))
-register_flavour(Flavour("math", answer_patterns=(BOXED_PATTERN, ANSWER_IS_PATTERN), max_steps=15, calculator=False))
+__all__ = [
+    "ANSWER_IS_PATTERN",
+    "BOXED_PATTERN",
+    "FLAVOURS",
+    "Flavour",
+    "MathEnv",
+    "StepRewardFn",
+    "register_flavour",
+]
 
 StepRewardFn = Callable[[str, list[str], str], float]
 
 
-class StepwiseMathEnv:
-    """One math problem per episode; ends on a final answer, EOS, the step limit or the token budget.
+class MathEnv(Env):
+    """One math problem per episode; ends on a final answer, EOS, the token budget or the step limit.
 
-    Rewards: every step gets `step_reward_fn(question, previous_steps, step_text)` (0 without one). The final step
-    additionally gets correctness (1/0) + `format_reward_weight` * format - `step_penalty` * number of steps +
-    the weighted user reward functions, so the rewards returned by `step()` sum to the episode's return.
+    End conditions, checked after every step in this order: a final answer (an answer pattern of the flavour matches
+    the step), the end of the policy's turn (``action.eos``), the token budget (``max_episode_tokens``, counted from
+    ``action.num_tokens``) and ``max_steps``. Only a final answer ends the episode as ``terminated``; the others
+    truncate it. The completion is graded either way (``grading.grade_solution``).
+
+    Rewards: every step gets ``step_reward_fn(question, previous_steps, step_text)`` (0 without one). The final step
+    additionally gets correctness (1/0) + ``format_reward_weight`` * format - ``step_penalty`` * number of steps +
+    the weighted user reward functions, so the rewards returned by ``step()`` sum to the episode's return;
+    ``info["step_reward"]`` and ``info["final_reward"]`` tell the two parts apart.
+
+    Arguments left as None take the flavour's default (``trl_stepwise.flavours``). ``level``, ``split`` and ``start``
+    choose the generated problems the arithmetic flavour draws when ``reset`` gets no question.
     """
 
     def __init__(
         self,
         flavour: str = "gsm8k",
+        *,
         step_delimiter: str = "\n",
         answer_patterns: Sequence[str] | None = None,
         max_steps: int | None = None,
@@ -70,10 +67,11 @@ class StepwiseMathEnv:
         step_reward_fn: StepRewardFn | None = None,
         grade_timeout_s: float = 2.0,
         calc_timeout_s: float = 1.0,
+        level: int = 1,
+        split: str = "train",
+        start: int = 0,
     ) -> None:
-        if flavour not in FLAVOURS:
-            raise ValueError(f"unknown flavour {flavour!r}; registered: {sorted(FLAVOURS)}")
-        defaults = FLAVOURS[flavour]
+        defaults = get_flavour(flavour)
         self.flavour = flavour
         self.step_delimiter = step_delimiter
         patterns = defaults.answer_patterns if answer_patterns is None else tuple(answer_patterns)
@@ -88,6 +86,7 @@ class StepwiseMathEnv:
         self.step_reward_fn = step_reward_fn
         self.grade_timeout_s = grade_timeout_s
         self.calc_timeout_s = calc_timeout_s
+        self.level, self.split = level, split
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if max_episode_tokens is not None and max_episode_tokens < 1:
@@ -96,168 +95,141 @@ class StepwiseMathEnv:
             raise ValueError(
                 f"got {len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights"
             )
-        self._episode: Episode | None = None
-        self._episodes_started = 0
-        self._calc_calls = 0
-        self._calc_errors = 0
+        self._tools: tuple[Tool, ...] | None = None
+        self._next_problem = start
+        self._row: dict[str, Any] | None = None
+        self._steps: list[str] = []
+        self._num_tokens = 0
+        self._end_reason: EndReason | None = None
 
-    # -- gym-like API -------------------------------------------------------------------------------------------
+    @property
+    def tools(self) -> Sequence[Tool]:
+        """The calculator (``<<expr=`` -> ``value>>value``) when it is on; assign to offer other tools instead."""
+        if self._tools is not None:
+            return self._tools
+        return (CalculatorTool(self.calc_timeout_s),) if self.calculator else ()
 
-    def reset(self, question: str, answer: str, **row: Any) -> Observation:
-        """Start a new episode for one dataset row (TRL convention: `env.reset(**row)`)."""
-        self._episode = Episode(
-            episode_id=self._episodes_started,
-            group_id=None,
-            row={"question": question, "answer": answer, **row},
-        )
-        self._episodes_started += 1
-        self._calc_calls = self._calc_errors = 0
-        return self.observation()
+    @tools.setter
+    def tools(self, tools: Sequence[Tool]) -> None:
+        self._tools = tuple(tools)
 
-    def step(
-        self,
-        step_text: str,
-        *,
-        eos: bool = False,
-        num_tokens: int | None = None,
-        segments: list[Segment] | None = None,
-    ) -> tuple[Observation, float, bool, dict[str, Any]]:
-        """Record one step; returns (observation, reward, done, info).
+    # -- the environment API --------------------------------------------------------------------------------------
 
-        `segments` split `step_text` into policy text and calculator inserts (default: all policy text). The text is
-        recorded verbatim, so `episode.completion` stays equal to what the rollout engine decoded; a step that goes on
-        without the delimiter (cut by a per-step token limit) is only flagged, as `info["step_truncated"]`.
+    def reset(self, *, seed: int | None = None, options: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+        """Start an episode on the row ``options`` (``question``, ``answer`` and any other columns, which reward
+        functions receive); returns ``(question, {"answer": ..., "row": ...})``."""
+        super().reset(seed=seed)
+        row = dict(options or {})
+        if "question" not in row:
+            if self.flavour != "arithmetic":
+                raise ValueError(f"the {self.flavour!r} environment needs options={{'question', 'answer'}}")
+            number = self._next_problem if seed is None else seed
+            (row,) = generate_problems(self.level, self.split, 1, start=number)
+            self._next_problem = number + 1
+        if "answer" not in row:
+            raise ValueError("reset() got a question without an answer: pass both in options")
+        question, answer = row.pop("question"), row.pop("answer")
+        self._row = {"question": question, "answer": answer, **row}
+        self._steps, self._num_tokens, self._end_reason = [], 0, None
+        return question, {"answer": answer, "row": dict(self._row)}
+
+    def step(self, action: str) -> StepResult:
+        """Take one step's text; ``action.eos``, ``action.num_tokens`` and ``action.segments`` (a ``StepText``) say
+        whether the turn ended there, how many tokens it took and which parts the policy wrote.
+
+        ``info["step_truncated"]`` flags a step that goes on without the delimiter (cut by a per-step token limit);
+        once the episode ends, ``info`` carries ``end_reason``, ``final_answer``, ``verdict``, ``correct`` and the
+        ``reward_components``.
         """
-        episode = self._require_episode()
-        if episode.done:
+        row = self._require_row()
+        if self._end_reason is not None:
             raise RuntimeError(
-                f"step() called on a finished episode (end_reason={episode.end_reason.value}); call reset() first"
+                f"step() called on a finished episode (end_reason={self._end_reason.value}); call reset() first"
             )
-        segments = self._check_segments(step_text, segments)
-        question = episode.row["question"]
-        previous = [s.text for s in episode.steps]
-        step_reward = float(self.step_reward_fn(question, previous, step_text)) if self.step_reward_fn else 0.0
+        step_text = str(action)
+        eos = bool(getattr(action, "eos", False))
+        num_tokens = getattr(action, "num_tokens", None)
+        self._check_segments(step_text, getattr(action, "segments", None))
+        step_reward = 0.0
+        if self.step_reward_fn is not None:
+            step_reward = float(self.step_reward_fn(row["question"], list(self._steps), step_text))
+        self._steps.append(step_text)
+        self._num_tokens += num_tokens or 0
 
-        record = StepRecord(
-            text=step_text,
-            segments=segments,
-            num_tokens=num_tokens,
-            reward=step_reward,
-            calc_calls=self._calc_calls,
-            calc_errors=self._calc_errors,
-        )
-        episode.steps.append(record)
-        episode.num_tokens += num_tokens or 0
-        self._calc_calls = self._calc_errors = 0
-
-        end_reason = self._end_reason(step_text, eos=eos)
-        truncated = end_reason is None and not step_text.endswith(self.step_delimiter)
-
-        reward = step_reward
-        if end_reason is not None:
-            reward += self._finish(end_reason)
-        info = {
-            "end_reason": episode.end_reason,
-            "final_answer": episode.final_answer,
-            "verdict": episode.verdict,
-            "reward_components": dict(episode.reward_components),
-            "final_reward": episode.final_reward,
+        end_reason = self._end_reason_of(step_text, eos=eos)
+        info: dict[str, Any] = {
+            "end_reason": end_reason,
+            "final_answer": None,
+            "verdict": None,
+            "reward_components": {},
+            "final_reward": 0.0,
             "step_reward": step_reward,
-            "step_truncated": truncated,
-            "calc_calls": record.calc_calls,
-            "calc_errors": record.calc_errors,
-            "num_steps": len(episode.steps),
-            "num_tokens": episode.num_tokens,
+            "step_truncated": end_reason is None and not step_text.endswith(self.step_delimiter),
+            "num_steps": len(self._steps),
+            "num_tokens": self._num_tokens,
         }
-        return self.observation(), reward, episode.done, info
+        if end_reason is None:
+            return "", step_reward, False, False, info
+        self._end_reason = end_reason
+        final = self._grade(info)
+        terminated = end_reason == EndReason.ANSWER
+        return "", step_reward + final, terminated, not terminated, info
 
-    def calculator_insert(self, partial_step: str) -> str | None:
-        """Text to append when `partial_step` ends with a pending `<<expr=`; counts calls and errors for this step.
+    # -- internals ------------------------------------------------------------------------------------------------
 
-        Returns None when the calculator is off, nothing is pending, or the expression failed (counted as an error).
-        """
-        episode = self._require_episode()
-        if episode.done:
-            raise RuntimeError("calculator_insert() called on a finished episode; call reset() first")
-        if not self.calculator:
-            return None
-        insert, result = calculator.completion_for(partial_step, timeout_s=self.calc_timeout_s)
-        if result is None and insert is None:
-            return None
-        self._calc_calls += 1
-        if insert is None:
-            self._calc_errors += 1
-        return insert
-
-    def observation(self) -> Observation:
-        """The current observation, without stepping."""
-        episode = self._require_episode()
-        return Observation(question=episode.row["question"], steps=[s.text for s in episode.steps], done=episode.done)
-
-    @property
-    def episode(self) -> Episode:
-        return self._require_episode()
-
-    @property
-    def done(self) -> bool:
-        return self._require_episode().done
-
-    # -- internals ----------------------------------------------------------------------------------------------
-
-    def _require_episode(self) -> Episode:
-        if self._episode is None:
-            raise RuntimeError("no episode yet: call reset(question=..., answer=...) first")
-        return self._episode
+    def _require_row(self) -> dict[str, Any]:
+        if self._row is None:
+            raise RuntimeError("no episode yet: call reset(options={'question': ..., 'answer': ...}) first")
+        return self._row
 
     @staticmethod
-    def _check_segments(step_text: str, segments: list[Segment] | None) -> list[Segment]:
+    def _check_segments(step_text: str, segments: list[Segment] | None) -> None:
         if segments is None:
-            return [Segment(step_text, from_policy=True)] if step_text else []
+            return
         joined = "".join(s.text for s in segments)
         if joined != step_text:
-            raise ValueError(f"segments join to {joined!r}, which differs from step_text {step_text!r}")
-        return list(segments)
+            raise ValueError(f"segments join to {joined!r}, which differs from the step's text {step_text!r}")
 
-    def _end_reason(self, step_text: str, *, eos: bool) -> EndReason | None:
+    def _end_reason_of(self, step_text: str, *, eos: bool) -> EndReason | None:
         """Priority: answer > eos > token_budget > max_steps."""
-        episode = self._require_episode()
         if any(p.search(step_text) for p in self.answer_patterns):
             return EndReason.ANSWER
         if eos:
             return EndReason.EOS
-        if self.max_episode_tokens is not None and episode.num_tokens >= self.max_episode_tokens:
+        if self.max_episode_tokens is not None and self._num_tokens >= self.max_episode_tokens:
             return EndReason.TOKEN_BUDGET
-        if len(episode.steps) >= self.max_steps:
+        if len(self._steps) >= self.max_steps:
             return EndReason.MAX_STEPS
         return None
 
-    def _finish(self, end_reason: EndReason) -> float:
-        """Grade the completion, fill the episode's final fields and return the final reward."""
-        episode = self._require_episode()
-        completion = episode.completion
-        verdict = grading.grade_solution(completion, str(episode.row["answer"]), timeout_s=self.grade_timeout_s)
+    def _grade(self, info: dict[str, Any]) -> float:
+        """Grade the completion, fill the final fields of ``info`` and return the final reward."""
+        row = self._require_row()
+        completion = "".join(self._steps)
+        verdict = grading.grade_solution(completion, str(row["answer"]), timeout_s=self.grade_timeout_s)
         components = {
             "correctness_reward": float(verdict.correct),
             "format_reward": float(format_reward([completion])[0] or 0.0),
-            "step_penalty": -self.step_penalty * len(episode.steps),
+            "step_penalty": -self.step_penalty * len(self._steps),
         }
         total = components["correctness_reward"] + self.format_reward_weight * components["format_reward"]
         total += components["step_penalty"]
         if self.reward_funcs:
             user_totals, user_components = combine_rewards(
-                self.reward_funcs,
-                self.reward_weights,
-                [completion],
-                [episode.row],
-                prompts=[episode.row["question"]],
+                self.reward_funcs, self.reward_weights, [completion], [row], prompts=[row["question"]]
             )
             total += user_totals[0]
             for name, value in user_components[0].items():
                 components[unique_name(name, components)] = value
-
-        episode.end_reason = end_reason
-        episode.verdict = verdict
-        episode.final_answer = verdict.prediction
-        episode.final_reward = total
-        episode.reward_components = components
+        info.update(
+            final_answer=verdict.prediction,
+            verdict=verdict,
+            correct=bool(verdict.correct),
+            reward_components=components,
+            final_reward=total,
+        )
         return total
+
+
+for _flavour in ("gsm8k", "math", "arithmetic"):
+    register(_flavour, MathEnv, flavour=_flavour)

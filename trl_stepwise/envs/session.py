@@ -12,19 +12,14 @@ from typing import Any
 
 from trl_stepwise.envs.base import EndReason, Episode, Segment, StepRecord
 from trl_stepwise.envs.core import Env, StepText
-from trl_stepwise.envs.math_env import StepwiseMathEnv
 from trl_stepwise.grading import Verdict
 
 __all__ = ["EnvSession", "as_env"]
 
 
 def as_env(env: Any) -> Env:
-    """A gym-shaped environment; a ``StepwiseMathEnv`` (the older text API) is wrapped as a ``MathEnv`` and a TRL
-    ``environment_factory`` object (``reset`` and tool methods, no ``step``) as a ``TRLEnvironment``."""
-    if isinstance(env, StepwiseMathEnv):
-        from trl_stepwise.envs.math_gym import MathEnv
-
-        return MathEnv.wrap(env)
+    """A gym-shaped environment; a TRL ``environment_factory`` object (``reset`` and tool methods, no ``step``) is
+    wrapped as a ``TRLEnvironment``."""
     from trl_stepwise.envs.trl_env import TRLEnvironment, is_trl_environment
 
     if is_trl_environment(env):

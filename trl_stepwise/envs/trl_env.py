@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trl_stepwise.envs.core import Env, StepResult
-from trl_stepwise.envs.math_env import ANSWER_IS_PATTERN
 from trl_stepwise.envs.tools import FunctionTool
+from trl_stepwise.flavours import ANSWER_IS_PATTERN
 
 __all__ = ["TRLEnvironment", "is_trl_environment"]
 

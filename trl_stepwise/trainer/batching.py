@@ -11,13 +11,16 @@ and its key/value cache is shared by every row, gradients included; only the res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from trl_stepwise.engines.base import filter_logits
+from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
 
 FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
@@ -36,7 +39,7 @@ def pad_trajectories(
 ) -> dict[str, torch.Tensor | int]:
     """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
     pad_id = 0 if pad_id is None else pad_id
-    shared = _shared_prefix_length(trajectories)
+    shared = shared_prefix_length([t.prompt_ids for t in trajectories])
     prompts = [t.prompt_ids[shared:] for t in trajectories]
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(max(len(t.completion_ids) for t in trajectories), 1)
@@ -256,18 +259,6 @@ def _filtered_logprobs(
     return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
-def _shared_prefix_length(trajectories: Sequence[Trajectory], minimum: int = 16) -> int:
-    """Length of the prompt prefix all rows share (0 when shorter than ``minimum``: not worth a separate pass)."""
-    first = trajectories[0].prompt_ids
-    length = min(len(t.prompt_ids) for t in trajectories) - 1  # keep at least one own prompt token per row
-    for t in trajectories[1:]:
-        n = 0
-        while n < length and t.prompt_ids[n] == first[n]:
-            n += 1
-        length = n
-    return length if length >= minimum else 0
-
-
 def _shared_prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> DynamicCache:
     """Encode the prefix once (with gradients when enabled) and view its keys/values across ``rows`` rows."""
     cache = DynamicCache(config=_config_of(model))
@@ -302,3 +293,62 @@ def _config_of(model: torch.nn.Module):
 
 def _pad_floats(values: Sequence[Sequence[float]], width: int) -> torch.Tensor:
     return torch.tensor([list(v) + [0.0] * (width - len(v)) for v in values], dtype=torch.float32)
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: torch.nn.Module,
+    trajectories: Sequence[Trajectory],
+    *,
+    pad_id: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    filtered: bool = False,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> list[list[float]] | tuple[list[list[float]], list[list[float]]]:
+    """Log-probs of every completion token, in chunks of at most ``max_tokens`` padded tokens; with ``filtered``, a
+    pair: also those under the engine's sampling filter (``top_k`` / ``top_p``), the quantity its log-probs are
+    compared with. ``autocast``: the trainer's mixed precision (frozen models sit outside ``accelerator.prepare``)."""
+    was_training = model.training
+    model.eval()
+    plain: list[list[float]] = []
+    under_filter: list[list[float]] = []
+    try:
+        for chunk in chunks_by_tokens(trajectories, max_tokens):
+            batch = pad_trajectories(chunk, pad_id=pad_id, device=model.device)
+            with autocast():
+                scores = score_completions(
+                    model,
+                    batch,
+                    temperature=temperature,
+                    top_k=top_k if filtered else 0,
+                    top_p=top_p if filtered else 1.0,
+                )
+            lengths = [len(t.completion_ids) for t in chunk]
+            plain.extend(row[:n] for row, n in zip(scores.logps.tolist(), lengths, strict=True))
+            if filtered:
+                rows = scores.sampling_logps.tolist()
+                under_filter.extend(row[:n] for row, n in zip(rows, lengths, strict=True))
+    finally:
+        if was_training:
+            model.train()
+    return (plain, under_filter) if filtered else plain
+
+
+def chunks_by_tokens(trajectories: Sequence[Trajectory], max_tokens: int) -> list[list[Trajectory]]:
+    """Consecutive trajectories grouped so that each padded chunk (longest x count) stays within ``max_tokens``."""
+    chunks: list[list[Trajectory]] = []
+    current: list[Trajectory] = []
+    longest = 0
+    for t in trajectories:
+        length = len(t.prompt_ids) + len(t.completion_ids)
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(t)
+        longest = max(longest, length)
+    if current:
+        chunks.append(current)
+    return chunks

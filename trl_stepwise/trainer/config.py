@@ -11,7 +11,7 @@ import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
 from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
-from trl_stepwise.prompting import FLAVOURS
+from trl_stepwise.flavours import FLAVOURS
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.parallelism import check_launch
 
@@ -62,7 +62,11 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     )
     calculator: bool = field(default=True, metadata={"help": "Fill `<<expr=` calculations with the safe calculator."})
     env_flavour: str | None = field(
-        default=None, metadata={"help": "Environment flavour: gsm8k, math or arithmetic (default: from the dataset)."}
+        default=None,
+        metadata={
+            "help": "Environment flavour: gsm8k, math, arithmetic or one added with register_flavour (default: from "
+            "the dataset)."
+        },
     )
     env_id: str | None = field(
         default=None,
@@ -515,6 +519,12 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             epsilon=self.epsilon,
             loss_normalization=self.loss_normalization,
             moving_average_decay=self.moving_average_decay,
+            importance_sampling=(
+                self.vllm_importance_sampling_mode
+                if self.use_vllm and self.vllm_importance_sampling_correction
+                else None
+            ),
+            importance_sampling_clip_max=self.vllm_importance_sampling_clip_max,
         )
 
 

@@ -9,10 +9,18 @@ Here each log becomes one line of the numbers a user watches (``step 3/16 | loss
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-__all__ = ["CompactPrinterCallback", "CompactProgressCallback", "format_eval_line", "format_train_line"]
+__all__ = [
+    "CompactPrinterCallback",
+    "CompactProgressCallback",
+    "format_eval_line",
+    "format_train_line",
+    "show_reward_on_progress_bar",
+    "use_compact_logs",
+]
 
 # (log key, label, format); shown in this order when present
 TRAIN_FIELDS = (
@@ -97,3 +105,19 @@ class CompactPrinterCallback(PrinterCallback):
             line = format_log(logs, state.global_step, state.max_steps)
             if line:
                 print(line, flush=True)
+
+
+def use_compact_logs(trainer: Any) -> None:
+    """Swap transformers' dict-printing log callbacks for compact lines (the progress bar itself stays)."""
+    for plain, compact in ((ProgressCallback, CompactProgressCallback), (PrinterCallback, CompactPrinterCallback)):
+        if any(type(callback) is plain for callback in trainer.callback_handler.callbacks):
+            trainer.remove_callback(plain)
+            trainer.add_callback(compact)
+
+
+def show_reward_on_progress_bar(trainer: Any, logs: Mapping[str, float]) -> None:
+    """Reward and accuracy of the last step in the bar's postfix."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is not None and "reward" in logs:
+            bar.set_postfix(reward=f"{logs['reward']:.3f}", acc=f"{logs.get('accuracy', 0.0):.3f}")

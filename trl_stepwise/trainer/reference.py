@@ -10,9 +10,16 @@ start instead of being "the model without its adapter".
 from __future__ import annotations
 
 import copy
-from typing import Any
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REFERENCE_ADAPTER = "reference"
 # LoRA initialisations after which the adapter-disabled model is the initial policy (B = 0, base untouched)
@@ -76,3 +83,112 @@ def load_reference_adapter(model: Any, state: dict[str, torch.Tensor], checkpoin
             f"{len(unexpected)} unexpected, e.g. {example}); resume with the peft settings the run was started with."
         )
     model.load_state_dict(state, strict=False)
+
+
+REFERENCE_FILE = "reference_model.pt"
+
+
+class ReferencePolicy:
+    """The KL reference of a policy, owned in one place: created at start, refreshed every ``ref_sync_steps``,
+    scored against, saved into checkpoints and restored on resume.
+
+    Full weights: a frozen copy of the model. PEFT: the model with its adapter disabled (the base) until the first
+    refresh, then a frozen second adapter (adapter-sized, no second copy of the base). ``kl_coef == 0``: nothing.
+    """
+
+    def __init__(self, model: Any, *, kl_coef: float, sync_steps: int, mixup_alpha: float) -> None:
+        from peft import PeftModel
+
+        self.enabled = kl_coef > 0
+        self.sync_steps = sync_steps
+        self.mixup_alpha = mixup_alpha
+        self.is_peft = isinstance(model, PeftModel)
+        if self.enabled and self.is_peft and mixup_alpha < 1.0:
+            raise ValueError(
+                f"ref_model_mixup_alpha={mixup_alpha} cannot soft-refresh a peft reference (mixing LoRA factors does "
+                "not mix the adapters' weight updates); use --ref_model_mixup_alpha 1.0 with peft."
+            )
+        if self.enabled and sync_steps == 1 and mixup_alpha == 1.0:
+            logger.warning(
+                "ref_sync_steps=1 copies the policy into the reference after every step, so each rollout is scored "
+                "against itself: the KL is 0 except on later iterations of a batch (num_iterations > 1). Use "
+                "--ref_sync_steps >= 2 or a soft refresh (--ref_model_mixup_alpha < 1)."
+            )
+        self.model: Any = None  # the frozen full copy (full-weight policies only)
+        self.has_adapter = False  # peft: the reference lives in its own adapter (else: the adapter-disabled base)
+        self.policy_adapter = policy_adapter(model) if self.is_peft else None
+        self.last_sync = 0  # global step of the last refresh
+        if self.enabled and not self.is_peft:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        elif self.enabled and needs_initial_snapshot(model, self.policy_adapter):
+            copy_policy_to_reference(model, self.policy_adapter)  # PiSSA/OLoRA: the base alone is not it
+            self.has_adapter = True
+
+    def score(self, policy: Any, logps: Callable[[Any], T]) -> T:
+        """``logps(model)`` run on the reference: the frozen copy, the reference adapter or the adapter-less base."""
+        if self.model is not None:
+            return logps(self.model)
+        if self.has_adapter:
+            policy.set_adapter(REFERENCE_ADAPTER)
+            try:
+                return logps(policy)
+            finally:
+                policy.set_adapter(self.policy_adapter)
+        with policy.disable_adapter():
+            return logps(policy)
+
+    def due(self, step: int) -> bool:
+        """After the optimizer step of every ``ref_sync_steps``-th step (TRL's ``SyncRefModelCallback`` timing)."""
+        steps = self.sync_steps
+        return self.enabled and steps > 0 and step > 0 and step % steps == 0 and step != self.last_sync
+
+    @torch.no_grad()
+    def refresh(self, policy: Any, step: int | None = None) -> None:
+        """Move the reference to the policy: a copy, or with ``ref_model_mixup_alpha`` < 1 the soft update
+        ``ref = alpha * policy + (1 - alpha) * ref`` (full weights only)."""
+        if self.model is not None:
+            if self.mixup_alpha >= 1.0:
+                self.model.load_state_dict(policy.state_dict())
+            else:
+                for ref, param in zip(self.model.parameters(), policy.parameters(), strict=True):
+                    ref.lerp_(param.to(ref.dtype), self.mixup_alpha)
+        else:
+            copy_policy_to_reference(policy, self.policy_adapter)
+            self.has_adapter = True
+        if step is not None:
+            self.last_sync = step
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint records besides the weights (``save``)."""
+        return {"ref_syncs": self.last_sync, "has_ref_adapter": self.has_adapter}
+
+    def save(self, policy: Any, output_dir: Path) -> None:
+        """The reference weights (the full copy or the reference adapter), atomically; nothing when it is the base."""
+        if self.model is not None:
+            tensors = self.model.state_dict()
+        elif self.has_adapter:
+            tensors = {k: v for k, v in policy.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
+        else:
+            return
+        atomic_torch_save(tensors, Path(output_dir) / REFERENCE_FILE)
+
+    def restore(self, policy: Any, checkpoint: str | Path, state: dict[str, Any]) -> None:
+        """Undo ``save`` and ``state`` on resume; a reference adapter must match this run's peft settings."""
+        self.last_sync = state.get("ref_syncs", 0)
+        path = Path(checkpoint) / REFERENCE_FILE
+        if not path.is_file():
+            return
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if self.model is not None:
+            self.model.load_state_dict(tensors)
+        elif state.get("has_ref_adapter"):
+            add_reference_adapter(policy, self.policy_adapter)
+            self.has_adapter = True
+            load_reference_adapter(policy, tensors, checkpoint)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file under ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
