@@ -170,3 +170,47 @@ def test_environment_recipe_configs_prepare_without_a_model(config, env_id):
     assert training_args.env_id == env_id and training_args.use_cpu and model_args.model_name_or_path is None
     prepared = prepare_reinforce(script_args, training_args, model_args)
     assert len(prepared.evaluation) == 50 and len(prepared.train) >= 1000
+
+
+class SortThreeEnv:
+    """A user's environment that reads its own columns (``numbers``) and states its task in the problem text."""
+
+    max_steps = 2
+
+    def reset(self, *, seed=None, options=None):
+        self.numbers = list((options or {})["numbers"])
+        return f"Sort {self.numbers} ascending. End with: The answer is: a, b, c", {}
+
+    def step(self, action):
+        done = "The answer is:" in action
+        return "", float(done), done, False, {}
+
+
+def test_a_users_environment_gets_its_own_columns_and_no_worked_examples(make_tiny_model, tokenizer, tmp_path, caplog):
+    """No ``question`` column is asked for and no worked examples are prepended, with no warning about either."""
+    dataset = Dataset.from_list([{"numbers": [3, 1, 2]}, {"numbers": [9, 7, 8]}])
+    args = make_config(tmp_path, n_few_shot=None, max_steps=1)
+    with caplog.at_level("WARNING"):
+        trainer = StepwiseReinforceTrainer(
+            model=make_tiny_model(), args=args, train_dataset=dataset, processing_class=tokenizer, env=SortThreeEnv
+        )
+    assert trainer.prompt_builder.k == 0 and trainer.prompt_builder.pool == []
+    assert trainer.train_dataset.column_names == ["numbers"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("trl_stepwise")] == []
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_math_environments_keep_their_worked_examples_and_the_config_overrides(make_tiny_model, tokenizer, tmp_path):
+    problems = load_math_dataset("arithmetic:level=1", split="train", limit=8)
+    trainer = StepwiseReinforceTrainer(
+        model=make_tiny_model(), args=make_config(tmp_path, n_few_shot=None), train_dataset=problems,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    assert trainer.prompt_builder.k == MathEnv.n_few_shot == 4
+    asked = make_config(tmp_path, n_few_shot=1)
+    trainer = StepwiseReinforceTrainer(
+        model=make_tiny_model(), args=asked, train_dataset=Dataset.from_list([{"numbers": [2, 1, 3]}] * 2),
+        processing_class=tokenizer, env=SortThreeEnv,
+    )  # fmt: skip
+    assert trainer.prompt_builder.k == 1

@@ -92,3 +92,36 @@ def test_the_trainer_imports_from_the_package_root_and_lazily():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Who may not import whom (the arrows point down: recipes > trainer > rollout / algorithms > engines, environments).
+FORBIDDEN = {
+    "envs": ("engines", "rollout", "trainer", "algorithms", "recipe", "cli", "evaluation"),
+    "engines": ("envs", "rollout", "trainer", "algorithms", "recipe", "cli", "evaluation"),
+    "rollout": ("trainer", "algorithms", "recipe", "cli", "evaluation"),
+    "algorithms": ("trainer", "rollout", "envs", "engines", "recipe", "cli"),
+    "trainer": ("recipe", "cli"),
+}
+
+
+def _modules(name: str) -> list[Path]:
+    root = REPO / "trl_stepwise"
+    return sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / f"{name}.py"]
+
+
+def test_the_layers_import_one_way():
+    wrong = []
+    for layer, above in FORBIDDEN.items():
+        banned = tuple(f"trl_stepwise.{name}" for name in above)
+        for path in _modules(layer):
+            wrong += [f"{path.relative_to(REPO)} imports {n}" for n in _imports(path) if n.startswith(banned)]
+    assert wrong == []
+
+
+def test_no_package_file_holds_two_ideas_by_length():
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in (REPO / "trl_stepwise").rglob("*.py")
+        if (n := len(p.read_text("utf-8").splitlines())) > 500
+    }
+    assert long == {}, f"files above 500 lines: {long}"

@@ -220,7 +220,8 @@ def test_disabled_adapters_still_push_the_trained_policy(make_tiny_model):
 def test_the_reference_adapter_is_never_pushed(make_tiny_model):
     """The trainer's frozen reference sits next to the policy adapter: only the policy reaches the engine, even if
     the reference is active too; with only the reference active there is no policy to push."""
-    from trl_stepwise.trainer.reference import REFERENCE_ADAPTER, copy_policy_to_reference
+    from trl_stepwise.models import REFERENCE_ADAPTER
+    from trl_stepwise.trainer.reference import copy_policy_to_reference
 
     model = _peft_model(make_tiny_model(), peft.LoraConfig(r=4, target_modules=TARGETS))
     with warnings.catch_warnings():

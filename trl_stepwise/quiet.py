@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-__all__ = ["add_log_filter", "quiet_data_progress_bars", "quiet_third_party"]
+__all__ = ["add_log_filter", "quiet_data_progress_bars", "quiet_run_logs", "quiet_third_party"]
 
 LOG_NOTICES = {
     "math_verify.parser": "Timeout is disabled",
@@ -24,6 +24,11 @@ LOG_NOTICES = {
     "kernels._internals.hf_hub": "Skipping publisher trust check",  # bitsandbytes' CPU kernels, offline (kernels 0.19)
 }
 FUTURE_WARNINGS = (r"(?s).*past_key_values",)
+# vLLM notices repeated on every CPU request or start, about how the project calls it (hidden unless third_party_logs)
+VLLM_NOTICES = {
+    "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use",
+    "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
+}
 
 
 class _DropNotice(logging.Filter):
@@ -56,3 +61,20 @@ def quiet_data_progress_bars() -> None:
     import datasets
 
     datasets.disable_progress_bars()
+
+
+def quiet_run_logs(show: bool = False) -> None:
+    """A run's log is the trainer's or the evaluation's own: unless ``show`` (``--third_party_logs``), vLLM logs
+    warnings and errors only (``VLLM_LOGGING_LEVEL``, unless the user set it) without its repeated CPU notices, and
+    transformers draws no weight-loading bars."""
+    if show:
+        return
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vLLM is imported
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())  # in case it already was
+    for name, prefix in VLLM_NOTICES.items():
+        add_log_filter(name, prefix)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

@@ -154,7 +154,7 @@ def prepare_reinforce(
         raise UsageError(f"--system_prompt {training_args.system_prompt}: {err}") from err
     train, evaluation, few_shot = load_problem_sets(script_args)
     name = script_args.few_shot_dataset_name
-    if name and training_args.n_few_shot > 0 and not has_worked_solutions(few_shot, training_args.env_flavour):
+    if name and training_args.n_few_shot != 0 and not has_worked_solutions(few_shot, training_args.env_flavour):
         raise UsageError(
             f"--few_shot_dataset_name {name}: its rows have no worked solutions (final answers only), so the prompt "
             "would teach the model to answer without steps; name a source with worked solutions (e.g. gsm8k, math, "

@@ -91,6 +91,13 @@ class GenerationEngineArguments:
     vllm_importance_sampling_clip_max: float = field(
         default=3.0, metadata={"help": "Upper bound C of the per-token importance ratio trainer/vLLM."}
     )
+    third_party_logs: bool = field(
+        default=False,
+        metadata={
+            "help": "Show other libraries' informational output: vLLM's start-up and request log, its CPU / NUMA "
+            "binding notices, weight-loading progress bars. Off by default; their warnings and errors always show."
+        },
+    )
 
     def check_engine_arguments(self) -> None:
         """One clear error per bad value, before any model loads."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trl_stepwise.models import is_quantized
+from trl_stepwise.models import REFERENCE_ADAPTER, is_quantized
 
 # peft methods that train weights yet cannot be folded into fixed ones (peft cannot merge them either)
 _UNMERGEABLE = {
@@ -259,8 +259,6 @@ def _unit_of(key: str, units: dict[str, torch.nn.Module]) -> str | None:
 
 def _pushed_adapters(model: Any) -> list[str]:
     """The adapters the policy trains: the active ones, less the frozen reference the trainer adds next to them."""
-    from trl_stepwise.trainer.reference import REFERENCE_ADAPTER  # here: the trainer package imports this module
-
     active = model.active_adapters if isinstance(model.active_adapters, list) else [model.active_adapters]
     adapters = [a for a in active if a != REFERENCE_ADAPTER]
     if not adapters:

@@ -60,10 +60,15 @@ class Env:
 
     Class attributes the rollout loop reads (override per instance as needed): ``tools`` (see
     ``trl_stepwise.envs.tools``), ``max_steps`` (the loop ends the episode as truncated after that many steps),
-    ``max_episode_tokens`` (same for tokens; None: no budget) and ``step_delimiter`` (what ends a step).
+    ``max_episode_tokens`` (same for tokens; None: no budget) and ``step_delimiter`` (what ends a step). The trainer
+    reads two more: ``n_few_shot`` (worked examples put before each problem when the config does not say; the
+    problem text states the task, so 0 by default) and ``required_columns`` (the dataset columns ``reset`` reads
+    from its row; a dataset lacking them is mapped to ``question`` / ``answer``, else it is passed as it is).
     """
 
     tools: Sequence[Tool] = ()
+    n_few_shot: int = 0
+    required_columns: tuple[str, ...] = ()
     max_steps: int = 10
     max_episode_tokens: int | None = None
     step_delimiter: str = "\n"

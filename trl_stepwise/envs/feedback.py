@@ -26,6 +26,9 @@ FEEDBACK = "That is not right. Check each step and answer again.\n"
 class MathFeedbackEnv(Env):
     """A word problem (a dataset row, or the generated arithmetic problem of ``seed``), retried on wrong answers."""
 
+    n_few_shot = 4
+    required_columns = ("question", "answer")
+
     def __init__(
         self,
         max_retries: int = 2,

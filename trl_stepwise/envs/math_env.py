@@ -51,6 +51,9 @@ class MathEnv(Env):
     choose the generated problems the arithmetic flavour draws when ``reset`` gets no question.
     """
 
+    n_few_shot = 4  # worked examples of the flavour before each problem, unless the config says otherwise
+    required_columns = ("question", "answer")
+
     def __init__(
         self,
         flavour: str = "gsm8k",

@@ -124,14 +124,17 @@ def build_teacher(teacher, args: StepwiseReinforceConfig, tokenizer: PreTrainedT
     return teacher.eval().requires_grad_(False)
 
 
-def as_problems(dataset: Dataset | str | dict, split: str) -> Dataset | dict:
-    """A problem set from a Dataset (columns mapped to ``question`` / ``answer``), a bundled name or a dict of
-    them."""
+def as_problems(
+    dataset: Dataset | str | dict, split: str, required: tuple[str, ...] = ("question", "answer")
+) -> Dataset | dict:
+    """A problem set from a bundled name, a dict of sets or a Dataset. A Dataset holding the columns the environment
+    reads (``required``: ``Env.required_columns``) is used as it is; one lacking them is mapped to ``question`` /
+    ``answer`` (``normalise_columns``, which says which fields it looked for)."""
     if isinstance(dataset, dict):
-        return {name: as_problems(subset, split) for name, subset in dataset.items()}
+        return {name: as_problems(subset, split, required) for name, subset in dataset.items()}
     if isinstance(dataset, str):
         return load_math_dataset(dataset, split=split)
-    if "question" in dataset.column_names and "answer" in dataset.column_names:
+    if set(required) <= set(dataset.column_names):
         return dataset
     return normalise_columns(dataset)
 
@@ -142,18 +145,21 @@ def build_prompts(
     few_shot_dataset: Dataset | None,
     train_dataset: Dataset,
     flavour: str,
+    n_few_shot: int,
 ) -> PromptBuilder:
     """The prompts: system prompt and ``n_few_shot`` worked examples of the flavour, from the few-shot dataset or
-    the training set."""
-    examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
-    source = "the few-shot dataset" if few_shot_dataset is not None else "the training set"
-    examples, note = with_worked_examples(list(examples), flavour, source=source)
-    if note:
-        logger.warning(note)
+    the training set (none looked for when ``n_few_shot`` is 0)."""
+    examples: list = []
+    if n_few_shot > 0:
+        examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
+        source = "the few-shot dataset" if few_shot_dataset is not None else "the training set"
+        examples, note = with_worked_examples(list(examples), flavour, source=source)
+        if note:
+            logger.warning(note)
     return PromptBuilder(
         tokenizer,
         examples,
-        k=args.n_few_shot,
+        k=n_few_shot,
         system_prompt=load_system_prompt(args.system_prompt, flavour),
         flavour=flavour,
         seed=args.few_shot_seed,

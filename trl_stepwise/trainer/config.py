@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, AlgorithmSettings
 from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
-from trl_stepwise.flavours import FLAVOURS
 from trl_stepwise.trainer._trl import BaseConfig
+from trl_stepwise.trainer.config_checks import check_ranges
 from trl_stepwise.trainer.parallelism import check_launch
 
 logger = logging.getLogger(__name__)
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 JUDGE_FLAGS = (
     "judge_mode",
     "judge_weight",
@@ -76,7 +74,13 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             "column `env` picks one per row."
         },
     )
-    n_few_shot: int = field(default=4, metadata={"help": "Solved examples in each prompt."})
+    n_few_shot: int | None = field(
+        default=None,
+        metadata={
+            "help": "Solved examples in each prompt. Default: the environment's own (`Env.n_few_shot`): 4 for the "
+            "math environments, 0 for others, so your own environment gets none unless it (or this flag) asks."
+        },
+    )
     few_shot_seed: int = field(default=0, metadata={"help": "Seed that draws the few-shot examples."})
     max_example_chars: int | None = field(
         default=None, metadata={"help": "Only use few-shot examples shorter than this (keeps prompts short on CPU)."}
@@ -400,97 +404,7 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
                 f"max_step_tokens={self.max_step_tokens}, max_episode_tokens={self.max_episode_tokens}: both must be "
                 ">= 1."
             )
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
-        """Every numeric knob in its range, so a typo fails here instead of training on nonsense."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"{f.name}={value} is not a finite number; give a finite value.")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
-            raise ValueError(
-                f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; set "
-                "max_steps to a number of optimizer steps > 0 (or -1 with num_train_epochs > 0)."
-            )
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"gamma={self.gamma} is outside [0, 1]; the discount must lie in [0, 1] (1 = none).")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon={self.epsilon}; the clip range must be > 0 (e.g. 0.2).")
-        if not 0 <= self.moving_average_decay <= 1:
-            raise ValueError(f"moving_average_decay={self.moving_average_decay} is outside [0, 1]; e.g. 0.9.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is outside (0, 1]; use 1.0 to turn nucleus sampling off.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} is negative; use 0 to turn top-k sampling off.")
-        if self.max_episode_steps is not None and self.max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps={self.max_episode_steps}; use >= 1 (1 = single-step mode).")
-        if self.n_few_shot < 0:
-            raise ValueError(f"n_few_shot={self.n_few_shot} is negative; use 0 (no examples) or more.")
-        if self.few_shot_pool_size is not None and self.few_shot_pool_size < self.n_few_shot:
-            raise ValueError(
-                f"few_shot_pool_size={self.few_shot_pool_size} is smaller than n_few_shot={self.n_few_shot}; use at "
-                "least n_few_shot, or leave it unset for the same examples every step."
-            )
-        if self.reference_guidance and self.num_generations < 2:
-            raise ValueError(
-                f"reference_guidance needs num_generations >= 2 (got {self.num_generations}): the worked solution "
-                "replaces one episode of a failed group and learns against the others; raise num_generations."
-            )
-        if self.max_example_chars is not None and self.max_example_chars < 1:
-            raise ValueError(f"max_example_chars={self.max_example_chars}; use a positive length or leave it unset.")
-        if not self.step_delimiter:
-            raise ValueError("step_delimiter is empty; use a text that ends a step, e.g. a newline.")
-        if self.env_flavour is not None and self.env_flavour not in FLAVOURS:
-            raise ValueError(
-                f"env_flavour={self.env_flavour!r}; choose one of {', '.join(FLAVOURS)} or leave it unset."
-            )
-        if self.env_id is not None:
-            from trl_stepwise.envs import registry
-
-            if self.env_id not in registry:
-                raise ValueError(
-                    f"env_id={self.env_id!r} is not a registered environment; choose one of {sorted(registry)}."
-                )
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}.")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate={self.learning_rate} is negative; use a positive rate such as 1e-6.")
-        if not 0 <= self.judge_weight < float("inf"):
-            raise ValueError(
-                f"judge_weight={self.judge_weight}; the judge's per-step score (in [0, 1]) is scaled by this "
-                "non-negative finite weight, e.g. 0.5."
-            )
-        if self.step_penalty < 0:
-            raise ValueError(f"step_penalty={self.step_penalty} is negative; it is subtracted per step, use >= 0.")
-        for name in ("rollout_batch_size", "logprob_batch_tokens", "judge_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; use a positive size.")
-        if self.eval_num_problems < 1:
-            raise ValueError(f"eval_num_problems={self.eval_num_problems}; use at least 1 problem.")
-        if self.eval_max_episode_tokens is not None and self.eval_max_episode_tokens < 1:
-            raise ValueError(f"eval_max_episode_tokens={self.eval_max_episode_tokens}; use >= 1 or leave it unset.")
-        if self.curriculum_thresholds is not None:
-            if any(not 0 <= t <= 1 for t in self.curriculum_thresholds):
-                raise ValueError(f"curriculum_thresholds={self.curriculum_thresholds}: each is an accuracy in [0, 1].")
-            stages = len(self.curriculum or [])
-            if self.curriculum and len(self.curriculum_thresholds) not in (1, stages):
-                raise ValueError(
-                    f"curriculum_thresholds has {len(self.curriculum_thresholds)} values for {stages} curriculum "
-                    "stages; give one per stage or a single value for all."
-                )
-        if self.curriculum_min_steps < 0:
-            raise ValueError(f"curriculum_min_steps={self.curriculum_min_steps} is negative; use 0 or more.")
-        if self.curriculum_max_steps is not None and self.curriculum_max_steps < 1:
-            raise ValueError(f"curriculum_max_steps={self.curriculum_max_steps}; use >= 1 or leave it unset.")
-        if not 0.0 <= self.curriculum_replay < 1.0:
-            raise ValueError(
-                f"curriculum_replay={self.curriculum_replay}: a fraction of each step's problems; use a value in "
-                "[0, 1) (e.g. 0.5)."
-            )
-        if self.curriculum_window < 1:
-            raise ValueError(f"curriculum_window={self.curriculum_window}; use at least 1 episode.")
+        check_ranges(self)
 
     @property
     def problems_per_batch(self) -> int:

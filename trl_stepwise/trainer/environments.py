@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from trl_stepwise.envs import FLAVOURS, EnvRouter, MathEnv, make_limited, resolve_env_factory
+from trl_stepwise.envs import FLAVOURS, EnvRouter, MathEnv, as_env, make_limited, resolve_env_factory
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 
 __all__ = ["TrainerEnvironments"]
@@ -69,3 +69,12 @@ class TrainerEnvironments:
         else:
             default = self.default or math[self.flavour]
         return EnvRouter(default, named, make_id)
+
+    def default_settings(self) -> tuple[int, tuple[str, ...]]:
+        """``(n_few_shot, required_columns)`` of the default environment: what it asks of prompts and datasets
+        (``Env.n_few_shot``, ``Env.required_columns``), read from one instance of it."""
+        env = as_env(self.router()())
+        try:
+            return int(getattr(env, "n_few_shot", 0)), tuple(getattr(env, "required_columns", ()))
+        finally:
+            getattr(env, "close", lambda: None)()

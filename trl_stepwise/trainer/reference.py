@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from trl_stepwise.models import REFERENCE_ADAPTER
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REFERENCE_ADAPTER = "reference"
 # LoRA initialisations after which the adapter-disabled model is the initial policy (B = 0, base untouched)
 _ZERO_DELTA_INITS = (True, False, "gaussian", "eva")
 

@@ -34,6 +34,7 @@ from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import EnvRouter, MathEnv
 from trl_stepwise.guidance import guide_failed_groups
 from trl_stepwise.models import build_quantization_config, load_tokenizer, quantization_bits
+from trl_stepwise.quiet import quiet_run_logs
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
 from trl_stepwise.trainer.batching import micro_batches, score_completions, sequence_logps
@@ -47,6 +48,7 @@ from trl_stepwise.trainer.builders import (
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 from trl_stepwise.trainer.environments import TrainerEnvironments
+from trl_stepwise.trainer.evaluation import evaluate_policy
 from trl_stepwise.trainer.metrics import TrainingMetrics, append_rollouts
 from trl_stepwise.trainer.parallelism import check_accelerator
 from trl_stepwise.trainer.progress import show_reward_on_progress_bar, use_compact_logs
@@ -102,14 +104,17 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         check_engine_setup(args, peft_config, *quantization_bits(model, args.model_init_kwargs))  # before loading
+        quiet_run_logs(args.third_party_logs)
+        environments = TrainerEnvironments(args, env if env is not None else args.env_id, environment_factory)
+        env_few_shot, env_columns = environments.default_settings()
         model, model_name = build_policy(model, args, peft_config)
         if processing_class is None:
             processing_class = load_tokenizer(model_name)
         if curriculum is None and args.curriculum:
             curriculum = Curriculum.from_config(args)
         self.curriculum = curriculum
-        train_dataset = as_problems(train_dataset, "train") if train_dataset is not None else None
-        eval_dataset = as_problems(eval_dataset, "test") if eval_dataset is not None else None
+        train_dataset = as_problems(train_dataset, "train", env_columns) if train_dataset is not None else None
+        eval_dataset = as_problems(eval_dataset, "test", env_columns) if eval_dataset is not None else None
         if train_dataset is None and curriculum is None:
             raise ValueError(
                 "StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name like 'gsm8k')."
@@ -132,14 +137,17 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         self.reward_funcs = list(reward_funcs or [])
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
         self.flavour = args.env_flavour or "gsm8k"
-        self.prompt_builder = build_prompts(args, processing_class, few_shot_dataset, train_dataset, self.flavour)
+        n_few_shot = env_few_shot if args.n_few_shot is None else args.n_few_shot
+        self.prompt_builder = build_prompts(
+            args, processing_class, few_shot_dataset, train_dataset, self.flavour, n_few_shot
+        )
         self.reference = ReferencePolicy(
             self.model,
             kl_coef=args.kl_coef,
             sync_steps=args.ref_sync_steps,
             mixup_alpha=args.ref_model_mixup_alpha,
         )
-        self.environments = TrainerEnvironments(args, env if env is not None else args.env_id, environment_factory)
+        self.environments = environments
         for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
             for column in ("env", "environment"):
                 if isinstance(dataset, Dataset) and column in dataset.column_names:
@@ -448,8 +456,6 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy."""
-        from trl_stepwise.evaluation import evaluate_problems
-
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
@@ -460,23 +466,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             for name, subset in dataset.items():
                 metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        rows = [dict(r) for r in dataset.select(range(min(self.args.eval_num_problems, len(dataset))))]
-        sampling = SamplingConfig(
-            temperature=0.0, max_step_tokens=self.args.max_step_tokens, batch_size=self.args.eval_batch_size
-        )
-        summary, _ = evaluate_problems(
-            self.accelerator.unwrap_model(self.model),
-            self.processing_class,
-            rows,
-            self.prompt_builder,
-            self.env_router(self.args.eval_max_episode_tokens),
-            sampling,
-            accelerator=self.accelerator,
-            progress=False,
-            step_delimiter=self.args.step_delimiter,
-            calculator=self.args.calculator,
-            engine=self.generation_engine(),
-        )
+        summary = evaluate_policy(self, dataset)
         metrics = {f"{metric_key_prefix}_{key}": float(summary[key]) for key in EVAL_SUMMARY_KEYS}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
