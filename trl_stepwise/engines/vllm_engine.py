@@ -68,6 +68,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         seed: int = 0,
         generation_config: Any = None,
+        progress_bars: bool = True,
     ) -> None:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:  # the CPU backend sizes its key/value cache from this variable, in GiB
@@ -82,6 +83,7 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",  # log-probs of the distribution tokens were drawn from
             "max_model_len": max_model_len,
             "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "use_tqdm_on_load": progress_bars,  # its weight-loading bar (off unless third_party_logs)
         }
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
