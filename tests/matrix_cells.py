@@ -8,7 +8,7 @@ values (pairwise); ``tests/test_combination_matrix.py`` runs them and the README
 Each cell either trains (2 optimizer steps: no error, every trainable tensor changed, nothing NaN, the sampler's and
 the trainer's log-probs of the sampled tokens agree after an optimizer step) or is refused in one line before any
 model loads. Run as a script under ``accelerate launch --multi_gpu --num_processes 2`` it plays a 2-process cell:
-``matrix_cells.py CELL_NAME OUT_DIR`` writes ``OUT_DIR/rank{N}.json``.
+``matrix_cells.py CELL[,CELL...] OUT_DIR`` writes ``OUT_DIR/CELL/rank{N}.json``.
 """
 
 from __future__ import annotations
@@ -277,10 +277,13 @@ def run_cell(cell: Cell, output_dir: Path, server_url: str | None = None) -> dic
 
 
 def main() -> None:
-    cell, output_dir = BY_NAME[sys.argv[1]], Path(sys.argv[2])
-    result = run_cell(cell, output_dir)
-    rank = result.get("rank", 0)
-    (output_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    """``matrix_cells.py CELL[,CELL...] OUT_DIR``: play each cell in turn in this process group (one launch for all,
+    so the start-up is paid once), writing ``OUT_DIR/CELL/rank{N}.json``."""
+    for name in sys.argv[1].split(","):
+        output_dir = Path(sys.argv[2]) / name
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result = run_cell(BY_NAME[name], output_dir)
+        (output_dir / f"rank{result.get('rank', 0)}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

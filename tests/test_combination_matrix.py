@@ -47,16 +47,26 @@ def _check_trained(result: dict, cell: Cell) -> None:
     assert gaps[-1] < GAP_TOLERANCE, f"{cell.name}: sampler and trainer disagree by {gaps[-1]:.4f} after a step"
 
 
-def _launch_two_processes(cell: Cell, output_dir: Path) -> list[dict]:
+TWO_PROCESS_CELLS = [c for c in CELLS if c.engine == "transformers" and c.processes == 2]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every 2-process cell in one ``accelerate launch`` (the launch, imports and gloo start-up paid once), played
+    the first time a 2-process cell asks; ``{cell name: [rank 0 result, rank 1 result]}``."""
+    output_dir = tmp_path_factory.mktemp("two_process_cells")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "tests" / "matrix_cells.py"), cell.name, str(output_dir),
+        str(REPO / "tests" / "matrix_cells.py"), ",".join(c.name for c in TWO_PROCESS_CELLS), str(output_dir),
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {
+        c.name: [json.loads((output_dir / c.name / f"rank{r}.json").read_text()) for r in (0, 1)]
+        for c in TWO_PROCESS_CELLS
+    }
 
 
 @pytest.fixture
@@ -69,9 +79,9 @@ def shared_vllm(monkeypatch, vllm_engine, restore_vllm_weights):
 
 
 @pytest.mark.parametrize("cell", [c for c in CELLS if c.engine == "transformers"], ids=lambda c: c.name)
-def test_transformers_engine_cells(cell: Cell, tmp_path):
+def test_transformers_engine_cells(cell: Cell, tmp_path, request):
     if cell.processes == 2:
-        ranks = _launch_two_processes(cell, tmp_path)
+        ranks = request.getfixturevalue("two_process_results")[cell.name]
         assert [r["world_size"] for r in ranks] == [2, 2]
         for result in ranks:
             _check_trained(result, cell)

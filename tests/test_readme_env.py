@@ -1,7 +1,7 @@
 """The README's "Write your own environment" example is a complete file that trains, run as written.
 
 Run as a script, it trains with vLLM on CPU; here the session's shared engine stands in for a new one (the trainer's
-own factory and checks still run) and 2 steps stand in for 6, so the test costs seconds, not a vLLM start-up.
+own factory and checks still run) and one step of 4 short episodes stands in for 6 of 16, so the test costs seconds.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def test_readme_environment_trains_with_vllm_without_a_warning(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     code = _example()
     assert "max_steps=6," in code
-    code = code.replace("max_steps=6,", "max_steps=2, report_to=[], save_strategy='no',")
+    for written, cheap in (("max_steps=6,", "max_steps=1, report_to=[], save_strategy='no',"),
+                           ("per_device_train_batch_size=16,", "per_device_train_batch_size=4,"),
+                           ("max_step_tokens=32,", "max_step_tokens=8, max_episode_tokens=16,")):  # fmt: skip
+        assert written in code
+        code = code.replace(written, cheap)
     trainers = []
     monkeypatch.setattr(StepwiseReinforceTrainer, "train", _recording(StepwiseReinforceTrainer.train, trainers))
     caplog.set_level(logging.WARNING)
@@ -53,7 +57,7 @@ def test_readme_environment_trains_with_vllm_without_a_warning(tmp_path, monkeyp
     finally:
         registry.pop("reverse-word", None)
     (trainer,) = trainers
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 1
     assert trainer.prompt_builder.k == 0  # the environment asked for no worked examples
     assert [r.getMessage() for r in caplog.records if r.name.startswith("trl_stepwise")] == []
 

@@ -64,11 +64,12 @@ def test_bad_input_is_one_line_exit_2_before_any_model(
 
 @pytest.mark.slow
 def test_bad_inputs_script_reports_every_case_as_one_line(tmp_path: Path) -> None:
-    """The script itself, on one case per command (each a separate process, as a user runs it); every case runs in
-    process above."""
+    """The script itself, on a recipe's case and the CLI's (each a separate process, as a user runs it); every case
+    runs in process above."""
     import bad_inputs
 
-    picked = list({c.command: c for c in reversed(CASES)}.values())  # the first case of each command
+    first = {c.command: c for c in reversed(CASES)}  # the first case of each command
+    picked = [first["reinforce"], first["evaluate"]]  # the two entry points: a recipe and the CLI
     for case in picked:
         case_, code, stderr, wrote = bad_inputs.run_case(case, tmp_path)
         assert bad_inputs.is_one_line_error(code, stderr, wrote, case_), (case.name, code, stderr)

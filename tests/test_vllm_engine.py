@@ -43,7 +43,7 @@ def builder(tokenizer):
 
 @pytest.fixture(scope="module")
 def problems():
-    return [dict(r) for r in load_math_dataset("gsm8k", split="test", limit=16)]
+    return [dict(r) for r in load_math_dataset("gsm8k", split="test", limit=8)]
 
 
 def _make_env():
@@ -51,7 +51,7 @@ def _make_env():
 
 
 def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, tokenizer, vllm_engine, builder, problems):
-    """16 GSM8K problems, fp32, calculator on: the same ids, masks, steps and verdicts from both engines."""
+    """8 GSM8K problems, fp32, calculator on: the same ids, masks, steps and verdicts from both engines."""
     reference = StepwiseRollout(policy, tokenizer, builder, GREEDY).run(_make_env, problems)
     served = StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine)
     trajectories = served.run(_make_env, problems)
@@ -187,7 +187,7 @@ def test_seeded_sampling_with_chunked_prompts(tokenizer, vllm_engine, builder, p
     from trl_stepwise.engines import GenerationRequest
 
     prompts = [tokenizer(builder.render(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
-    prompts = prompts * 4
+    prompts = prompts * 8  # the 8 problems, 8 times
     assert sum(len(p) for p in prompts) > 32768  # more than one engine step's token budget: prefills are chunked
     requests = [GenerationRequest(i, prompt, 4, ()) for i, prompt in enumerate(prompts)]
     outputs = []

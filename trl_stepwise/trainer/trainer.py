@@ -75,8 +75,8 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
     """Stepwise REINFORCE with a baseline and a periodically refreshed reference model.
 
     Drop-in for TRL users: ``StepwiseReinforceTrainer(model="...", args=StepwiseReinforceConfig(...),
-    train_dataset=ds).train()``. The dataset needs ``question`` and ``answer`` columns (other names are mapped by
-    ``trl_stepwise.data.normalise_columns``).
+    train_dataset=ds).train()``. The dataset holds the columns the environment reads (``Env.required_columns``: the
+    math environments' ``question`` and ``answer``, other names mapped by ``trl_stepwise.data.normalise_columns``).
     """
 
     _tag_names = ["trl", "trl-stepwise", "reinforce"]
