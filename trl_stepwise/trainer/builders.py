@@ -1,5 +1,6 @@
 """What the trainer builds before training: the policy (loaded, adapters attached), the judge, the distillation
-teacher, the environments and the problem sets. Every refusal here happens before the first rollout."""
+teacher, the problem sets and the prompts (its environments: ``trainer/environments.py``). Every refusal here
+happens before the first rollout."""
 
 from __future__ import annotations
 

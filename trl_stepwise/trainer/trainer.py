@@ -136,7 +136,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         use_compact_logs(self)
         self.reward_funcs = list(reward_funcs or [])
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
-        self.flavour = args.env_flavour or "gsm8k"
+        self.flavour = environments.flavour
         n_few_shot = env_few_shot if args.n_few_shot is None else args.n_few_shot
         self.prompt_builder = build_prompts(
             args, processing_class, few_shot_dataset, train_dataset, self.flavour, n_few_shot
