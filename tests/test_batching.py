@@ -127,3 +127,97 @@ def test_chunked_logprobs_of_bfloat16_logits_are_computed_in_float32():
     expected.sum().backward()
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-6)
     assert logits.grad.dtype == torch.bfloat16 and torch.equal(logits.grad, reference.grad)
+
+
+def ragged_batch(vocab: int, completions: tuple[int, ...] = (40, 3, 38, 2, 4, 3), prefix: int = 20) -> dict:
+    """Rows whose completions differ tenfold in length, forced tokens among them, behind a shared prefix."""
+    generator = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+    shared = ids(prefix)
+    trajectories = []
+    for i, width in enumerate(completions):
+        mask = [j % 5 != 4 for j in range(width)]  # every fifth token forced (a tool result, a reply)
+        trajectories.append(
+            Trajectory(
+                episode=Episode(episode_id=i, group_id=0, row={"question": "", "answer": ""}),
+                prompt_ids=shared + ids(1 + i % 3),
+                completion_ids=ids(width),
+                policy_mask=mask,
+                step_index=[0] * width,
+            )
+        )
+    batch = pad_trajectories(trajectories, pad_id=0)
+    assert batch["prefix_ids"].shape[1] == prefix  # the shared-prefix path is exercised
+    return batch
+
+
+def test_rows_of_very_different_lengths_are_scored_in_length_buckets_and_a_uniform_batch_in_one():
+    from trl_stepwise.trainer.batching import length_buckets
+
+    ragged = ragged_batch(50)
+    buckets = length_buckets(ragged["attention_mask"], int(ragged["completion_width"]))
+    assert sorted(r for b in buckets for r in b) == list(range(6))
+    assert buckets == [[1, 3, 4, 5], [0, 2]]  # the short rows apart from the long ones
+    uniform = ragged_batch(50, completions=(9, 8, 9, 8))
+    assert [b for b in length_buckets(uniform["attention_mask"], int(uniform["completion_width"]))] == [[0, 1, 2, 3]]
+    # an accelerator splits only where whole rows of padding would go
+    assert len(length_buckets(ragged["attention_mask"], int(ragged["completion_width"]), device_type="cuda")) == 1
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(make_tiny_model, monkeypatch, top_p):
+    from trl_stepwise.trainer import batching
+
+    model = make_tiny_model().train()
+    batch = ragged_batch(model.config.vocab_size)
+    weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(4))
+    mask = batch["completion_mask"]
+
+    def scored(call_cost: int):
+        monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": call_cost})
+        model.zero_grad()
+        scores = batching.score_completions(model, batch, temperature=0.7, with_entropy=True, top_p=top_p)
+        (scores.logps * weights * mask).sum().backward()
+        return scores, [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    one, one_grads = scored(10**9)
+    assert len(calls) == 2  # the prefix, then every row in one call
+    padded_tokens = calls[1].numel()
+    calls.clear()
+    split, split_grads = scored(0)
+    assert len(calls) > 2  # the prefix once, then one call per bucket
+    assert sum(shape.numel() for shape in calls[1:]) < padded_tokens / 2
+    for name in ("logps", "entropy", "sampling_logps"):
+        got, expected = getattr(split, name), getattr(one, name)
+        assert torch.allclose(got[mask], expected[mask], atol=1e-5), name
+    for a, b in zip(split_grads, one_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_only_the_first_length_bucket_goes_through_the_ddp_wrapper(make_tiny_model, gloo_world, monkeypatch):
+    from trl_stepwise.trainer import batching
+
+    monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})
+    plain, inner = make_tiny_model(), make_tiny_model()
+    batch = ragged_batch(plain.config.vocab_size)
+    mask = batch["completion_mask"].float()
+    wrapped = DistributedDataParallel(inner)
+    wrapped_calls = []
+    wrapped.register_forward_pre_hook(lambda module, args: wrapped_calls.append(1))
+
+    expected = completion_logprobs(plain, batch)
+    (expected * mask).sum().backward()
+    got = completion_logprobs(wrapped, batch, prefix_model=inner)
+    (got * mask).sum().backward()
+
+    assert len(wrapped_calls) == 1
+    assert torch.allclose(got * mask, expected * mask, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), inner.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name

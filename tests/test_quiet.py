@@ -50,3 +50,30 @@ def test_the_flag_shows_everything_and_a_users_level_wins(clean_logging, monkeyp
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     quiet_run_logs(show=False)
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG" and clean_logging.level == logging.DEBUG
+
+
+def test_vllm_module_scan_warning_is_hidden_and_other_future_warnings_show(clean_logging):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_run_logs(show=False)  # installs its filters in front of "always"
+        warnings.warn("`torch.distributed.reduce_op` is deprecated, please use ReduceOp", FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_native_notices_are_dropped_from_file_descriptor_2_and_everything_else_written_back(capfd):
+    import os
+
+    from trl_stepwise.quiet import native_stderr_without
+
+    with native_stderr_without(("NUMA binding: Using MEMBIND policy",)):
+        os.write(2, b"[W utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation\n")
+        os.write(2, b"a real error from C++\n")
+    assert capfd.readouterr().err == "a real error from C++\n"
+
+    with pytest.raises(RuntimeError), native_stderr_without(("NUMA",)):  # written back when the block fails too
+        os.write(2, b"why it failed\n")
+        raise RuntimeError
+    assert capfd.readouterr().err == "why it failed\n"

@@ -12,10 +12,21 @@ Each filter is narrow (one logger or one warning message), so every other warnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 
-__all__ = ["add_log_filter", "quiet_data_progress_bars", "quiet_run_logs", "quiet_third_party"]
+__all__ = [
+    "add_log_filter",
+    "native_stderr_without",
+    "quiet_data_progress_bars",
+    "quiet_run_logs",
+    "quiet_third_party",
+]
 
 LOG_NOTICES = {
     "math_verify.parser": "Timeout is disabled",
@@ -29,6 +40,10 @@ VLLM_NOTICES = {
     "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use",
     "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
 }
+# raised twice at every engine start by vLLM's own scan of torch's modules (triton_utils/dispatcher.py)
+VLLM_FUTURE_WARNINGS = (r"`torch\.distributed\.reduce_op` is deprecated",)
+# printed by vLLM's C++ CPU worker at start, past Python's logging: "NUMA binding: Using MEMBIND policy ..."
+VLLM_NATIVE_NOTICES = ("NUMA binding: Using MEMBIND policy",)
 
 
 class _DropNotice(logging.Filter):
@@ -69,12 +84,34 @@ def quiet_run_logs(show: bool = False) -> None:
     transformers draws no weight-loading bars."""
     if show:
         return
-    import os
-
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vLLM is imported
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())  # in case it already was
     for name, prefix in VLLM_NOTICES.items():
         add_log_filter(name, prefix)
+    for message in VLLM_FUTURE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def native_stderr_without(notices: Sequence[str] = VLLM_NATIVE_NOTICES) -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (C++ included) inside the block, then write it back without the
+    lines that contain one of ``notices``: native libraries print past Python's logging and warnings filters."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not any(n in line for n in notices)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

