@@ -229,7 +229,7 @@ def test_reduce_ignores_masked_tokens():
     mask = torch.tensor([[True, True, False]])
     # token: (1 + 2) / 4 tokens in the whole generation batch; sequence: mean 1.5 over 3 sequences
     assert float(algorithm.reduce(losses, mask, 4.0, 3.0)) == pytest.approx(0.75)
-    algorithm.settings.loss_normalization = "sequence"
+    algorithm.settings.loss_type = "grpo"  # loss_normalization="sequence" in its older spelling
     assert float(algorithm.reduce(losses, mask, 4.0, 3.0)) == pytest.approx(0.5)
 
 

@@ -437,3 +437,53 @@ def test_reference_guidance_needs_a_group(tmp_path):
         make_config(
             tmp_path, num_generations=1, per_device_train_batch_size=4, baseline="batch_mean", reference_guidance=True
         )
+
+
+def test_dynamic_sampling_trains_a_full_batch_of_groups_with_signal(
+    tiny_model, tokenizer, arithmetic_problems, tmp_path
+):
+    """Only problems whose answer is even get rewards that differ between episodes: groups of the others are dropped,
+    more problems are played, and every optimizer step still trains on 2 groups of 2 episodes, all with signal."""
+    from trl_stepwise.trainer import trainer as trainer_module
+    from trl_stepwise.trainer.dynamic_sampling import groups_with_signal
+
+    def even_answers_differ(completions, answer, completion_ids, **kwargs):
+        return [
+            float(sum(ids) % 97) if int(a) % 2 == 0 else 0.0 for a, ids in zip(answer, completion_ids, strict=True)
+        ]
+
+    trainer = make_trainer(
+        tiny_model,
+        tokenizer,
+        arithmetic_problems,
+        tmp_path,
+        reward_funcs=(even_answers_differ,),
+        kl_coef=0.0,
+        max_steps=2,
+        dynamic_sampling=True,
+        dynamic_sampling_max_rounds=8,
+    )
+    batches = []
+    fill = trainer_module.fill_with_signal
+
+    def spy(first, wanted, play_more, step_returns, max_rounds):
+        batch, stats = fill(first, wanted, play_more, step_returns, max_rounds)
+        batches.append((batch, groups_with_signal(batch.group_ids, step_returns(batch)), stats))
+        return batch, stats
+
+    trainer_module.fill_with_signal = spy
+    try:
+        trainer.train()
+    finally:
+        trainer_module.fill_with_signal = fill
+    assert len(batches) == 2
+    for batch, signal, stats in batches:
+        assert len(batch.trajectories) == 4 and set(batch.group_ids) == signal  # 2 groups, both with signal
+        assert all(int(row["answer"]) % 2 == 0 for row in batch.rows)
+        assert stats.groups_without_signal_trained == 0
+    odd = sum(int(p["answer"]) % 2 for p in arithmetic_problems)
+    assert 0 < odd < len(arithmetic_problems)  # the data has both kinds
+    dropped = logged(trainer, "dynamic_sampling/groups_dropped")
+    assert set(dropped) == {1, 2} and sum(stats.groups_dropped for _, _, stats in batches) == sum(dropped.values())
+    assert all(v >= 1.0 for v in logged(trainer, "dynamic_sampling/episodes_generated_per_trained").values())
+    assert sum(stats.extra_rounds for _, _, stats in batches) > 0  # (seeded) a first round drew an odd answer

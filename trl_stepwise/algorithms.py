@@ -23,6 +23,9 @@ import torch
 BASELINES = ("leave_one_out", "batch_mean", "moving_average", "none")
 KL_ESTIMATORS = ("k1", "k3")
 SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo")  # TRL's names; see ``Algorithm.reduce``
+LOSS_NORMALIZATION_ALIASES = {"token": "dapo", "sequence": "grpo"}  # the older spelling of loss_type
+CISPO_DEFAULT_EPSILON_HIGH = 5.0
 
 
 @dataclass
@@ -47,10 +50,31 @@ class AlgorithmSettings:
     kl_estimator: str = "k3"
     kl_in_reward: bool = False
     epsilon: float = 0.2
-    loss_normalization: str = "token"  # "token" or "sequence"
+    epsilon_high: float | None = None  # upper clip range (default: epsilon); cispo: the largest weight (default 5)
+    loss_type: str | None = None  # one of LOSS_TYPES (default dapo)
+    loss_normalization: str | None = None  # older spelling: token = dapo, sequence = grpo
+    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO: one ratio per episode)
+    max_completion_length: int = 384  # dr_grpo's constant: the episode token budget
     moving_average_decay: float = 0.9
     importance_sampling: str | None = None  # correct for the engine's sampling: "token_truncate", "token_mask", None
     importance_sampling_clip_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        """Settle ``loss_type`` (``loss_normalization`` is its older spelling) and ``epsilon_high``; check both."""
+        alias = self.loss_normalization
+        if alias is not None and alias not in LOSS_NORMALIZATION_ALIASES:
+            raise ValueError(f"loss_normalization={alias!r}; choose token or sequence (or use --loss_type).")
+        from_alias = LOSS_NORMALIZATION_ALIASES.get(alias) if alias is not None else None
+        if from_alias is not None and self.loss_type is not None and self.loss_type != from_alias:
+            raise ValueError(
+                f"loss_normalization={alias} and loss_type={self.loss_type} disagree: loss_normalization={alias} is "
+                f"loss_type={from_alias}; set only --loss_type."
+            )
+        self.loss_type = self.loss_type or from_alias or "dapo"
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is unknown; choose one of {', '.join(LOSS_TYPES)}.")
+        if self.epsilon_high is None:
+            self.epsilon_high = default_epsilon_high(self.loss_type, self.epsilon)
 
 
 @dataclass
@@ -197,20 +221,36 @@ class Algorithm:
         ref_logps: torch.Tensor | None,
         advantages: torch.Tensor,
         behaviour: BehaviourLogps | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-token loss: clipped importance-weighted policy gradient, plus the KL term when it is in the loss.
+        """Per-token loss: the clipped importance-weighted policy gradient (cispo: the clipped weight, not
+        differentiated, times ``-A log pi``), plus the KL term when it is in the loss.
 
-        The engine's sampling is corrected by weighting each token's policy-gradient term (linear in the advantage,
-        so the advantage alone is weighted; the KL term is not)."""
+        The ratio is per token, or per episode with ``importance_sampling_level="sequence"`` (the geometric mean of
+        its policy tokens' ratios, ``mask`` saying which count); each token keeps its own step's advantage. The
+        engine's sampling is corrected by weighting each token's policy-gradient term (linear in the advantage, so
+        the advantage alone is weighted; the KL term is not)."""
+        settings = self.settings
         weights = self.importance_weights(behaviour)
         if weights is not None:
             advantages = advantages * weights
-        ratio = torch.exp(logps - old_logps)
-        clipped = torch.clamp(ratio, 1.0 - self.settings.epsilon, 1.0 + self.settings.epsilon)
-        loss = -torch.min(ratio * advantages, clipped * advantages)
-        if ref_logps is not None and self.settings.kl_coef > 0.0 and not self.settings.kl_in_reward:
-            loss = loss + self.settings.kl_coef * self.kl_loss(logps, old_logps, ref_logps)
+        ratio = torch.exp(self.log_ratio(logps, old_logps, mask))
+        if settings.loss_type == "cispo":
+            loss = -torch.clamp(ratio, max=settings.epsilon_high).detach() * advantages * logps
+        else:
+            clipped = torch.clamp(ratio, 1.0 - settings.epsilon, 1.0 + settings.epsilon_high)
+            loss = -torch.min(ratio * advantages, clipped * advantages)
+        if ref_logps is not None and settings.kl_coef > 0.0 and not settings.kl_in_reward:
+            loss = loss + settings.kl_coef * self.kl_loss(logps, old_logps, ref_logps)
         return loss
+
+    def log_ratio(self, logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``log pi / pi_old`` per token (B, T), or per episode (B, 1) at ``importance_sampling_level="sequence"``."""
+        log_ratio = logps - old_logps
+        if self.settings.importance_sampling_level != "sequence":
+            return log_ratio
+        weight = torch.ones_like(log_ratio) if mask is None else mask.to(log_ratio.dtype)
+        return ((log_ratio * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)).unsqueeze(-1)
 
     def kl_loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         """Per-token KL term of the loss: its value is the estimator's, its gradient pulls towards the reference.
@@ -239,14 +279,38 @@ class Algorithm:
         return torch.exp(log_ratio) - log_ratio - 1.0
 
     def reduce(
-        self, token_losses: torch.Tensor, mask: torch.Tensor, num_tokens: float, num_sequences: float
+        self,
+        token_losses: torch.Tensor,
+        mask: torch.Tensor,
+        num_tokens: float,
+        num_sequences: float,
+        num_micro_batches: int = 1,
     ) -> torch.Tensor:
-        """Sum the masked per-token losses of a micro-batch, normalised over the whole generation batch."""
+        """Sum the masked per-token losses of a micro-batch, normalised as ``loss_type`` says (TRL's names);
+        ``num_tokens`` and ``num_sequences`` count the whole generation batch over every process (divided by the
+        process count), so the micro-batches of an optimizer step add up to the batch's loss:
+
+        - dapo, cispo: sum over tokens / policy tokens of the batch (each token weighs the same);
+        - grpo: sum over episodes of the episode's token mean / episodes (each episode weighs the same);
+        - bnpo: token mean of this micro-batch / micro-batches per step (as TRL's, local to the micro-batch);
+        - dr_grpo: sum over tokens / (episodes x ``max_completion_length``) (a constant: no length bias).
+        """
         mask = mask.to(token_losses.dtype)
-        if self.settings.loss_normalization == "sequence":
-            per_sequence = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        masked = token_losses * mask
+        loss_type = self.settings.loss_type
+        if loss_type == "grpo":
+            per_sequence = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
             return per_sequence.sum() / max(num_sequences, 1.0)
-        return (token_losses * mask).sum() / max(num_tokens, 1.0)
+        if loss_type == "bnpo":
+            return masked.sum() / mask.sum().clamp(min=1.0) / max(num_micro_batches, 1)
+        if loss_type == "dr_grpo":
+            return masked.sum() / (max(num_sequences, 1.0) * self.settings.max_completion_length)
+        return masked.sum() / max(num_tokens, 1.0)
+
+
+def default_epsilon_high(loss_type: str | None, epsilon: float) -> float:
+    """``epsilon`` (symmetric clipping), or for cispo the largest importance weight ScaleRL recommends (5.0)."""
+    return CISPO_DEFAULT_EPSILON_HIGH if loss_type == "cispo" else epsilon
 
 
 def importance_weights(gap: torch.Tensor, mode: str, clip_max: float) -> torch.Tensor:

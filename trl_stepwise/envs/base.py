@@ -73,6 +73,12 @@ class Episode:
         return self.end_reason is not None
 
     @property
+    def truncated(self) -> bool:
+        """Cut for room (the token budget or the model's context), not ended by the policy or the environment:
+        what TRL's ``mask_truncated_completions`` leaves out of the loss."""
+        return self.end_reason in (EndReason.TOKEN_BUDGET, EndReason.CONTEXT_LIMIT)
+
+    @property
     def correct(self) -> bool:
         """Graded correct (an episode not graded yet, or one that gave no answer, is not)."""
         return self.verdict is not None and bool(self.verdict.correct)

@@ -37,20 +37,23 @@ def pad_trajectories(
     teacher_logps: Sequence[Sequence[float]] | None = None,
     sampling_logps: Sequence[Sequence[float]] | None = None,
     old_sampling_logps: Sequence[Sequence[float]] | None = None,
+    out_of_loss: Sequence[bool] | None = None,
 ) -> dict[str, torch.Tensor | int]:
-    """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns."""
+    """Stack trajectories into model inputs plus per-token tensors aligned to the completion columns; rows marked
+    ``out_of_loss`` (``mask_truncated_completions``) keep their tokens but no completion-mask entry."""
     pad_id = 0 if pad_id is None else pad_id
     shared = shared_prefix_length([t.prompt_ids for t in trajectories])
     prompts = [t.prompt_ids[shared:] for t in trajectories]
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(max(len(t.completion_ids) for t in trajectories), 1)
     rows, masks, completion_masks = [], [], []
-    for t, prompt in zip(trajectories, prompts, strict=True):
+    out_of_loss = out_of_loss or [False] * len(trajectories)
+    for t, prompt, dropped in zip(trajectories, prompts, out_of_loss, strict=True):
         left = prompt_width - len(prompt)
         right = completion_width - len(t.completion_ids)
         rows.append([pad_id] * left + prompt + t.completion_ids + [pad_id] * right)
         masks.append([0] * left + [1] * (len(prompt) + len(t.completion_ids)) + [0] * right)
-        completion_masks.append([bool(m) for m in t.policy_mask] + [False] * right)
+        completion_masks.append([bool(m) and not dropped for m in t.policy_mask] + [False] * right)
     attention_mask = torch.tensor(masks, dtype=torch.long)
     completion_mask = torch.tensor(completion_masks, dtype=torch.bool)
     engine_sampled = torch.tensor([t.engine_sampled for t in trajectories], dtype=torch.bool)
@@ -89,6 +92,7 @@ def micro_batches(
     teacher_logps: Sequence[Sequence[float]] | None = None,
     sampling_logps: Sequence[Sequence[float]] | None = None,
     old_sampling_logps: Sequence[Sequence[float]] | None = None,
+    out_of_loss: Sequence[bool] | None = None,
 ) -> list[dict[str, torch.Tensor | int]]:
     """Split episodes into ``num_micro_batches`` batches of similar length (less padding), keeping all data aligned."""
     order = sorted(
@@ -111,6 +115,7 @@ def micro_batches(
                 old_sampling_logps=(
                     [old_sampling_logps[i] for i in index] if old_sampling_logps is not None else None
                 ),
+                out_of_loss=[out_of_loss[i] for i in index] if out_of_loss is not None else None,
             )
         )
     return batches
@@ -198,9 +203,7 @@ ACCELERATOR_CALL_COST_TOKENS = 2048
 MAX_BUCKETS = 8
 
 
-def length_buckets(
-    attention_mask: torch.Tensor, completion_width: int, device_type: str = "cpu"
-) -> list[list[int]]:
+def length_buckets(attention_mask: torch.Tensor, completion_width: int, device_type: str = "cpu") -> list[list[int]]:
     """Split rows ``[pad | prompt | completion | pad]`` into at most ``MAX_BUCKETS`` groups (row indices) of similar
     length, each scored padded only to its own longest row: minimises padded tokens plus a cost per forward call
     (dynamic programming over rows sorted by length)."""

@@ -12,6 +12,7 @@ from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, Algori
 from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.config_checks import check_ranges
+from trl_stepwise.trainer.objective_config import ObjectiveArguments
 from trl_stepwise.trainer.parallelism import check_launch
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ CURRICULUM_FLAGS = (
 
 
 @dataclass
-class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
+class StepwiseReinforceConfig(ObjectiveArguments, GenerationEngineArguments, BaseConfig):
     """Configuration of ``StepwiseReinforceTrainer``.
 
     Batch sizes follow TRL's GRPO convention: ``per_device_train_batch_size`` counts episodes (completions), and
@@ -119,71 +120,6 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
     )
     sampler_logprob_patience: int = field(
         default=3, metadata={"help": "Optimizer steps in a row above sampler_logprob_tolerance before the stop."}
-    )
-
-    # ---- objective
-    algorithm: str = field(
-        default="reinforce_stable",
-        metadata={"help": "Registered algorithm: reinforce_stable, reinforce, rloo, or one you register."},
-    )
-    gamma: float = field(default=1.0, metadata={"help": "Discount of per-step returns."})
-    baseline: str | None = field(
-        default=None,
-        metadata={"help": "leave_one_out, batch_mean, moving_average or none (default: the algorithm's)."},
-    )
-    baseline_per_step: bool = field(
-        default=True,
-        metadata={
-            "help": "Baseline per step index: step t of an episode is compared with step t of the others (episodes "
-            "that ended earlier count with their last step's return). Without step rewards and with gamma 1 it "
-            "equals the per-episode baseline; with step rewards (judge, kl_in_reward, step_penalty, gamma < 1) a "
-            "tied group gets zero advantages. False: every step uses the baseline of the episode returns."
-        },
-    )
-    scale_rewards: str | None = field(
-        default=None,
-        metadata={
-            "help": "Divide advantages by a return std, like GRPO's scale_rewards: group, batch or none (default "
-            "none here; GRPO's default is group). With baseline_per_step the std is taken per step index."
-        },
-    )
-    scale_advantages: bool = field(
-        default=False, metadata={"help": "Older spelling of scale_rewards=batch: divide by the batch return std."}
-    )
-    kl_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the KL to the reference model (0 = no reference; default 0.05)."}
-    )
-    beta: float | None = field(default=None, metadata={"help": "Alias of kl_coef (TRL's GRPO name)."})
-    kl_estimator: str | None = field(default=None, metadata={"help": "k1 or k3 (default: the algorithm's, else k3)."})
-    kl_in_reward: bool | None = field(
-        default=None, metadata={"help": "Apply the KL as a per-step reward penalty instead of a loss term."}
-    )
-    ref_sync_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Refresh the reference from the policy after every N-th optimizer step (default 0 = never)."
-        },
-    )
-    ref_model_sync_steps: int | None = field(
-        default=None, metadata={"help": "Alias of ref_sync_steps (TRL's GRPO name)."}
-    )
-    ref_model_mixup_alpha: float = field(
-        default=1.0,
-        metadata={
-            "help": "Soft refresh (TRL's name, from TR-DPO): pi_ref = alpha * pi + (1 - alpha) * pi_ref at each "
-            "refresh. 1.0 (default here; GRPO's is 0.6) copies the policy."
-        },
-    )
-    num_iterations: int = field(
-        default=1, metadata={"help": "Optimizer steps per batch of rollouts (> 1 uses the clipped importance ratio)."}
-    )
-    epsilon: float = field(default=0.2, metadata={"help": "Clip range of the importance ratio."})
-    loss_normalization: str = field(
-        default="token", metadata={"help": "token: mean over all policy tokens; sequence: mean of episode means."}
-    )
-    moving_average_decay: float = field(default=0.9, metadata={"help": "Decay of the moving-average baseline."})
-    logprob_batch_tokens: int = field(
-        default=4096, metadata={"help": "Tokens per forward pass when scoring rollouts (bounds memory)."}
     )
 
     # ---- rewards
@@ -327,6 +263,7 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             self.kl_estimator = defaults.get("kl_estimator", "k3")
         if self.kl_in_reward is None:
             self.kl_in_reward = defaults.get("kl_in_reward", False)
+        self.resolve_objective()
         self._check()
         for line in self.inert_flags():
             logger.warning(line)
@@ -337,12 +274,18 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             (self.use_vllm, ("rollout_batch_size", "rollout_bf16"), "with --use_vllm true (transformers engine only)"),
             (self.kl_coef == 0, ("ref_sync_steps", "ref_model_mixup_alpha"), "with --kl_coef 0 (no reference model)"),
             (self.baseline != "moving_average", ("moving_average_decay",), f"with --baseline {self.baseline}"),
-            (self.num_iterations == 1, ("epsilon",), "with --num_iterations 1 (the importance ratio is always 1)"),
+            (
+                self.num_iterations == 1 and self.loss_type != "cispo",
+                ("epsilon", "epsilon_high", "importance_sampling_level"),
+                "with --num_iterations 1 (the importance ratio is always 1)",
+            ),
+            (not self.dynamic_sampling, ("dynamic_sampling_max_rounds",), "without --dynamic_sampling"),
             (not self.judge_model, JUDGE_FLAGS, "without --judge_model"),
             (not self.curriculum, CURRICULUM_FLAGS, "without --curriculum"),
             (self.sampler_logprob_tolerance == 0, ("sampler_logprob_patience",), "with --sampler_logprob_tolerance 0"),
         ]
-        return self.inert_engine_flags(training=True) + inert_flags(self, rules, resolved={"ref_sync_steps": 0})
+        resolved = {"ref_sync_steps": 0, "epsilon_high": self.default_epsilon_high()}
+        return self.inert_engine_flags(training=True) + inert_flags(self, rules, resolved=resolved)
 
     def _check(self) -> None:
         self.check_engine_arguments()
@@ -350,8 +293,6 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             raise ValueError(f"baseline={self.baseline!r} is unknown; choose one of {', '.join(BASELINES)}.")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose k1 or k3.")
-        if self.loss_normalization not in ("token", "sequence"):
-            raise ValueError(f"loss_normalization={self.loss_normalization!r}; choose token or sequence.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations={self.num_generations}; use at least 1 episode per problem.")
         if self.baseline == "leave_one_out" and self.num_generations < 2:
@@ -431,7 +372,10 @@ class StepwiseReinforceConfig(GenerationEngineArguments, BaseConfig):
             kl_estimator=self.kl_estimator,
             kl_in_reward=bool(self.kl_in_reward),
             epsilon=self.epsilon,
-            loss_normalization=self.loss_normalization,
+            epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_episode_tokens,
             moving_average_decay=self.moving_average_decay,
             importance_sampling=(
                 self.vllm_importance_sampling_mode

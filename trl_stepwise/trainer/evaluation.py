@@ -9,7 +9,9 @@ from datasets import Dataset
 
 from trl_stepwise.rollout import SamplingConfig
 
-__all__ = ["evaluate_policy"]
+__all__ = ["EVAL_SUMMARY_KEYS", "evaluate_policy", "evaluate_sets"]
+
+EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total")
 
 
 def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
@@ -33,3 +35,19 @@ def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
         engine=trainer.generation_engine(),
     )
     return summary
+
+
+def evaluate_sets(trainer: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
+    """Metrics ``<prefix>_accuracy`` etc. for one eval set, or ``<prefix>_<name>_...`` for each of several (a dict,
+    or the name of one of them, as the Trainer passes it)."""
+    if dataset is None:
+        raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
+    if isinstance(dataset, str):
+        dataset = trainer.eval_dataset[dataset]
+    if isinstance(dataset, dict):
+        metrics: dict[str, float] = {}
+        for name, subset in dataset.items():
+            metrics.update(evaluate_sets(trainer, subset, f"{prefix}_{name}"))
+        return metrics
+    summary = evaluate_policy(trainer, dataset)
+    return {f"{prefix}_{key}": float(summary[key]) for key in EVAL_SUMMARY_KEYS}

@@ -45,7 +45,6 @@ class TrainingMetrics:
         entropy: torch.Tensor,
         mask: torch.Tensor,
         behaviour: BehaviourLogps,
-        epsilon: float,
     ) -> tuple[float, float]:
         """Per-token means over every process of one micro-batch: entropy, KL, clipping, distillation, the
         sampler-trainer gap (every engine, every step) and the importance weights; returns the gap's gathered
@@ -56,8 +55,13 @@ class TrainingMetrics:
             sums["kl"] = (algorithm.kl(logps, ref) * m, m)
         if distill is not None:
             sums["distill/teacher_kl"] = (distill * m, m)
-        ratio = torch.exp(logps - old)
-        sums["clip_ratio"] = (((ratio - 1.0).abs() > epsilon).float() * m, m)
+        settings = algorithm.settings
+        ratio = torch.exp(algorithm.log_ratio(logps.detach(), old, mask)).expand_as(logps)
+        if settings.loss_type == "cispo":  # its weight is clipped above only, at epsilon_high itself
+            clipped = ratio > settings.epsilon_high
+        else:
+            clipped = (ratio < 1.0 - settings.epsilon) | (ratio > 1.0 + settings.epsilon_high)
+        sums["clip_ratio"] = (clipped.float() * m, m)
         sums[SAMPLER_GAP] = (behaviour.gap.abs() * s, s)
         weights = algorithm.importance_weights(behaviour)
         if weights is not None:

@@ -34,6 +34,7 @@ TRAIN_FIELDS = (
     ("tokens_per_episode", "tokens/ep", "{:.1f}"),
     ("curriculum/stage", "stage", "{:.0f}"),
     ("time/generation_s", "gen", "{:.1f}s"),
+    ("time/scoring_s", "score", "{:.1f}s"),
     ("time/optimisation_s", "opt", "{:.1f}s"),
 )
 

@@ -52,6 +52,31 @@ def step_kl(trajectory: Trajectory, policy_logps: Sequence[float], ref_logps: Se
     return kl
 
 
+def episode_scores(
+    trajectories: Sequence[Trajectory],
+    judged: Sequence[Sequence[float]] | None,
+    policy_logps: Sequence[Sequence[float]] | None,
+    ref_logps: Sequence[Sequence[float]] | None,
+    *,
+    answer_reward_weight: float,
+    judge_weight: float,
+) -> list[EpisodeScores]:
+    """What the algorithm sees of each episode: its step rewards, and its KL per step when both log-probs exist."""
+    scores = []
+    for i, trajectory in enumerate(trajectories):
+        episode = trajectory.episode
+        rewards = step_rewards(
+            episode,
+            answer_reward_weight=answer_reward_weight,
+            judged=None if judged is None else judged[i],
+            judge_weight=judge_weight,
+        )
+        has_kl = ref_logps is not None and policy_logps is not None
+        kl = step_kl(trajectory, policy_logps[i], ref_logps[i]) if has_kl else [0.0] * len(episode.steps)
+        scores.append(EpisodeScores(episode.group_id, rewards, kl))
+    return scores
+
+
 def token_advantages(trajectories: Sequence[Trajectory], step_advantages: Sequence[list[float]]) -> list[list[float]]:
     """Each completion token gets the advantage of the step it belongs to."""
     return [
@@ -71,12 +96,15 @@ def global_advantages(algorithm: Algorithm, scores: list[EpisodeScores], acceler
     return advantages[start : start + len(scores)]
 
 
-def global_normalisers(trajectories: Sequence[Trajectory], accelerator: Any) -> tuple[float, float]:
+def global_normalisers(
+    trajectories: Sequence[Trajectory], accelerator: Any, out_of_loss: Sequence[bool] | None = None
+) -> tuple[float, float]:
     """Policy tokens and episodes of the step over all processes, divided by the process count: each process then
-    holds sum_local / (count / P), and DDP's mean of the P gradients is the gradient of sum_all / count."""
-    local = torch.tensor(
-        [float(sum(t.num_policy_tokens for t in trajectories)), float(len(trajectories))], device=accelerator.device
-    )
+    holds sum_local / (count / P), and DDP's mean of the P gradients is the gradient of sum_all / count. Tokens of
+    episodes ``out_of_loss`` are not counted (the episodes are, as TRL's per-episode means count them)."""
+    out_of_loss = out_of_loss or [False] * len(trajectories)
+    tokens = sum(t.num_policy_tokens for t, dropped in zip(trajectories, out_of_loss, strict=True) if not dropped)
+    local = torch.tensor([float(tokens), float(len(trajectories))], device=accelerator.device)
     processes = accelerator.num_processes
     total = accelerator.gather(local).reshape(processes, 2).sum(0) if processes > 1 else local
     return float(total[0]) / processes, float(total[1]) / processes

@@ -25,14 +25,13 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from trl_stepwise.algorithms import Algorithm, BehaviourLogps, EpisodeScores, build_algorithm
+from trl_stepwise.algorithms import Algorithm, BehaviourLogps, build_algorithm
 from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.base import derive_seed
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import EnvRouter, MathEnv
-from trl_stepwise.guidance import guide_failed_groups
 from trl_stepwise.models import build_quantization_config, load_tokenizer, quantization_bits
 from trl_stepwise.quiet import quiet_run_logs
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
@@ -47,21 +46,20 @@ from trl_stepwise.trainer.builders import (
 )
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
+from trl_stepwise.trainer.dynamic_sampling import ExtraProblems, PlayedGroups, fill_with_signal, step_returns
 from trl_stepwise.trainer.environments import TrainerEnvironments
-from trl_stepwise.trainer.evaluation import evaluate_policy
+from trl_stepwise.trainer.evaluation import evaluate_sets
 from trl_stepwise.trainer.metrics import TrainingMetrics, append_rollouts
 from trl_stepwise.trainer.parallelism import check_accelerator
 from trl_stepwise.trainer.progress import show_reward_on_progress_bar, use_compact_logs
 from trl_stepwise.trainer.reference import ReferencePolicy
+from trl_stepwise.trainer.rounds import play_round
 from trl_stepwise.trainer.sampler_guard import SamplerGuard
 from trl_stepwise.trainer.saving import CheckpointMixin
 from trl_stepwise.trainer.scoring import (
-    add_reward_funcs,
+    episode_scores,
     global_advantages,
     global_normalisers,
-    judge_step_rewards,
-    step_kl,
-    step_rewards,
     token_advantages,
 )
 from trl_stepwise.trainer.setup import check_engine_setup
@@ -161,6 +159,9 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         self._buffer: list[dict] = []
         self._buffer_uses = 0
         self._last_rollout_end: float | None = None
+        self._extra_problems = ExtraProblems(
+            self.train_dataset, curriculum, args.seed, self.accelerator.process_index, self.accelerator.num_processes
+        )
         self.add_callback(_StepEndCallback(self))
         self._engine: GenerationEngine | None = None
         self._engine_step: int | None = None  # global step of the weights the engine holds (None: not yet pushed)
@@ -266,56 +267,60 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ generate -> score
     def _generate_and_score(self, problems: list[dict], num_micro_batches: int) -> list[dict]:
-        """Play ``num_generations`` episodes per problem, score them and cut them into micro-batches."""
+        """Play ``num_generations`` episodes per problem (more groups with ``dynamic_sampling``), score them and cut
+        them into micro-batches."""
         started = time.perf_counter()
         optimisation_seconds = started - self._last_rollout_end if self._last_rollout_end else 0.0
-        rank = self.accelerator.process_index
-        rows = [dict(problem) for problem in problems for _ in range(self.args.num_generations)]
-        group_ids = [rank * 1_000_000 + p for p in range(len(problems)) for _ in range(self.args.num_generations)]
         rollout = self.rollout_engine()
-        trajectories = rollout.run(self.env_router(), rows, group_ids=group_ids)
-        sampled = list(trajectories)  # the policy's own episodes: accuracy and the curriculum count these
+        self._guidance_counts: list[tuple[int, int]] = []
+        played = play_round(self, rollout, problems, round_number=0)
+        if self.args.dynamic_sampling:
+            played, stats = fill_with_signal(
+                played,
+                len(problems),
+                lambda n, round_number: play_round(self, rollout, self._extra_problems.draw(n), round_number),
+                functools.partial(
+                    step_returns,
+                    algorithm=self.algorithm,
+                    answer_reward_weight=self.args.answer_reward_weight,
+                    judge_weight=self.args.judge_weight,
+                ),
+                self.args.dynamic_sampling_max_rounds,
+            )
+            for name, value in stats.metrics().items():
+                self.metrics.add(name, value)
         if self.args.reference_guidance:
-            self._guide_failed_groups(rollout, trajectories, rows, group_ids)
+            self._log_guidance()
         generation_seconds = time.perf_counter() - started
-        batches = self._score(trajectories, num_micro_batches, sampled)
+        batches = self._score(played, num_micro_batches)
         self.metrics.add("rollout_tokens_per_second", rollout.stats.tokens_per_second)
         self.metrics.add("time/generation_s", generation_seconds)
+        self.metrics.add("time/scoring_s", time.perf_counter() - started - generation_seconds)
         self.metrics.add("time/optimisation_s", optimisation_seconds)
         if self.curriculum is not None:
-            self._update_curriculum(sampled, rows)
+            self._update_curriculum(played.sampled, played.sampled_rows)
         self._last_rollout_end = time.perf_counter()
         return batches
 
-    def _score(self, trajectories: list[Trajectory], num_micro_batches: int, sampled: list[Trajectory]) -> list[dict]:
-        """Rewards (functions, judge) -> per-step returns -> advantages over every process -> micro-batches with the
-        log-probs the loss needs (policy at rollout time, reference, teacher, engine)."""
+    def _score(self, played: PlayedGroups, num_micro_batches: int) -> list[dict]:
+        """Per-step returns -> advantages over every process -> micro-batches with the log-probs the loss needs
+        (policy at rollout time, reference, teacher, engine)."""
         args = self.args
-        extra = add_reward_funcs(
-            self.reward_funcs, args.reward_weights, trajectories, trainer_state=self.state, log_metric=self.metrics.add
-        )
+        trajectories, judged = played.trajectories, played.judged
         policy_logps, policy_sampling_logps, ref_logps = self._rollout_logps(trajectories)
         teacher_logps = None if self.teacher is None else self._logps(self.teacher, trajectories)
-        judged = None
-        if self.judge is not None:
-            judged, judge_metrics = judge_step_rewards(self.judge, trajectories)
-            for name, value in judge_metrics.items():
-                self.metrics.add(name, value)
-        scores, returns = [], []
-        for i, trajectory in enumerate(trajectories):
-            episode = trajectory.episode
-            rewards = step_rewards(
-                episode,
-                answer_reward_weight=args.answer_reward_weight,
-                judged=None if judged is None else judged[i],
-                judge_weight=args.judge_weight,
-            )
-            has_kl = ref_logps is not None and policy_logps is not None
-            kl = step_kl(trajectory, policy_logps[i], ref_logps[i]) if has_kl else [0.0] * len(episode.steps)
-            scores.append(EpisodeScores(episode.group_id, rewards, kl))
-            returns.append(sum(rewards))
+        scores = episode_scores(
+            trajectories,
+            judged,
+            policy_logps,
+            ref_logps,
+            answer_reward_weight=args.answer_reward_weight,
+            judge_weight=args.judge_weight,
+        )
+        returns = [sum(score.step_rewards) for score in scores]
         advantages = token_advantages(trajectories, global_advantages(self.algorithm, scores, self.accelerator))
-        num_tokens, num_sequences = global_normalisers(trajectories, self.accelerator)
+        out_of_loss = [args.mask_truncated_completions and t.episode.truncated for t in trajectories]
+        num_tokens, num_sequences = global_normalisers(trajectories, self.accelerator, out_of_loss)
         batches = micro_batches(
             trajectories,
             advantages,
@@ -326,16 +331,20 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             teacher_logps=teacher_logps,
             sampling_logps=[t.sampling_logps for t in trajectories],
             old_sampling_logps=policy_sampling_logps,
+            out_of_loss=out_of_loss,
         )
         for batch in batches:
-            batch["num_tokens"] = num_tokens
-            batch["num_sequences"] = num_sequences
+            batch.update(num_tokens=num_tokens, num_sequences=num_sequences, num_micro_batches=len(batches))
         self.metrics.record_rollout(
-            trajectories, returns, sampled=sampled, judged=judged, samples_to_print=args.num_completions_to_print
+            trajectories,
+            returns,
+            sampled=played.sampled,
+            judged=judged,
+            samples_to_print=args.num_completions_to_print,
         )
         if args.log_rollouts:
             append_rollouts(
-                args.output_dir, self.accelerator.process_index, self.state.global_step, trajectories, extra
+                args.output_dir, self.accelerator.process_index, self.state.global_step, trajectories, played.extra
             )
         return batches
 
@@ -366,13 +375,12 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             autocast=self.accelerator.autocast,  # the reference and teacher sit outside accelerator.prepare
         )
 
-    def _guide_failed_groups(
-        self, rollout: StepwiseRollout, trajectories: list[Trajectory], rows: list[dict], group_ids: list[int]
-    ) -> None:
-        """``reference_guidance``: worked solutions replace one episode of every all-failed group; totals logged."""
-        counts = [guide_failed_groups(rollout, self.env_router(), trajectories, rows, group_ids, self.flavour)]
+    def _log_guidance(self) -> None:
+        """``reference_guidance``: how many worked solutions replaced an episode of an all-failed group, and how many
+        of them were correct, over every round and process."""
+        counts = self._guidance_counts
         if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
-            counts = gather_object(counts)
+            counts = [c for part in gather_object([counts]) for c in part]
         guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
         self.metrics.add("guidance/reference_episodes", float(guided))
         self.metrics.add("guidance/reference_correct", correct / guided if guided else 0.0)
@@ -411,15 +419,17 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             mask=inputs["sampled_mask"],
         )
         ref = inputs.get("ref_logps")
-        token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"], behaviour)
+        token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"], behaviour, mask=mask)
         teacher = inputs.get("teacher_logps")
         distill = None
         if teacher is not None:
             distill = self.algorithm.distill(logps, teacher)
             token_losses = token_losses + args.distill_coef * distill
-        loss = self.algorithm.reduce(token_losses, mask, inputs["num_tokens"], inputs["num_sequences"])
+        loss = self.algorithm.reduce(
+            token_losses, mask, inputs["num_tokens"], inputs["num_sequences"], inputs["num_micro_batches"]
+        )
         gap_sum, gap_count = self.metrics.add_loss_metrics(
-            self.algorithm, logps, old, ref, distill, scores.entropy, mask, behaviour, epsilon=args.epsilon
+            self.algorithm, logps, old, ref, distill, scores.entropy, mask, behaviour
         )
         self.sampler_guard.add(gap_sum, gap_count)
         return loss
@@ -455,19 +465,11 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
-        if isinstance(dataset, str):  # the Trainer passes the name of one of several eval sets
-            dataset = self.eval_dataset[dataset]
-        if isinstance(dataset, dict):  # several eval sets: one block of metrics each, eval_<name>_accuracy
-            metrics: dict[str, float] = {}
-            for name, subset in dataset.items():
-                metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        summary = evaluate_policy(self, dataset)
-        metrics = {f"{metric_key_prefix}_{key}": float(summary[key]) for key in EVAL_SUMMARY_KEYS}
+        """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy
+        (several eval sets: one block of metrics each, eval_<name>_accuracy)."""
+        metrics = evaluate_sets(
+            self, eval_dataset if eval_dataset is not None else self.eval_dataset, metric_key_prefix
+        )
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -479,9 +481,6 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         output = super().train(resume, *args, **kwargs)
         self.plot_curves()
         return output
-
-
-EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total")
 
 
 def _identity(batch):
