@@ -206,6 +206,14 @@ class StepwiseReinforceConfig(ObjectiveArguments, GenerationEngineArguments, Bas
         default=None, metadata={"help": "Token budget of one evaluation episode (default: max_episode_tokens)."}
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Episodes decoded together during evaluation."})
+    cache_start_evaluation: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the evaluation before the first optimizer step from an identical earlier run (the same "
+            "weights, problems, prompts, settings, engine, libraries and code: the key hashes them all), kept in the "
+            "model cache folder; false computes it again."
+        },
+    )
     log_rollouts: bool = field(default=True, metadata={"help": "Append every rollout to output_dir/rollouts.jsonl."})
     push_rollouts: bool = field(
         default=False, metadata={"help": "Upload rollouts*.jsonl with push_to_hub (off: they stay local)."}

@@ -3,11 +3,15 @@ environments, on the engine that generates the rollouts (holding the current wei
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from datasets import Dataset
 
 from trl_stepwise.rollout import SamplingConfig
+from trl_stepwise.trainer import evaluation_cache
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_SUMMARY_KEYS", "evaluate_policy", "evaluate_sets"]
 
@@ -15,12 +19,26 @@ EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct
 
 
 def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
-    """``evaluate_problems``' summary for the first ``eval_num_problems`` rows of ``dataset``."""
+    """``evaluate_problems``' summary for the first ``eval_num_problems`` rows of ``dataset``; before the first
+    optimizer step, the stored summary of an identical earlier evaluation when there is one (``evaluation_cache``)."""
     from trl_stepwise.evaluation import evaluate_problems
 
     args = trainer.args
     rows = [dict(r) for r in dataset.select(range(min(args.eval_num_problems, len(dataset))))]
     sampling = SamplingConfig(temperature=0.0, max_step_tokens=args.max_step_tokens, batch_size=args.eval_batch_size)
+    engine = trainer.generation_engine()
+    key = None
+    if args.cache_start_evaluation and trainer.state.global_step == 0:
+        key = _agreed(trainer, evaluation_cache.start_evaluation_key(trainer, rows, sampling, engine))
+        cached = _agreed(trainer, evaluation_cache.load(key)) if key else None
+        if cached is not None:
+            logger.info(
+                "Evaluation of the untrained model on %d problems reused (%s); --cache_start_evaluation false "
+                "computes it again.",
+                len(rows),
+                evaluation_cache.describe(key),
+            )
+            return cached
     summary, _ = evaluate_problems(
         trainer.accelerator.unwrap_model(trainer.model),
         trainer.processing_class,
@@ -32,9 +50,24 @@ def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
         progress=False,
         step_delimiter=args.step_delimiter,
         calculator=args.calculator,
-        engine=trainer.generation_engine(),
+        engine=engine,
     )
+    if key and trainer.is_world_process_zero():
+        kept = {name: summary[name] for name in EVAL_SUMMARY_KEYS}
+        model_name = getattr(trainer.accelerator.unwrap_model(trainer.model).config, "_name_or_path", None)
+        evaluation_cache.store(key, kept, {"model": model_name, "problems": len(rows)})
     return summary
+
+
+def _agreed(trainer: Any, value: Any) -> Any:
+    """The main process's value on every process (each decides alike only if they see the same cache)."""
+    if trainer.accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def evaluate_sets(trainer: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
