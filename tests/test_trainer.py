@@ -487,3 +487,27 @@ def test_dynamic_sampling_trains_a_full_batch_of_groups_with_signal(
     assert set(dropped) == {1, 2} and sum(stats.groups_dropped for _, _, stats in batches) == sum(dropped.values())
     assert all(v >= 1.0 for v in logged(trainer, "dynamic_sampling/episodes_generated_per_trained").values())
     assert sum(stats.extra_rounds for _, _, stats in batches) > 0  # (seeded) a first round drew an odd answer
+
+
+def test_mask_truncated_completions_leaves_episodes_cut_by_the_token_budget_out_of_the_loss(
+    tiny_model, tokenizer, arithmetic_problems, tmp_path
+):
+    """A 3-token budget cuts every episode of the random model: with the flag none of their tokens is trained on."""
+    batches = {}
+    for flag in (False, True):
+        trainer = make_trainer(
+            tiny_model,
+            tokenizer,
+            arithmetic_problems,
+            tmp_path / str(flag),
+            max_episode_tokens=3,
+            mask_truncated_completions=flag,
+            max_steps=1,
+        )
+        problems = [dict(p) for p in arithmetic_problems.select(range(2))]
+        batches[flag] = trainer._generate_and_score(problems, 1)
+        rollouts = (tmp_path / str(flag) / "rollouts.jsonl").read_text().splitlines()
+        assert {json.loads(line)["end_reason"] for line in rollouts} == {"token_budget"}
+    assert bool(batches[False][0]["completion_mask"].any()) and batches[False][0]["num_tokens"] > 0
+    assert not bool(batches[True][0]["completion_mask"].any()) and batches[True][0]["num_tokens"] == 0
+    assert batches[True][0]["num_sequences"] == batches[False][0]["num_sequences"] == 4
