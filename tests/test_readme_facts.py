@@ -184,7 +184,24 @@ TRANSFER = "few_shot_transfer.json"
 LEARNING = "learning_per_cpu_hour.json"
 L1 = "arithmetic:level=1"
 
+
+def _step_time(job: str, field: str) -> Any:
+    return json.loads((RESULTS / "step_time.json").read_text())["jobs"][job][field]
+
+
 FACTS = [
+    Fact(
+        "the README environment's step time against the main job's",
+        r"median (\d+\.\d) s \((\d+\.\d) tokens per episode\) against (\d+\.\d) s \((\d+\.\d)\) for the main job",
+        lambda: (
+            round(_step_time("readme_env", "median_step_s"), 1),
+            round(_step_time("readme_env", "tokens_per_episode"), 1),
+            round(_step_time("main_job", "median_step_s"), 1),
+            round(_step_time("main_job", "tokens_per_episode"), 1),
+        ),
+        "step_time.json",
+        "### Write your own environment",
+    ),
     # "Two commands": what `make train` runs
     Fact(
         "make train: steps and episodes",
