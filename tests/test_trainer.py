@@ -511,3 +511,16 @@ def test_mask_truncated_completions_leaves_episodes_cut_by_the_token_budget_out_
     assert bool(batches[False][0]["completion_mask"].any()) and batches[False][0]["num_tokens"] > 0
     assert not bool(batches[True][0]["completion_mask"].any()) and batches[True][0]["num_tokens"] == 0
     assert batches[True][0]["num_sequences"] == batches[False][0]["num_sequences"] == 4
+
+
+def test_several_eval_sets_are_logged_one_block_each(tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    trainer = make_trainer(
+        tiny_model, tokenizer, arithmetic_problems, tmp_path, eval_num_problems=2, cache_start_evaluation=False
+    )
+    metrics = trainer.evaluate({"first": arithmetic_problems, "second": arithmetic_problems})
+    assert {"eval_first_accuracy", "eval_second_accuracy"} <= set(metrics)
+    blocks = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
+    assert [sorted(k for k in entry if k.endswith("_accuracy")) for entry in blocks] == [
+        ["eval_first_accuracy"],
+        ["eval_second_accuracy"],
+    ]

@@ -30,6 +30,8 @@ def check_ranges(config: Any) -> None:
         raise ValueError(f"gamma={config.gamma} is outside [0, 1]; the discount must lie in [0, 1] (1 = none).")
     if config.epsilon <= 0:
         raise ValueError(f"epsilon={config.epsilon}; the clip range must be > 0 (e.g. 0.2).")
+    if config.epsilon_high <= 0:
+        raise ValueError(f"epsilon_high={config.epsilon_high}; the upper clip range must be > 0 (e.g. 0.28).")
     if not 0 <= config.moving_average_decay <= 1:
         raise ValueError(f"moving_average_decay={config.moving_average_decay} is outside [0, 1]; e.g. 0.9.")
     if not 0 < config.top_p <= 1:

@@ -20,7 +20,7 @@ from typing import Any
 from trl_stepwise.algorithms import Algorithm
 from trl_stepwise.engines.base import derive_seed
 from trl_stepwise.rollout import Trajectory
-from trl_stepwise.trainer.scoring import step_rewards
+from trl_stepwise.trainer.scoring import episode_scores
 
 SIGNAL_TOLERANCE = 1e-6
 DYNAMIC_SAMPLING_SEED = 0x5D5  # seeds the draw of extra problems apart from every other draw
@@ -37,6 +37,7 @@ class PlayedGroups:
     extra: dict[str, list] = field(default_factory=dict)  # columns reward functions logged with ``log_extra``
     sampled: list[Trajectory] = field(default_factory=list)  # the policy's own episodes (before guidance), all rounds
     sampled_rows: list[dict] = field(default_factory=list)
+    guidance: list[tuple[int, int]] = field(default_factory=list)  # (worked solutions played, correct) per round
 
     def groups(self) -> dict[int, list[int]]:
         """Episode indices of each group, in order of first appearance."""
@@ -57,6 +58,7 @@ class PlayedGroups:
             extra={name: [values[i] for i in index] for name, values in self.extra.items()},
             sampled=list(self.sampled),
             sampled_rows=list(self.sampled_rows),
+            guidance=list(self.guidance),
         )
 
     def extend(self, other: PlayedGroups) -> None:
@@ -75,6 +77,7 @@ class PlayedGroups:
             self.extra[name] = mine + other.extra.get(name, [None] * len(other.trajectories))
         self.sampled += other.sampled
         self.sampled_rows += other.sampled_rows
+        self.guidance += other.guidance
 
 
 @dataclass
@@ -155,17 +158,15 @@ def step_returns(
     played: PlayedGroups, *, algorithm: Algorithm, answer_reward_weight: float, judge_weight: float
 ) -> list[list[float]]:
     """Each episode's return at every step from its rewards (the KL left out): what the signal test compares."""
-    return [
-        algorithm.returns(
-            step_rewards(
-                trajectory.episode,
-                answer_reward_weight=answer_reward_weight,
-                judged=None if played.judged is None else played.judged[i],
-                judge_weight=judge_weight,
-            )
-        )
-        for i, trajectory in enumerate(played.trajectories)
-    ]
+    scores = episode_scores(
+        played.trajectories,
+        played.judged,
+        None,
+        None,
+        answer_reward_weight=answer_reward_weight,
+        judge_weight=judge_weight,
+    )
+    return [algorithm.returns(score.step_rewards) for score in scores]
 
 
 class ExtraProblems:

@@ -13,7 +13,7 @@ from trl_stepwise.trainer import evaluation_cache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVAL_SUMMARY_KEYS", "evaluate_policy", "evaluate_sets"]
+__all__ = ["EVAL_SUMMARY_KEYS", "evaluate_policy", "named_eval_set"]
 
 EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total")
 
@@ -29,8 +29,7 @@ def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
     engine = trainer.generation_engine()
     key = None
     if args.cache_start_evaluation and trainer.state.global_step == 0:
-        key = _agreed(trainer, evaluation_cache.start_evaluation_key(trainer, rows, sampling, engine))
-        cached = _agreed(trainer, evaluation_cache.load(key)) if key else None
+        key, cached = _on_main(trainer, lambda: _look_up(trainer, rows, sampling, engine))
         if cached is not None:
             logger.info(
                 "Evaluation of the untrained model on %d problems reused (%s); --cache_start_evaluation false "
@@ -59,28 +58,29 @@ def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:
     return summary
 
 
-def _agreed(trainer: Any, value: Any) -> Any:
-    """The main process's value on every process (each decides alike only if they see the same cache)."""
+def _look_up(trainer: Any, rows: list[dict], sampling: SamplingConfig, engine: Any) -> tuple[str | None, Any]:
+    """``(key, stored summary or None)`` of this evaluation."""
+    key = evaluation_cache.start_evaluation_key(trainer, rows, sampling, engine)
+    return key, evaluation_cache.load(key) if key else None
+
+
+def _on_main(trainer: Any, compute: Any) -> Any:
+    """``compute()`` on the main process only (hashing the weights once), its value on every process: all of them
+    then decide alike."""
     if trainer.accelerator.num_processes == 1:
-        return value
+        return compute()
     from accelerate.utils import broadcast_object_list
 
-    box = [value]
+    box = [compute() if trainer.is_world_process_zero() else None]
     broadcast_object_list(box, from_process=0)
     return box[0]
 
 
-def evaluate_sets(trainer: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
-    """Metrics ``<prefix>_accuracy`` etc. for one eval set, or ``<prefix>_<name>_...`` for each of several (a dict,
-    or the name of one of them, as the Trainer passes it)."""
+def named_eval_set(trainer: Any, dataset: Any) -> Any:
+    """The eval set to use: ``dataset``, or the one of several it names (as the Trainer passes it); a dict of several
+    stays a dict."""
     if dataset is None:
         raise ValueError("evaluate() needs an eval_dataset (set it on the trainer or pass one).")
     if isinstance(dataset, str):
-        dataset = trainer.eval_dataset[dataset]
-    if isinstance(dataset, dict):
-        metrics: dict[str, float] = {}
-        for name, subset in dataset.items():
-            metrics.update(evaluate_sets(trainer, subset, f"{prefix}_{name}"))
-        return metrics
-    summary = evaluate_policy(trainer, dataset)
-    return {f"{prefix}_{key}": float(summary[key]) for key in EVAL_SUMMARY_KEYS}
+        return trainer.eval_dataset[dataset]
+    return dataset

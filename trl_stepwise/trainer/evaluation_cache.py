@@ -11,6 +11,7 @@ to any of them is another key: a stored evaluation is reused only where it would
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -122,17 +123,12 @@ def _version(name: str) -> str | None:
         return None
 
 
-_SOURCE_DIGEST: str | None = None
-
-
+@functools.cache
 def _source_digest() -> str:
     """Every file of this package (code, prompts, templates): a change anywhere is another key."""
-    global _SOURCE_DIGEST
-    if _SOURCE_DIGEST is None:
-        digest = hashlib.blake2b(digest_size=16)
-        for path in sorted(PACKAGE_ROOT.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-                digest.update(path.read_bytes())
-        _SOURCE_DIGEST = digest.hexdigest()
-    return _SOURCE_DIGEST
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(PACKAGE_ROOT.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

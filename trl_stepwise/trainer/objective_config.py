@@ -128,8 +128,6 @@ class ObjectiveArguments:
     def resolve_objective(self) -> None:
         """Settle ``loss_type`` (``loss_normalization`` is its older spelling) and ``epsilon_high`` as the
         algorithm's settings do (their errors name the flags); check the rest of the objective's flags."""
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon={self.epsilon}; the clip range must be > 0 (e.g. 0.2).")
         settings = AlgorithmSettings(
             epsilon=self.epsilon,
             epsilon_high=self.epsilon_high,
@@ -137,8 +135,6 @@ class ObjectiveArguments:
             loss_normalization=self.loss_normalization,
         )
         self.loss_type, self.epsilon_high = settings.loss_type, settings.epsilon_high
-        if self.epsilon_high <= 0:
-            raise ValueError(f"epsilon_high={self.epsilon_high}; the upper clip range must be > 0 (e.g. 0.28).")
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(
                 f"importance_sampling_level={self.importance_sampling_level!r}; choose token or sequence."

@@ -15,7 +15,7 @@ GROUPS_PER_ROUND = 10_000  # group ids: process x 1,000,000 + round x 10,000 + p
 
 def play_round(trainer: Any, rollout: StepwiseRollout, problems: list[dict], round_number: int) -> PlayedGroups:
     """``num_generations`` episodes per problem; with ``reference_guidance`` a worked solution replaces one episode
-    of every all-failed group (counted in ``trainer._guidance_counts``); then the reward functions' and the judge's
+    of every all-failed group (counted in ``guidance``); then the reward functions' and the judge's
     scores, which dynamic sampling needs to see a group's signal."""
     args = trainer.args
     group_base = trainer.accelerator.process_index * 100 * GROUPS_PER_ROUND + round_number * GROUPS_PER_ROUND
@@ -23,9 +23,11 @@ def play_round(trainer: Any, rollout: StepwiseRollout, problems: list[dict], rou
     group_ids = [group_base + p for p in range(len(problems)) for _ in range(args.num_generations)]
     trajectories = rollout.run(trainer.env_router(), rows, group_ids=group_ids)
     sampled = list(trajectories)  # the policy's own episodes: accuracy and the curriculum count these
+    guidance = []
     if args.reference_guidance:
-        counts = guide_failed_groups(rollout, trainer.env_router(), trajectories, rows, group_ids, trainer.flavour)
-        trainer._guidance_counts.append(counts)
+        guidance.append(
+            guide_failed_groups(rollout, trainer.env_router(), trajectories, rows, group_ids, trainer.flavour)
+        )
     extra = add_reward_funcs(
         trainer.reward_funcs,
         args.reward_weights,
@@ -38,4 +40,4 @@ def play_round(trainer: Any, rollout: StepwiseRollout, problems: list[dict], rou
         judged, judge_metrics = judge_step_rewards(trainer.judge, trajectories)
         for name, value in judge_metrics.items():
             trainer.metrics.add(name, value)
-    return PlayedGroups(trajectories, rows, group_ids, judged, dict(extra), sampled, list(rows))
+    return PlayedGroups(trajectories, rows, group_ids, judged, dict(extra), sampled, list(rows), guidance)

@@ -48,7 +48,7 @@ from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 from trl_stepwise.trainer.dynamic_sampling import ExtraProblems, PlayedGroups, fill_with_signal, step_returns
 from trl_stepwise.trainer.environments import TrainerEnvironments
-from trl_stepwise.trainer.evaluation import evaluate_sets
+from trl_stepwise.trainer.evaluation import EVAL_SUMMARY_KEYS, evaluate_policy, named_eval_set
 from trl_stepwise.trainer.metrics import TrainingMetrics, append_rollouts
 from trl_stepwise.trainer.parallelism import check_accelerator
 from trl_stepwise.trainer.progress import show_reward_on_progress_bar, use_compact_logs
@@ -272,7 +272,6 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         started = time.perf_counter()
         optimisation_seconds = started - self._last_rollout_end if self._last_rollout_end else 0.0
         rollout = self.rollout_engine()
-        self._guidance_counts: list[tuple[int, int]] = []
         played = play_round(self, rollout, problems, round_number=0)
         if self.args.dynamic_sampling:
             played, stats = fill_with_signal(
@@ -290,7 +289,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             for name, value in stats.metrics().items():
                 self.metrics.add(name, value)
         if self.args.reference_guidance:
-            self._log_guidance()
+            self._log_guidance(played.guidance)
         generation_seconds = time.perf_counter() - started
         batches = self._score(played, num_micro_batches)
         self.metrics.add("rollout_tokens_per_second", rollout.stats.tokens_per_second)
@@ -375,10 +374,9 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             autocast=self.accelerator.autocast,  # the reference and teacher sit outside accelerator.prepare
         )
 
-    def _log_guidance(self) -> None:
+    def _log_guidance(self, counts: list[tuple[int, int]]) -> None:
         """``reference_guidance``: how many worked solutions replaced an episode of an all-failed group, and how many
         of them were correct, over every round and process."""
-        counts = self._guidance_counts
         if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
             counts = [c for part in gather_object([counts]) for c in part]
         guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
@@ -465,11 +463,15 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy
-        (several eval sets: one block of metrics each, eval_<name>_accuracy)."""
-        metrics = evaluate_sets(
-            self, eval_dataset if eval_dataset is not None else self.eval_dataset, metric_key_prefix
-        )
+        """Accuracy on a fixed subset of the eval set (greedy), sharded across processes, logged as eval_accuracy."""
+        dataset = named_eval_set(self, eval_dataset if eval_dataset is not None else self.eval_dataset)
+        if isinstance(dataset, dict):  # several eval sets: one block of metrics (and one log) each
+            metrics: dict[str, float] = {}
+            for name, subset in dataset.items():
+                metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        summary = evaluate_policy(self, dataset)
+        metrics = {f"{metric_key_prefix}_{key}": float(summary[key]) for key in EVAL_SUMMARY_KEYS}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
