@@ -45,6 +45,24 @@ def tokenizer():
     return load_tokenizer()
 
 
+def trl_chat_template(name: str) -> str:
+    """One of TRL's bundled chat templates (``trl/chat_templates/<name>.jinja``)."""
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text()
+
+
+@pytest.fixture(scope="session")
+def tool_tokenizer():
+    """The embedded tokenizer with TRL's Qwen2.5 tool-calling template (it fits the ChatML tokens): the tokenizer a
+    TRL user gives a tool-calling setup. Shared: do not mutate it in a test."""
+    from trl_stepwise.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tokenizer.chat_template = trl_chat_template("qwen2_5")
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def make_tiny_model(tokenizer) -> Callable[..., torch.nn.Module]:
     """Factory: ``make_tiny_model(seed=0, **config_overrides)`` -> a fresh random ``LlamaForCausalLM`` (float32)."""

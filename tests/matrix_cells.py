@@ -111,10 +111,14 @@ class DoublingTask:
 
     def reset(self, **row):
         self.calls = []
-        return "You may call <double>x</double>."
+        return " You may call double."
 
     def double(self, x: int) -> int:
-        """Twice x."""
+        """Twice a number.
+
+        Args:
+            x: The number to double.
+        """
         self.calls.append(x)
         return 2 * x
 
@@ -159,8 +163,8 @@ def cell_dataset(cell: Cell):
 
     if cell.env in ("gsm8k", "math_feedback"):
         return load_math_dataset("gsm8k", split="train", limit=16)
-    if cell.env == "tool":
-        rows = [{"question": f"What is {n} doubled?", "answer": str(2 * n)} for n in range(3, 19)]
+    if cell.env == "tool":  # TRL's conversational rows: the prompt as chat messages
+        rows = [{"prompt": [{"role": "user", "content": f"What is {n} doubled?"}]} for n in range(3, 19)]
     else:
         words = ["stone", "river", "garden", "apple", "cloud", "paper", "green", "light"]
         rows = [{"question": f"Reverse {w}", "answer": w[::-1], "word": w} for w in words * 2]
@@ -235,8 +239,12 @@ def build_trainer(cell: Cell, output_dir: Path, server_url: str | None = None):
     args = cell_config(cell, output_dir, server_url)
     args.model_init_kwargs = model_init_kwargs(cell)
     kwargs: dict[str, Any] = {}
-    if cell.env == "tool":
+    if cell.env == "tool":  # TRL's tool-calling setup: a template that renders tools (Qwen2.5's fits ChatML)
+        from trl_stepwise.models import load_tokenizer
+
         kwargs["environment_factory"] = DoublingTask
+        kwargs["processing_class"] = load_tokenizer()
+        kwargs["processing_class"].chat_template = _trl_template("qwen2_5")
     elif cell.env == "user":
         kwargs["env"] = user_env_class()
     return StepwiseReinforceTrainer(
@@ -288,3 +296,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _trl_template(name: str) -> str:
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text()

@@ -14,7 +14,7 @@ from tiny_training import length_reward, make_config
 from trl_stepwise import rollout as rollout_module
 from trl_stepwise.cli import main
 from trl_stepwise.data import load_math_dataset
-from trl_stepwise.envs import CountdownEnv, EnvRouter, MathEnv, MathFeedbackEnv, TRLEnvironment, as_env
+from trl_stepwise.envs import CountdownEnv, EnvRouter, MathEnv, MathFeedbackEnv, ToolChatEnv, as_env
 from trl_stepwise.prompting import PromptBuilder
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
 from trl_stepwise.trainer import StepwiseReinforceTrainer
@@ -25,10 +25,14 @@ class DoublingTask:
 
     def reset(self, **row):
         self.calls = []
-        return "You may call double."
+        return "\n\nYou may call double."
 
     def double(self, x: int) -> int:
-        """Twice x."""
+        """Twice a number.
+
+        Args:
+            x: The number to double.
+        """
         self.calls.append(x)
         return 2 * x
 
@@ -36,21 +40,27 @@ class DoublingTask:
         return float(self.calls == [21])
 
 
-def test_a_trl_environment_runs_as_is_with_its_methods_as_masked_tools(tokenizer):
+def test_a_trl_environment_is_played_as_a_tool_calling_chat(tool_tokenizer):
     env = as_env(DoublingTask())
-    assert isinstance(env, TRLEnvironment) and [t.name for t in env.tools] == ["double"]
-    script = tokenizer("So <double>21</double> is it.\nThe answer is: 42\n", add_special_tokens=False)["input_ids"]
-    builder = PromptBuilder(tokenizer, [], k=0)
+    assert isinstance(env, ToolChatEnv) and [f.__name__ for f in env.tool_functions] == ["double"]
+    call = '<tool_call>\n{"name": "double", "arguments": {"x": 21}}\n</tool_call>'
+    script = []
+    for turn in (call, "The answer is: 42"):
+        script += tool_tokenizer(turn, add_special_tokens=False)["input_ids"] + [tool_tokenizer.eos_token_id]
     rollout = StepwiseRollout(
-        None, tokenizer, builder, SamplingConfig(max_step_tokens=30), engine=ScriptedEngine(tokenizer, script)
+        None,
+        tool_tokenizer,
+        PromptBuilder(tool_tokenizer, [], k=0),
+        SamplingConfig(max_step_tokens=30),
+        engine=ScriptedEngine(tool_tokenizer, script),
     )
-    (trajectory,) = rollout.run(DoublingTask, [{"question": "What is 21 doubled?", "answer": "42"}])
+    (trajectory,) = rollout.run(DoublingTask, [{"prompt": [{"role": "user", "content": "What is 21 doubled?"}]}])
     episode = trajectory.episode
-    assert episode.completion == "So <double>21</double> 42 is it.\nThe answer is: 42\n"
+    assert trajectory.env.env.calls == [21]
     forced = [t for t, p in zip(trajectory.completion_ids, trajectory.policy_mask, strict=True) if not p]
-    assert tokenizer.decode(forced) == " 42"
+    assert "<tool_response>\n42\n</tool_response>" in tool_tokenizer.decode(forced)
     assert episode.final_reward == 1.0 and episode.verdict.correct
-    assert "What is 21 doubled?\n\nYou may call double." in tokenizer.decode(trajectory.prompt_ids)
+    assert "What is 21 doubled?\n\nYou may call double." in tool_tokenizer.decode(trajectory.prompt_ids)
 
 
 def test_router_picks_each_rows_environment():

@@ -9,6 +9,7 @@ arrives as a list aligned with `completions`, so the same functions work in TRL 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -110,7 +111,17 @@ def combine_rewards(
 
 
 def _call(func: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``func`` with the keyword arguments it accepts (all of them when it takes ``**kwargs``)."""
+    """Call ``func`` with the keyword arguments it accepts (all of them when it takes ``**kwargs``); an async
+    function (TRL accepts them) is run to its result."""
+    result = _call_sync(func, **kwargs)
+    return asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _call_sync(func: Callable[..., Any], **kwargs: Any) -> Any:
     try:
         parameters = inspect.signature(func).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature: pass everything

@@ -11,6 +11,9 @@ token, exactly as if it had been sampled one token at a time:
   count towards the step and episode token budgets) and the engine continues the sequence from there;
 * when the environment replies to a step (a non-empty observation), the reply is appended the same way, after the
   step, and the next step starts after it;
+* a chat environment (TRL's tools and ``environment_factory``) starts from its messages rendered with the tool
+  schemas by the tokenizer's template; at each end of turn its calls are read in the template's format and its reply
+  (tool results, a user turn) is appended as the template's new tokens only (``chat_turns.ChatTurns``);
 * an engine whose stops are cheap (transformers) is asked to stop at every step delimiter so a finished episode leaves
   the batch at once; a streaming engine (vLLM in process) reports every token as it comes and the loop cuts a
   sequence at the token where the environment acts (no stop strings); other engines (a vLLM server) stop at the
@@ -29,10 +32,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_stepwise import grading
+from trl_stepwise.chat_turns import ChatTurns
 from trl_stepwise.engines import (
     KEEP_SAMPLING,
     Continuation,
@@ -64,6 +69,7 @@ class Trajectory:
     step_index: list[int] = field(default_factory=list)
     sampling_logps: list[float] = field(default_factory=list)  # the engine's log-prob of each token (0 if forced)
     engine_sampled: bool = True  # False for a reference solution played in: its log-probs are not the engine's
+    env: Any = None  # the environment played (TRL's reward functions receive it as ``environments``)
 
     @property
     def num_policy_tokens(self) -> int:
@@ -94,6 +100,7 @@ class _Play:
     trajectory: Trajectory
     step_start: int = 0  # where the current step starts in completion_ids
     step_number: int = 0
+    turn_start: int = 0  # where the current chat turn starts in completion_ids
     read: int = 0  # tokens of the engine's current request already read
     pending: list[int] | None = None  # a checked tool's result, being compared with what the policy samples
 
@@ -110,6 +117,7 @@ class StepwiseRollout:
         step_delimiter: str | None = "\n",
         calculator: bool = True,
         engine: GenerationEngine | None = None,
+        chat: ChatTurns | None = None,
     ) -> None:
         if engine is None:
             if model is None:
@@ -121,6 +129,7 @@ class StepwiseRollout:
         self.sampling = sampling or SamplingConfig()
         self.step_delimiter = step_delimiter
         self.calculator = calculator
+        self.chat = chat  # built on the first chat episode when not given
         self.eos_ids = set(engine.stop_token_ids)
         # A streaming engine is cut at the right token without stop strings, and runs on through a checked tool's call
         # (the calculator's): the loop keeps the tokens when they are exactly the result, so generation pauses only
@@ -133,7 +142,14 @@ class StepwiseRollout:
     def with_engine(self, engine: GenerationEngine) -> StepwiseRollout:
         """The same prompts, limits, step delimiter and tools over another engine (e.g. a ``ReferenceEngine``)."""
         return StepwiseRollout(
-            None, self.tokenizer, self.prompt_builder, self.sampling, self.step_delimiter, self.calculator, engine
+            None,
+            self.tokenizer,
+            self.prompt_builder,
+            self.sampling,
+            self.step_delimiter,
+            self.calculator,
+            engine,
+            self.chat,
         )
 
     def run(
@@ -153,11 +169,15 @@ class StepwiseRollout:
         prefix_ids: dict[str, list[int]] = {}
         for index, session in enumerate(envs):
             episode = session.episode
-            prefix, suffix = self.prompt_builder.render_parts(session.problem)
-            if prefix not in prefix_ids:
-                prefix_ids[prefix] = self._encode(prefix)
-            prompt_ids = prefix_ids[prefix] + self._encode(suffix)
-            play = _Play(index=index, trajectory=Trajectory(episode=episode, prompt_ids=prompt_ids))
+            if session.chat:
+                prompt_ids = self.chat_turns().prompt_ids(session.prompt_messages, session.env.tool_functions)
+            else:
+                prefix, suffix = self.prompt_builder.render_parts(session.problem)
+                if prefix not in prefix_ids:
+                    prefix_ids[prefix] = self._encode(prefix)
+                prompt_ids = prefix_ids[prefix] + self._encode(suffix)
+            trajectory = Trajectory(episode=episode, prompt_ids=prompt_ids, env=session.env)
+            play = _Play(index=index, trajectory=trajectory)
             plays.append(play)
             requests.append(GenerationRequest(index, prompt_ids, *self._limits(envs, play)))
             self.stats.prompt_tokens += len(prompt_ids)
@@ -184,6 +204,12 @@ class StepwiseRollout:
         if unfinished:
             raise RuntimeError(f"the engine stopped before episodes {unfinished} ended")
         return [play.trajectory for play in plays]
+
+    def chat_turns(self) -> ChatTurns:
+        """The template's renderer and tool-call reader (built once, on the first chat episode)."""
+        if self.chat is None:
+            self.chat = ChatTurns(self.tokenizer)
+        return self.chat
 
     def _sessions(self, make_env, rows: Sequence[dict], group_ids: Sequence[int] | None) -> list[EnvSession]:
         if group_ids is not None and len(group_ids) != len(rows):
@@ -273,17 +299,22 @@ class StepwiseRollout:
         return Continuation(forced, *self._limits(envs, play), keep=keep)
 
     def _reply(
-        self, envs: list[EnvSession], play: _Play, reply: str, keep: int, forced_before: Sequence[int] = ()
+        self,
+        envs: list[EnvSession],
+        play: _Play,
+        reply: str | list[dict],
+        keep: int,
+        forced_before: Sequence[int] = (),
     ) -> Continuation:
         """Append the environment's reply as forced tokens after the step just closed; the next step follows it."""
         ids = play.trajectory.completion_ids
-        forced = self._encode_after(ids, reply)
+        forced = self.chat_turns().reply_ids(reply) if isinstance(reply, list) else self._encode_after(ids, reply)
         start = len(ids)
         for token in forced:
             self._append(play, token, 0.0, from_policy=False, step=play.step_number - 1)
         self.stats.forced_tokens += len(forced)
         envs[play.index].add_reply(self._text(ids, start, len(ids)), len(forced))
-        play.step_start = len(ids)
+        play.step_start = play.turn_start = len(ids)
         return Continuation([*forced_before, *forced], *self._limits(envs, play), keep=keep)
 
     def _append_forced(self, play: _Play, forced: Sequence[int]) -> None:
@@ -300,12 +331,22 @@ class StepwiseRollout:
 
     def _close_step(
         self, envs: list[EnvSession], play: _Play, eos: bool, context_full: bool = False
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str | list[dict]]:
         """Hand the current step to the environment; returns whether the episode ended and its reply."""
         segments = self._segments(play)
         text = "".join(s.text for s in segments)
-        reply, done = envs[play.index].step(
-            text, eos=eos, num_tokens=self._step_length(play), segments=segments, context_full=context_full
+        session = envs[play.index]
+        turn = None
+        if session.chat and (eos or context_full):  # the whole turn, read in the template's tool-call format
+            ids = play.trajectory.completion_ids
+            turn = self.chat_turns().parse(self._text(ids, play.turn_start, len(ids)))
+        reply, done = session.step(
+            text,
+            eos=eos,
+            num_tokens=self._step_length(play),
+            segments=segments,
+            context_full=context_full,
+            turn=turn,
         )
         play.step_start = len(play.trajectory.completion_ids)
         play.step_number += 1

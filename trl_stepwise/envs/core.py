@@ -1,8 +1,10 @@
 """The environment API, shaped after gymnasium: ``register`` / ``make`` ids, ``reset`` and a 5-tuple ``step``.
 
 An action is the text of one step the policy wrote; an observation is text the environment adds to the context after
-it (empty when it has nothing to say). ``reset`` returns the problem text the prompt is built from. The rollout loop
-appends a non-empty observation as tokens the policy did not sample, masked from the loss.
+it (empty when it has nothing to say), or, from a chat environment (``chat = True``), chat messages the tokenizer's
+template renders as a new turn; a chat environment that answers an end of turn keeps the episode going. ``reset``
+returns the problem text the prompt is built from. The rollout loop appends a non-empty observation as tokens the
+policy did not sample, masked from the loss.
 
 gymnasium itself is not a dependency: ``Env`` keeps its method names and return shapes so gym-minded code and
 wrappers read the same, without pulling numpy spaces into a text-only API.
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trl_stepwise.envs.base import Segment
+    from trl_stepwise.envs.chat_env import AssistantTurn
     from trl_stepwise.envs.tools import Tool
 
 __all__ = [
@@ -40,18 +43,26 @@ class StepText(str):
     """An action: the step's text, plus what the rollout loop knows about it (environments may ignore the extras).
 
     ``eos``: the policy ended its turn; ``num_tokens``: tokens in the step (tool results included); ``segments``: the
-    step split into policy text and tool results.
+    step split into policy text and tool results; ``turn``: at the end of a chat environment's turn, the whole turn
+    as the template's response format reads it (its content and tool calls).
     """
 
     eos: bool
     num_tokens: int | None
     segments: list[Segment] | None
+    turn: AssistantTurn | None
 
     def __new__(
-        cls, text: str, *, eos: bool = False, num_tokens: int | None = None, segments: list[Segment] | None = None
+        cls,
+        text: str,
+        *,
+        eos: bool = False,
+        num_tokens: int | None = None,
+        segments: list[Segment] | None = None,
+        turn: AssistantTurn | None = None,
     ) -> StepText:
         action = super().__new__(cls, text)
-        action.eos, action.num_tokens, action.segments = eos, num_tokens, segments
+        action.eos, action.num_tokens, action.segments, action.turn = eos, num_tokens, segments, turn
         return action
 
 

@@ -19,11 +19,11 @@ __all__ = ["EnvSession", "as_env"]
 
 def as_env(env: Any) -> Env:
     """A gym-shaped environment; a TRL ``environment_factory`` object (``reset`` and tool methods, no ``step``) is
-    wrapped as a ``TRLEnvironment``."""
-    from trl_stepwise.envs.trl_env import TRLEnvironment, is_trl_environment
+    played as a tool-calling chat (``ToolChatEnv``)."""
+    from trl_stepwise.envs.chat_env import ToolChatEnv, is_trl_environment
 
     if is_trl_environment(env):
-        return TRLEnvironment(env)
+        return ToolChatEnv(env)
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
         raise TypeError(f"{type(env).__name__} is not an environment: it needs reset() and step()")
     return env
@@ -39,6 +39,7 @@ class EnvSession:
         seed = row.get("seed")
         problem, info = self.env.reset(seed=seed if isinstance(seed, int) else None, options=dict(row))
         self.problem = problem
+        self.prompt_messages: list[dict] | None = info.get("prompt_messages")  # a chat environment's prompt
         record_row = dict(info.get("row") or row)
         record_row.setdefault("question", problem)
         self.episode = Episode(episode_id=episode_id, group_id=group_id, row=record_row)
@@ -82,11 +83,14 @@ class EnvSession:
         num_tokens: int | None = None,
         segments: list[Segment] | None = None,
         context_full: bool = False,
-    ) -> tuple[str, bool]:
+        turn: Any = None,
+    ) -> tuple[str | list[dict], bool]:
         """Hand one step to the environment; returns ``(reply, done)`` (the reply is empty once the episode ended).
 
         ``context_full``: the engine cannot extend the sequence any further; the episode ends there (the environment
-        sees it as an end of turn) and is recorded as cut by the context limit unless the environment ended it."""
+        sees it as an end of turn) and is recorded as cut by the context limit unless the environment ended it.
+        ``turn``: a chat environment's whole turn, read at its end. A chat environment that answers an end of turn
+        (tool results, a user message) keeps the episode going, within the token budget."""
         episode = self.episode
         if episode.done:
             raise RuntimeError(f"step() on a finished episode (end_reason={episode.end_reason.value})")
@@ -95,13 +99,14 @@ class EnvSession:
         self._calls = self._errors = 0
         episode.steps.append(record)
         episode.num_tokens += num_tokens or 0
-        action = StepText(text, eos=eos or context_full, num_tokens=num_tokens, segments=segments)
+        action = StepText(text, eos=eos or context_full, num_tokens=num_tokens, segments=segments, turn=turn)
         reply, reward, terminated, truncated, info = self.env.step(action)
         end = info.get("end_reason")
         if not (terminated or truncated):
+            new_turn = eos and bool(reply) and getattr(self.env, "chat", False)
             if context_full:
                 end = EndReason.CONTEXT_LIMIT
-            elif eos:
+            elif eos and not new_turn:
                 end = EndReason.EOS
             elif self.max_episode_tokens is not None and episode.num_tokens >= self.max_episode_tokens:
                 end = EndReason.TOKEN_BUDGET
@@ -116,6 +121,11 @@ class EnvSession:
         record.reward = float(info.get("step_reward", float(reward) - final))
         self._finish(end or (EndReason.ANSWER if terminated else EndReason.MAX_STEPS), final, info)
         return "", True
+
+    @property
+    def chat(self) -> bool:
+        """Whether the episode is a chat: its prompt is messages and its turns end at the end-of-turn token."""
+        return self.prompt_messages is not None
 
     def add_reply(self, text: str, num_tokens: int) -> None:
         """Record the environment's reply (as the rollout inserted it) at the end of the last step."""

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from trl_stepwise import calculator
-from trl_stepwise._timeout import Timeout, time_limit
 
 __all__ = ["CalculatorTool", "FunctionTool", "Tool", "ToolResult", "tool"]
 
@@ -97,13 +96,18 @@ class FunctionTool(Tool):
         arguments = self._pending(step_text)
         if arguments is None:
             return None
-        try:
-            with time_limit(self.timeout_s):
-                text = str(self.fn(arguments.strip()))
-        except Timeout:
+        from trl_stepwise.envs.tool_runner import ToolRequest, shared_runner
+
+        # A worker thread with a deadline: the timeout holds even when the function is blocked in I/O or in C
+        # (``time_limit`` alone waits for the next bytecode). str() runs there too, under the same limit.
+        text = arguments.strip()
+        request = ToolRequest(lambda: str(self.fn(text)), {}, self.name)
+        outcome = shared_runner().run([request], timeout_s=self.timeout_s)[0]
+        if outcome.error_type == "timeout":
             return ToolResult(f" error: {self.name} took longer than {self.timeout_s:g}s", "timeout")
-        except Exception as exc:  # the policy's arguments are untrusted: any failure is shown, not raised
-            return ToolResult(f" error: {type(exc).__name__}: {exc}", type(exc).__name__)
+        if outcome.error is not None:  # the policy's arguments are untrusted: any failure is shown, not raised
+            return ToolResult(f" error: {outcome.error}", outcome.error_type)
+        text = outcome.result
         if len(text) > self.max_chars:
             return ToolResult(f" error: result longer than {self.max_chars} characters", "too_large")
         return ToolResult(f" {text}")

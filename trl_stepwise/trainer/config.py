@@ -14,6 +14,7 @@ from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.config_checks import check_ranges
 from trl_stepwise.trainer.objective_config import ObjectiveArguments
 from trl_stepwise.trainer.parallelism import check_launch
+from trl_stepwise.trainer.tool_config import ToolArguments
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ CURRICULUM_FLAGS = (
 
 
 @dataclass
-class StepwiseReinforceConfig(ObjectiveArguments, GenerationEngineArguments, BaseConfig):
+class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngineArguments, BaseConfig):
     """Configuration of ``StepwiseReinforceTrainer``.
 
     Batch sizes follow TRL's GRPO convention: ``per_device_train_batch_size`` counts episodes (completions), and
     must be a multiple of ``num_generations``; the episodes of ``gradient_accumulation_steps`` micro-batches are
     generated together in one rollout before the optimizer step that uses them.
     """
+
+    _VALID_DICT_FIELDS = [*BaseConfig._VALID_DICT_FIELDS, "chat_template_kwargs"]
 
     # ---- rollouts
     num_generations: int = field(default=8, metadata={"help": "Episodes per problem (G): the group for the baseline."})

@@ -125,11 +125,20 @@ def add_reward_funcs(
     if not reward_funcs:
         return extra
     episodes = [t.episode for t in trajectories]
-    prompts = [e.row.get("prompt", e.row.get("question")) for e in episodes]
+    prompts = [
+        getattr(t.env, "prompt_messages", None) or e.row.get("prompt", e.row.get("question"))
+        for t, e in zip(trajectories, episodes, strict=True)
+    ]
     conversational = any(is_messages(p) for p in prompts)
     completions = [
-        [{"role": "assistant", "content": e.completion}] if conversational else e.completion for e in episodes
+        list(getattr(t.env, "messages", None) or [{"role": "assistant", "content": t.episode.completion}])
+        if conversational
+        else t.episode.completion
+        for t in trajectories
     ]
+    # TRL's environment_factory objects, one per episode (None where an episode played another environment)
+    users = [getattr(t.env, "env", None) if getattr(t.env, "chat", False) else None for t in trajectories]
+    environments = {"environments": users} if any(u is not None for u in users) else {}
     totals, components = combine_rewards(
         reward_funcs,
         reward_weights,
@@ -140,6 +149,7 @@ def add_reward_funcs(
         trainer_state=trainer_state,
         log_metric=log_metric,
         log_extra=lambda column, values: extra[column].extend(values),
+        **environments,
     )
     for episode, total, parts in zip(episodes, totals, components, strict=True):
         episode.final_reward += total

@@ -99,15 +99,18 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         teacher_model: str | PreTrainedModel | None = None,
         env: str | type | Callable[[], Any] | None = None,
         environment_factory: Callable[[], Any] | dict[str, Callable[[], Any]] | None = None,
+        tools: Sequence[Callable[..., Any]] | None = None,
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         check_engine_setup(args, peft_config, *quantization_bits(model, args.model_init_kwargs))  # before loading
         quiet_run_logs(args.third_party_logs)
-        environments = TrainerEnvironments(args, env if env is not None else args.env_id, environment_factory)
+        environments = TrainerEnvironments(args, env if env is not None else args.env_id, environment_factory, tools)
         env_few_shot, env_columns = environments.default_settings()
+        environments.chat_turns(processing_class)  # a template that cannot render tools: refused before loading
         model, model_name = build_policy(model, args, peft_config)
         if processing_class is None:
             processing_class = load_tokenizer(model_name)
+        self.chat_turns = environments.chat_turns(processing_class)
         if curriculum is None and args.curriculum:
             curriculum = Curriculum.from_config(args)
         self.curriculum = curriculum
@@ -135,7 +138,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         self.reward_funcs = list(reward_funcs or [])
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
         self.flavour = environments.flavour
-        n_few_shot = env_few_shot if args.n_few_shot is None else args.n_few_shot
+        n_few_shot = env_few_shot if args.n_few_shot is None or environments.all_chat else args.n_few_shot
         self.prompt_builder = build_prompts(
             args, processing_class, few_shot_dataset, train_dataset, self.flavour, n_few_shot
         )
@@ -146,10 +149,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             mixup_alpha=args.ref_model_mixup_alpha,
         )
         self.environments = environments
-        for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
-            for column in ("env", "environment"):
-                if isinstance(dataset, Dataset) and column in dataset.column_names:
-                    self.env_router().check([{column: name} for name in set(dataset[column])])
+        environments.check_datasets(train_dataset, eval_dataset)
         self.judge = judge if judge is not None else build_judge(args, self.accelerator.device)
         self.teacher = build_teacher(teacher_model or args.teacher_model, args, processing_class)
         if self.teacher is not None:
@@ -203,6 +203,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             step_delimiter=args.step_delimiter,
             calculator=args.calculator,
             engine=self.generation_engine(),
+            chat=self.chat_turns,
         )
 
     def generation_engine(self) -> GenerationEngine:
