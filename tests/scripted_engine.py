@@ -4,14 +4,14 @@ It lets rollout tests drive episodes token by token without a model: stops at st
 sampled since the request started), end-of-turn ids and ``max_tokens``, honours ``Continuation.keep`` by rewinding
 the script (and skipping inserted tokens the script itself holds next), and records every request it served.
 With ``StopPolicy.STREAMING`` it reports every token as it is sampled, as the vLLM engine does, runs on while the loop
-answers ``KEEP_SAMPLING`` and counts the tokens it sampled.
+answers ``KEEP_SAMPLING`` and counts the tokens it sampled. A ``Deferred`` answer parks the request: the others go on.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from trl_stepwise.engines import KEEP_SAMPLING, GenerationOutput, GenerationRequest, StopPolicy
+from trl_stepwise.engines import KEEP_SAMPLING, Deferred, GenerationOutput, GenerationRequest, StopPolicy
 
 
 class ScriptedEngine:
@@ -32,10 +32,31 @@ class ScriptedEngine:
     def _script(self, request_id: int) -> list[int]:
         return self.scripts[request_id] if isinstance(self.scripts, dict) else self.scripts
 
+    accepts_deferred = True
+
     def generate(self, requests, sampling, on_stop) -> None:
         queue = deque(requests)
         position = {r.request_id: 0 for r in requests}
-        while queue:
+        parked: dict = {}  # Deferred -> (request, start, out): answers that wait on tool calls
+
+        def follow(request, start, out, continuation) -> None:
+            if continuation is None:
+                return
+            keep = len(out) if continuation.keep is None else continuation.keep
+            position[request.request_id] = start + keep
+            forced = list(continuation.forced_ids)
+            script = self._script(request.request_id)
+            if forced and script[start + keep : start + keep + len(forced)] == forced:
+                position[request.request_id] += len(forced)  # the script wrote the inserted tokens itself
+            queue.append(GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings))
+
+        while queue or parked:
+            if not queue:
+                Deferred.wait_any(parked)
+            for deferred in [d for d in parked if d.ready()]:
+                follow(*parked.pop(deferred), deferred.resolve())
+            if not queue:
+                continue
             request = queue.popleft()
             self.requests.append(request)
             script = self._script(request.request_id)
@@ -59,14 +80,10 @@ class ScriptedEngine:
             if continuation is KEEP_SAMPLING:
                 continuation = on_stop(GenerationOutput(request.request_id, out, [-0.5] * len(out), reason))
                 assert continuation is not KEEP_SAMPLING, "a finished output cannot be continued in place"
-            if continuation is None:
-                continue
-            keep = len(out) if continuation.keep is None else continuation.keep
-            position[request.request_id] = start + keep
-            forced = list(continuation.forced_ids)
-            if forced and script[start + keep : start + keep + len(forced)] == forced:
-                position[request.request_id] += len(forced)  # the script wrote the inserted tokens itself
-            queue.append(GenerationRequest(request.request_id, [], continuation.max_tokens, continuation.stop_strings))
+            if isinstance(continuation, Deferred):
+                parked[continuation] = (request, start, out)
+            else:
+                follow(request, start, out, continuation)
 
 
 def forced_text(tokenizer, trajectory) -> str:

@@ -4,6 +4,7 @@ token-exact; calls read in the template's format; bad calls answered as tool err
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from conftest import trl_chat_template
@@ -207,3 +208,35 @@ def test_a_template_that_rewrites_history_is_replaced_by_trls_training_template(
     reply = tok.decode(turns.reply_ids([{"role": "tool", "name": "double", "content": "42"}]))
     assert reply.startswith("\n<|im_start|>user\n<tool_response>\n42\n</tool_response>")
     assert reply.endswith("<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+@pytest.mark.parametrize("stop_policy", [StopPolicy.ENVIRONMENT, StopPolicy.STREAMING])
+def test_the_tool_calls_of_different_episodes_run_at_the_same_time(tool_tokenizer, stop_policy):
+    """Each episode's tool waits at a barrier for the other's: it passes only if both calls are in flight together
+    (run one episode after the other, the first call would time out at the barrier)."""
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(name: str) -> str:
+        """Wait for the other episode's call.
+
+        Args:
+            name: Who arrives.
+        """
+        barrier.wait()
+        return f"{name} met"
+
+    tok = tool_tokenizer
+    turns = {i: script(tok, call_text("meet", {"name": f"ep{i}"}), "Done.") for i in range(2)}
+    rollout = StepwiseRollout(
+        None,
+        tok,
+        PromptBuilder(tok, [], k=0),
+        SamplingConfig(max_step_tokens=40),
+        engine=ScriptedEngine(tok, turns, stop_policy=stop_policy),
+        chat=ChatTurns(tok),
+    )
+    trajectories = rollout.run(lambda: ToolChatEnv(None, tools=[meet]), [{"prompt": PROMPT}] * 2)
+    results = [t.env.messages[1]["content"] for t in trajectories]
+    assert results == ["ep0 met", "ep1 met"]
+    assert all(t.env.tool_failures == 0 and t.episode.end_reason is EndReason.ANSWER for t in trajectories)

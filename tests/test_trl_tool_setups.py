@@ -188,6 +188,8 @@ def test_a_tool_setup_trains_and_reward_functions_read_the_environments(make_tin
     assert isinstance(completion, list) and completion[0]["role"] == "assistant"
     assert seen["prompts"][0][-1]["content"].endswith("You may call double.")
     assert seen["kwargs"]["level"] == [1] * len(seen["environments"])
+    logs = next(h for h in trainer.state.log_history if "reward" in h)  # TRL's tool metrics
+    assert logs["tools/call_frequency"] >= 0 and 0 <= logs["tools/failure_frequency"] <= 1
 
 
 def test_a_template_without_tools_is_refused_before_the_model_loads(tokenizer, tmp_path):

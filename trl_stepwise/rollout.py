@@ -41,6 +41,7 @@ from trl_stepwise.chat_turns import ChatTurns
 from trl_stepwise.engines import (
     KEEP_SAMPLING,
     Continuation,
+    Deferred,
     GenerationEngine,
     GenerationOutput,
     GenerationRequest,
@@ -50,6 +51,7 @@ from trl_stepwise.engines import (
 )
 from trl_stepwise.engines.base import _KeepSampling
 from trl_stepwise.envs import Env, EnvSession, Episode, Segment
+from trl_stepwise.envs.chat_env import PendingToolMessages
 from trl_stepwise.prompting import PromptBuilder
 
 __all__ = ["RolloutStats", "SamplingConfig", "StepwiseRollout", "Trajectory"]
@@ -165,6 +167,10 @@ class StepwiseRollout:
         that picks each row's own (mixed runs).
         """
         envs = self._sessions(make_env, rows, group_ids)
+        if getattr(self.engine, "accepts_deferred", False):
+            for session in envs:
+                if hasattr(session.env, "defer_tool_calls"):
+                    session.env.defer_tool_calls = True
         plays, requests = [], []
         prefix_ids: dict[str, list[int]] = {}
         for index, session in enumerate(envs):
@@ -182,7 +188,7 @@ class StepwiseRollout:
             requests.append(GenerationRequest(index, prompt_ids, *self._limits(envs, play)))
             self.stats.prompt_tokens += len(prompt_ids)
 
-        def on_stop(output: GenerationOutput) -> Continuation | None | _KeepSampling:
+        def on_stop(output: GenerationOutput) -> Continuation | None | _KeepSampling | Deferred:
             play = plays[output.request_id]
             answer = self._consume(envs, play, output)
             if answer is KEEP_SAMPLING:
@@ -231,7 +237,7 @@ class StepwiseRollout:
     # ------------------------------------------------------------------ reading the engine's output
     def _consume(
         self, envs: list[EnvSession], play: _Play, output: GenerationOutput
-    ) -> Continuation | None | _KeepSampling:
+    ) -> Continuation | None | _KeepSampling | Deferred:
         """Read the tokens sampled since the request started (from ``play.read`` on); say how to go on.
 
         Returns None when the episode has ended, a ``Continuation`` when the request must be cut and restarted (a
@@ -286,7 +292,9 @@ class StepwiseRollout:
             return None
         return Continuation([], *self._limits(envs, play))
 
-    def _insert(self, envs: list[EnvSession], play: _Play, forced: list[int], keep: int) -> Continuation | None:
+    def _insert(
+        self, envs: list[EnvSession], play: _Play, forced: list[int], keep: int
+    ) -> Continuation | Deferred | None:
         """Append tool output as forced tokens; they count towards the step's token limit."""
         play.pending = None
         self._append_forced(play, forced)
@@ -302,11 +310,14 @@ class StepwiseRollout:
         self,
         envs: list[EnvSession],
         play: _Play,
-        reply: str | list[dict],
+        reply: str | list[dict] | PendingToolMessages,
         keep: int,
         forced_before: Sequence[int] = (),
-    ) -> Continuation:
-        """Append the environment's reply as forced tokens after the step just closed; the next step follows it."""
+    ) -> Continuation | Deferred:
+        """Append the environment's reply as forced tokens after the step just closed; the next step follows it.
+        Tool calls still running give a ``Deferred`` answer: the engine decodes the other episodes meanwhile."""
+        if isinstance(reply, PendingToolMessages):  # the calls run while the engine decodes other episodes
+            return Deferred(reply.future, lambda _: self._reply(envs, play, reply.messages(), keep, forced_before))
         ids = play.trajectory.completion_ids
         forced = self.chat_turns().reply_ids(reply) if isinstance(reply, list) else self._encode_after(ids, reply)
         start = len(ids)

@@ -8,6 +8,7 @@
 from trl_stepwise.engines.base import (
     KEEP_SAMPLING,
     Continuation,
+    Deferred,
     GenerationEngine,
     GenerationOutput,
     GenerationRequest,
@@ -21,6 +22,7 @@ from trl_stepwise.engines.transformers_engine import TransformersEngine
 __all__ = [
     "KEEP_SAMPLING",
     "Continuation",
+    "Deferred",
     "GenerationEngine",
     "GenerationOutput",
     "GenerationRequest",

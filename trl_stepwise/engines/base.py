@@ -9,13 +9,18 @@ once while the other sequences keep decoding.
 A streaming engine (``StopPolicy.STREAMING``, vLLM in process) also reports every request's tokens as they are sampled
 (``finish_reason`` None); the loop answers ``KEEP_SAMPLING`` to let it run on, or cuts it there (a ``Continuation``
 or None) and the engine aborts it. Such an engine needs no stop strings: the loop sees each token as it comes.
+
+The loop may also answer ``Deferred``: the answer waits on work that runs in the background (an episode's tool
+calls). The engine parks that sequence, goes on with the others, and asks for the answer (``resolve()``) once it is
+``ready()``; so the tool calls of many episodes run while the rest keep decoding, instead of one after another.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -83,7 +88,35 @@ class _KeepSampling:
 
 KEEP_SAMPLING = _KeepSampling()
 
-OnStop = Callable[[GenerationOutput], "Continuation | None | _KeepSampling"]
+
+class Deferred:
+    """An answer that waits on background work (``future``): ``resolve()`` turns its result into the answer, on the
+    engine's own thread, once ``ready()``."""
+
+    def __init__(self, future: Future, resolve: Callable[[object], Continuation | None]) -> None:
+        self.future = future
+        self._resolve = resolve
+
+    def ready(self) -> bool:
+        return self.future.done()
+
+    def resolve(self) -> Continuation | None:
+        """The answer (waits for the work if it is still running; its exception is raised here)."""
+        return self._resolve(self.future.result())
+
+    @staticmethod
+    def wait_any(deferred: Collection[Deferred], timeout: float | None = None) -> None:
+        """Block until one of ``deferred`` is ready (or ``timeout`` seconds pass)."""
+        if deferred:
+            wait([d.future for d in deferred], timeout=timeout, return_when=FIRST_COMPLETED)
+
+
+def answer_now(answer: Continuation | None | _KeepSampling | Deferred) -> Continuation | None | _KeepSampling:
+    """The answer itself, waiting for a ``Deferred`` one: for engines that serve one sequence at a time."""
+    return answer.resolve() if isinstance(answer, Deferred) else answer
+
+
+OnStop = Callable[[GenerationOutput], "Continuation | None | _KeepSampling | Deferred"]
 
 
 class StopPolicy(enum.Enum):
@@ -102,7 +135,8 @@ class StopPolicy(enum.Enum):
 
 @runtime_checkable
 class GenerationEngine(Protocol):
-    """A generator of token ids; ``stop_policy`` says where the rollout loop asks it to stop."""
+    """A generator of token ids; ``stop_policy`` says where the rollout loop asks it to stop. An engine that sets
+    ``accepts_deferred = True`` takes ``Deferred`` answers (the loop then runs tool calls in the background)."""
 
     stop_policy: StopPolicy
     stop_token_ids: set[int]

@@ -24,6 +24,7 @@ from trl_stepwise.engines.base import (
     OnStop,
     SamplingConfig,
     StopPolicy,
+    answer_now,
 )
 
 
@@ -31,6 +32,7 @@ class ReferenceEngine:
     """A streaming engine whose request ``i`` writes ``texts[i]`` and then an end-of-turn token."""
 
     stop_policy = StopPolicy.STREAMING
+    accepts_deferred = True  # answers may be ``Deferred`` (see engines.base)
 
     def __init__(self, tokenizer, texts: Mapping[int, str], stop_token_ids: Iterable[int]) -> None:
         self.tokenizer = tokenizer
@@ -61,11 +63,11 @@ class ReferenceEngine:
                     reason = "stop"
                     break
                 if len(out) < max_tokens:
-                    answer = on_stop(GenerationOutput(request_id, list(out), [0.0] * len(out), None))
+                    answer = answer_now(on_stop(GenerationOutput(request_id, list(out), [0.0] * len(out), None)))
                     if answer is not KEEP_SAMPLING:
                         break
             if answer is KEEP_SAMPLING:
-                answer = on_stop(GenerationOutput(request_id, list(out), [0.0] * len(out), reason))
+                answer = answer_now(on_stop(GenerationOutput(request_id, list(out), [0.0] * len(out), reason)))
             if answer is None or answer is KEEP_SAMPLING:
                 continue
             keep = len(out) if answer.keep is None else answer.keep

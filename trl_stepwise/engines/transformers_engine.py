@@ -19,6 +19,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_stepwise.engines.base import (
+    Continuation,
+    Deferred,
     GenerationOutput,
     GenerationRequest,
     OnStop,
@@ -41,12 +43,14 @@ class _Row:
     sampled: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     last_token: int = 0
+    parked: Deferred | None = None  # the loop's answer waits on background work: the row idles, unfed, until then
 
 
 class TransformersEngine:
     """Generate with the policy model itself; stops are cheap (each sequence keeps its cache between requests)."""
 
     stop_policy = StopPolicy.EVERY_STEP
+    accepts_deferred = True  # answers may be ``Deferred`` (see engines.base)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
@@ -94,7 +98,7 @@ class TransformersEngine:
         while True:
             tokens, logprobs = self._sample(logits, sampling)
             for b, row in enumerate(rows):
-                if finished[b]:
+                if finished[b] or row.parked is not None:
                     continue
                 if row.forced:
                     row.last_token = row.forced.pop(0)
@@ -105,6 +109,7 @@ class TransformersEngine:
                 reason = self._finish_reason(row)
                 if reason is not None and not self._continue(row, reason, on_stop):
                     finished[b] = True
+            self._unpark(rows, finished)
             alive = [b for b in range(len(rows)) if not finished[b]]
             if not alive:
                 break
@@ -114,10 +119,12 @@ class TransformersEngine:
                 mask, next_position = mask[index], next_position[index]
                 rows = [rows[b] for b in alive]
                 finished = [False] * len(rows)
-            feed = torch.tensor([[row.last_token] for row in rows], device=device)
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
+            # a parked row is fed a padding token that nothing attends to, at the position its next real token takes
+            fed = torch.tensor([[row.parked is None] for row in rows], dtype=mask.dtype, device=device)
+            feed = torch.tensor([[row.last_token if row.parked is None else pad] for row in rows], device=device)
+            mask = torch.cat([mask, fed], dim=1)
             logits = self._forward(feed, mask, next_position[:, None], cache)
-            next_position = next_position + 1
+            next_position = next_position + fed[:, 0]
 
     def _finish_reason(self, row: _Row) -> str | None:
         if row.last_token in self.stop_token_ids:
@@ -131,10 +138,31 @@ class TransformersEngine:
         return None
 
     @staticmethod
+    def _unpark(rows: list[_Row], finished: list[bool]) -> None:
+        """Take the answers that are ready (waiting for one when every live row is parked); their rows go on."""
+        parked = [b for b, row in enumerate(rows) if not finished[b] and row.parked is not None]
+        if parked and all(finished[b] or rows[b].parked is not None for b in range(len(rows))):
+            Deferred.wait_any([rows[b].parked for b in parked])  # type: ignore[misc]
+        for b in parked:
+            row = rows[b]
+            if row.parked is not None and row.parked.ready():
+                deferred, row.parked = row.parked, None
+                finished[b] = not TransformersEngine._apply(row, deferred.resolve())
+
+    @staticmethod
     def _continue(row: _Row, reason: str, on_stop: OnStop) -> bool:
-        """Report the finished request; take its continuation in place. Returns whether the row goes on."""
+        """Report the finished request; take its continuation in place (or park the row until the answer is ready).
+        Returns whether the row goes on."""
         output = GenerationOutput(row.request.request_id, row.sampled, row.logprobs, reason)
         continuation = on_stop(output)
+        if isinstance(continuation, Deferred):
+            row.parked = continuation
+            return True
+        return TransformersEngine._apply(row, continuation)
+
+    @staticmethod
+    def _apply(row: _Row, continuation: Continuation | None) -> bool:
+        """Restart the row with the continuation: its forced tokens first (the last sampled one is fed before them)."""
         if continuation is None:
             return False
         if continuation.keep is not None and continuation.keep != len(row.sampled):

@@ -21,6 +21,8 @@ import torch
 
 from trl_stepwise.engines.base import (
     KEEP_SAMPLING,
+    Continuation,
+    Deferred,
     GenerationOutput,
     GenerationRequest,
     MissingLogprobsError,
@@ -56,6 +58,7 @@ class VLLMEngine:
     """A colocated vLLM ``LLM``; ``generate`` runs requests with continuous batching, ``sync_weights`` reloads."""
 
     stop_policy = StopPolicy.STREAMING
+    accepts_deferred = True  # answers may be ``Deferred`` (see engines.base)
 
     def __init__(
         self,
@@ -116,9 +119,16 @@ class VLLMEngine:
         if self.sleep_mode:
             self.llm.wake_up()
         running: dict[str, _Running] = {}  # engine request id -> our request and what it sampled so far
+        parked: dict[Deferred, _Running] = {}  # sequences whose answer waits on background work (tool calls)
         for request in requests:
             self._add(engine, running, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
-        while engine.has_unfinished_requests():
+        while engine.has_unfinished_requests() or parked:
+            if not engine.has_unfinished_requests():
+                Deferred.wait_any(parked)  # nothing to decode meanwhile
+            for deferred in [d for d in parked if d.ready()]:
+                self._follow(engine, running, parked.pop(deferred), deferred.resolve(), sampling, on_stop)
+            if not engine.has_unfinished_requests():
+                continue
             for result in engine.step():
                 entry = running.get(result.request_id)
                 if entry is None:  # cut by the loop in an earlier step
@@ -136,14 +146,21 @@ class VLLMEngine:
                 del running[result.request_id]
                 if not result.finished:
                     engine.abort_request([result.request_id])
-                if answer is None:
-                    continue
-                keep = len(entry.token_ids) if answer.keep is None else answer.keep
-                context = entry.context + entry.token_ids[:keep] + list(answer.forced_ids)
-                follow_up = GenerationRequest(entry.request_id, context, answer.max_tokens, answer.stop_strings)
-                self._add(engine, running, entry.request_id, context, follow_up, sampling, on_stop)
+                if isinstance(answer, Deferred):
+                    parked[answer] = entry
+                else:
+                    self._follow(engine, running, entry, answer, sampling, on_stop)
         if self.sleep_mode:
             self.llm.sleep(level=1)
+
+    def _follow(self, engine, running, entry: _Running, answer: Continuation | None, sampling, on_stop) -> None:
+        """Start the loop's continuation of a cut sequence (None: the sequence is finished)."""
+        if answer is None:
+            return
+        keep = len(entry.token_ids) if answer.keep is None else answer.keep
+        context = entry.context + entry.token_ids[:keep] + list(answer.forced_ids)
+        follow_up = GenerationRequest(entry.request_id, context, answer.max_tokens, answer.stop_strings)
+        self._add(engine, running, entry.request_id, context, follow_up, sampling, on_stop)
 
     def _add(self, engine, running, request_id, context, request, sampling, on_stop) -> None:
         room = self.max_model_len - len(context)

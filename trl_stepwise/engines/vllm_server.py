@@ -16,6 +16,7 @@ import requests
 import torch
 
 from trl_stepwise.engines.base import (
+    Deferred,
     GenerationOutput,
     GenerationRequest,
     OnStop,
@@ -42,6 +43,7 @@ class VLLMServerEngine:
     """Generation on a vLLM server; ``sync_weights`` pushes the policy through TRL's client."""
 
     stop_policy = StopPolicy.ENVIRONMENT
+    accepts_deferred = True  # answers may be ``Deferred`` (see engines.base)
 
     def __init__(self, base_url: str, tokenizer: Any, *, timeout: float = 240.0, generation_config: Any = None):
         self.base_url = base_url.rstrip("/")
@@ -56,14 +58,22 @@ class VLLMServerEngine:
     def generate(self, requests_: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
         with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
             running: dict[Future, tuple[GenerationRequest, list[int], int]] = {}
+            parked: dict[Future, tuple[Deferred, GenerationRequest, list[int], int, GenerationOutput]] = {}
             for request in requests_:
                 running[pool.submit(self._complete, request, sampling, 0)] = (request, list(request.prompt_ids), 0)
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            while running or parked:
+                done, _ = wait([*running, *parked], return_when=FIRST_COMPLETED)
                 for future in done:
-                    request, context, part = running.pop(future)
-                    output = future.result()
-                    continuation = on_stop(output)
+                    if future in parked:  # background work (tool calls) the loop's answer waited on is done
+                        deferred, request, context, part, output = parked.pop(future)
+                        continuation = deferred.resolve()
+                    else:
+                        request, context, part = running.pop(future)
+                        output = future.result()
+                        continuation = on_stop(output)
+                    if isinstance(continuation, Deferred):
+                        parked[continuation.future] = (continuation, request, context, part, output)
+                        continue
                     if continuation is None:
                         continue
                     keep = len(output.token_ids) if continuation.keep is None else continuation.keep

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl_stepwise.envs.core import Env, StepResult
 from trl_stepwise.envs.tool_calls import ToolCall
-from trl_stepwise.envs.tool_runner import ToolRequest, ToolRunner, shared_runner
+from trl_stepwise.envs.tool_runner import ToolOutcome, ToolRequest, ToolRunner, shared_runner
 
-__all__ = ["AssistantTurn", "ToolChatEnv", "environment_tools", "is_trl_environment"]
+__all__ = ["AssistantTurn", "PendingToolMessages", "ToolChatEnv", "environment_tools", "is_trl_environment"]
 
 _RESERVED = ("reset", "get_reward")
 
@@ -60,6 +62,34 @@ class AssistantTurn:
         return message
 
 
+_background: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def _background_pool() -> ThreadPoolExecutor:
+    """Threads that wait on turns' tool calls (the calls themselves run on the tool runner)."""
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=256, thread_name_prefix="tool-turn")
+        return _background
+
+
+class PendingToolMessages:
+    """A turn's tool calls running in the background (``future``: their outcomes), so that the engine decodes other
+    episodes meanwhile; ``messages()`` (on the rollout loop's thread) waits for them and records their messages."""
+
+    def __init__(self, env: ToolChatEnv, calls: Sequence[ToolCall]) -> None:
+        self.env, self.calls = env, list(calls)
+        self.future: Future = _background_pool().submit(env.run_calls, self.calls)
+        self._messages: list[dict[str, Any]] | None = None
+
+    def messages(self) -> list[dict[str, Any]]:
+        if self._messages is None:
+            self._messages = self.env.tool_messages(self.calls, self.future.result())
+        return self._messages
+
+
 class ToolChatEnv(Env):
     """One episode of a tool-using chat: ``tools`` (plain or async callables) and/or a TRL environment instance.
 
@@ -69,6 +99,7 @@ class ToolChatEnv(Env):
     """
 
     chat = True  # the rollout loop renders the prompt from ``prompt_messages`` and reads each turn's tool calls
+    defer_tool_calls = False  # set by a rollout loop whose engine decodes other episodes while the calls run
     max_steps = 10**9  # a chat is bounded by its token budget and its tool-calling turns, not by lines
     required_columns = ("prompt",)
 
@@ -124,13 +155,19 @@ class ToolChatEnv(Env):
         limit = self.max_tool_calling_iterations
         if turn.tool_calls and (limit is None or self._turns_with_calls < limit):
             self._turns_with_calls += 1
+            if self.defer_tool_calls:
+                pending = PendingToolMessages(self, turn.tool_calls)
+                return pending, 0.0, False, False, {}  # type: ignore[return-value]  # resolved by the rollout loop
             replies = self.call_tools(turn.tool_calls)
-            self.messages.extend(replies)
             return replies, 0.0, False, False, {}  # type: ignore[return-value]  # messages: rendered by the template
         return self._finish()
 
     def call_tools(self, calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
         """Run the turn's calls (together) and return one ``tool`` message per call, errors included."""
+        return self.tool_messages(calls, self.run_calls(calls))
+
+    def run_calls(self, calls: Sequence[ToolCall]) -> list[ToolOutcome]:
+        """The outcomes of the turn's calls, run together (safe from any thread: it changes nothing here)."""
         tools = {getattr(fn, "__name__", str(fn)): fn for fn in self.tool_functions}
         requests = []
         for call in calls:
@@ -138,7 +175,10 @@ class ToolChatEnv(Env):
             if error is None and call.name not in tools:
                 error = f"unknown tool {call.name!r}; tools: {', '.join(tools) or 'none'}"
             requests.append(ToolRequest(tools.get(call.name), dict(call.arguments), call.name, error))
-        outcomes = (self.runner or shared_runner()).run(requests)
+        return (self.runner or shared_runner()).run(requests)
+
+    def tool_messages(self, calls: Sequence[ToolCall], outcomes: Sequence[ToolOutcome]) -> list[dict[str, Any]]:
+        """One ``tool`` message per call (its result, or ``{"error": ...}``), recorded in the episode's messages."""
         self.tool_calls += len(calls)
         messages = []
         for call, outcome in zip(calls, outcomes, strict=True):
@@ -147,6 +187,7 @@ class ToolChatEnv(Env):
             content = {"error": outcome.error} if outcome.error is not None else result
             content = content if isinstance(content, list) else str(content)
             messages.append({"role": "tool", "name": call.name or "unknown", "content": content})
+        self.messages.extend(messages)
         return messages
 
     def _finish(self) -> StepResult:

@@ -112,9 +112,18 @@ class TrainingMetrics:
         }
         for reason in (r.value for r in EndReason):
             local[f"end/{reason}"] = [float(end_reason(e) == reason) for e in sampled_episodes]
+        tool_envs = [t.env for t in sampled if hasattr(t.env, "tool_failures")]  # tool-calling chats, as TRL logs
+        if tool_envs:
+            local["tools/call_frequency"] = [float(env.tool_calls) for env in tool_envs]
+            # gathered beside the reward components, logged as failures per call (a ratio of sums, as TRL's)
+            components["tools/failures"] = [float(env.tool_failures) for env in tool_envs]
         parts = [(local, components)]
         if self.accelerator.num_processes > 1:
             parts = gather_object(parts)
+        if tool_envs:
+            calls = sum(v for part, _ in parts for v in part["tools/call_frequency"])
+            failures = sum(v for _, part in parts for v in part.pop("tools/failures"))
+            self.add("tools/failure_frequency", failures / calls if calls else 0.0)
         for key in local:
             values = [v for part, _ in parts for v in part[key]]
             self.add(key, sum(values) / max(len(values), 1))
