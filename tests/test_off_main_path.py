@@ -312,3 +312,32 @@ def test_resuming_a_reference_adapter_with_missing_keys_is_refused(tiny_model):
     partial = dict(list(state.items())[1:])
     with pytest.raises(ValueError, match=r"ckpt: its reference adapter does not match .*1 tensors missing"):
         load_reference_adapter(model, partial, "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- bf16 on a CPU
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bfloat16_trains_in_float32_and_says_so(monkeypatch, caplog, tmp_path, native):
+    """Emulated bfloat16 (a CPU with AVX2 only) made a training step ~20x slower than float32: the trainer falls back
+    to float32 there, in one warning line; a CPU with native bfloat16 keeps the autocast."""
+    from trl_stepwise.trainer import config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger=config_module.__name__):
+        args = make_config(tmp_path, use_cpu=True, bf16=True, rollout_bf16=True, use_vllm=False)
+    assert args.bf16 is native and args.rollout_bf16 is native
+    warned = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert (warned == []) if native else (len(warned) == 1 and "--bf16" in warned[0] and "\n" not in warned[0])
+
+
+# ---------------------------------------------------------------------------------------------- step timing
+def test_each_step_logs_its_own_optimisation_time(tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    """``time/optimisation_s`` of step N is step N's optimizer work (it was step N-1's, and 0 on the first step)."""
+    trainer = StepwiseReinforceTrainer(
+        model=tiny_model,
+        args=make_config(tmp_path, max_steps=2, logging_steps=1),
+        train_dataset=arithmetic_problems,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [h["time/optimisation_s"] for h in trainer.state.log_history if "time/optimisation_s" in h]
+    assert len(logged) == 2 and all(seconds > 0 for seconds in logged), logged

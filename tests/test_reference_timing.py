@@ -78,8 +78,11 @@ def test_soft_refresh_is_refused_with_peft(tiny_model, tokenizer, arithmetic_pro
         )
 
 
-def test_reference_kl_is_exactly_zero_at_step_zero_under_bf16(tiny_model, tokenizer, arithmetic_problems, tmp_path):
+def test_reference_kl_is_exactly_zero_at_step_zero_under_bf16(
+    tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch
+):
     # the policy's forward is autocast by accelerate; the reference (a copy made before prepare) must be too
+    monkeypatch.setattr("trl_stepwise.trainer.config.cpu_has_native_bf16", lambda: True)  # keep bf16 on any CPU
     trainer = make_trainer(
         tiny_model, tokenizer, arithmetic_problems, tmp_path, max_steps=1, bf16=True, num_iterations=2
     )

@@ -203,3 +203,16 @@ def test_segments_join_to_the_step_text_with_a_sentencepiece_tokenizer():
     assert "".join(s.text for s in step.segments) == step.text
     assert step.text.startswith("Ann has 4 and buys 5 so 4+5 = <<4+5=9>>9 pens in all")
     assert trajectory.episode.verdict.correct
+
+
+@pytest.mark.parametrize("stop_policy", [StopPolicy.ENVIRONMENT, StopPolicy.STREAMING, StopPolicy.EVERY_STEP])
+def test_the_episode_budget_is_a_hard_cap_like_max_completion_length(tokenizer, stop_policy):
+    """A step that would cross ``max_episode_tokens`` is cut at the budget (TRL's ``max_completion_length`` is a hard
+    cap), not allowed to finish its ``max_step_tokens``."""
+    builder = PromptBuilder(tokenizer, [EXAMPLE], k=1)
+    words = tokenizer(" one two three four five six seven eight nine ten" * 4, add_special_tokens=False)["input_ids"]
+    engine = ScriptedEngine(tokenizer, words, stop_policy=stop_policy)
+    rollout = StepwiseRollout(None, tokenizer, builder, SamplingConfig(max_step_tokens=16), engine=engine)
+    (trajectory,) = rollout.run(lambda: MathEnv("gsm8k", max_steps=10, max_episode_tokens=20), ROWS[:1])
+    assert trajectory.num_policy_tokens == 20 == trajectory.episode.num_tokens
+    assert trajectory.episode.end_reason.value == "token_budget"

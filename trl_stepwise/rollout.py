@@ -257,7 +257,7 @@ class StepwiseRollout:
                 self._append_forced(play, play.pending)  # yes: keep what follows, the result masked
                 play.read += len(play.pending)
                 play.pending = None
-                if self._step_length(play) < self.sampling.max_step_tokens:
+                if not self._step_full(envs, play):
                     continue
             else:
                 token = tokens[play.read]
@@ -275,7 +275,7 @@ class StepwiseRollout:
                             return self._insert(envs, play, forced, play.read)
                         play.pending = forced
                         continue
-                    if self._step_length(play) < self.sampling.max_step_tokens:
+                    if not self._step_full(envs, play):
                         continue
             done, reply = self._close_step(envs, play, eos)
             if done:
@@ -298,7 +298,7 @@ class StepwiseRollout:
         """Append tool output as forced tokens; they count towards the step's token limit."""
         play.pending = None
         self._append_forced(play, forced)
-        if self._step_length(play) >= self.sampling.max_step_tokens:
+        if self._step_full(envs, play):
             done, reply = self._close_step(envs, play, eos=False)
             if done:
                 return None
@@ -373,7 +373,7 @@ class StepwiseRollout:
         max_tokens = steps_left * step_limit - in_step
         budget = session.max_episode_tokens
         if budget is not None:
-            max_tokens = min(max_tokens, budget - episode.num_tokens - in_step + step_limit)
+            max_tokens = min(max_tokens, budget - episode.num_tokens - in_step)
         stops: list[str] = []
         if self.stop_policy is StopPolicy.EVERY_STEP:
             # also at the step's token limit: such an engine feeds every sampled token at once and cannot take back
@@ -385,6 +385,15 @@ class StepwiseRollout:
         return max(max_tokens, 1), tuple(stops)
 
     # ------------------------------------------------------------------ text of the current step
+    def _step_full(self, envs: list[EnvSession], play: _Play) -> bool:
+        """The step has reached its token limit, or the episode its token budget: a hard cap, as TRL's
+        ``max_completion_length`` (the step is cut there and the episode ends as truncated)."""
+        length = self._step_length(play)
+        session = envs[play.index]
+        budget = session.max_episode_tokens
+        full_budget = budget is not None and session.episode.num_tokens + length >= budget
+        return length >= self.sampling.max_step_tokens or full_budget
+
     def _step_length(self, play: _Play) -> int:
         return len(play.trajectory.completion_ids) - play.step_start
 

@@ -271,7 +271,6 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         """Play ``num_generations`` episodes per problem (more groups with ``dynamic_sampling``), score them and cut
         them into micro-batches."""
         started = time.perf_counter()
-        optimisation_seconds = started - self._last_rollout_end if self._last_rollout_end else 0.0
         rollout = self.rollout_engine()
         played = play_round(self, rollout, problems, round_number=0)
         if self.args.dynamic_sampling:
@@ -296,7 +295,6 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         self.metrics.add("rollout_tokens_per_second", rollout.stats.tokens_per_second)
         self.metrics.add("time/generation_s", generation_seconds)
         self.metrics.add("time/scoring_s", time.perf_counter() - started - generation_seconds)
-        self.metrics.add("time/optimisation_s", optimisation_seconds)
         if self.curriculum is not None:
             self._update_curriculum(played.sampled, played.sampled_rows)
         self._last_rollout_end = time.perf_counter()
@@ -451,6 +449,8 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.metrics.values and not any(key.startswith("eval_") for key in logs):
+            if self._last_rollout_end is not None:  # the step just finished: its optimizer work since its rollout
+                self.metrics.add("time/optimisation_s", time.perf_counter() - self._last_rollout_end)
             if self.curriculum is not None:
                 self.metrics.add("curriculum/stage", float(self.curriculum.stage))
             self.metrics.flush(
