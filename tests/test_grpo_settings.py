@@ -87,3 +87,32 @@ def test_disable_dropout_turns_the_policys_dropout_modules_off_as_trl_does(make_
     model.model.head_dropout = torch.nn.Dropout(0.3)
     policy, _ = build_policy(model, make_config(tmp_path, disable_dropout=disable), None)
     assert policy.model.head_dropout.p == (0.0 if disable else 0.3)
+
+
+def test_one_reward_function_may_be_passed_alone_as_in_trl(make_tiny_model, tokenizer, arithmetic_problems, tmp_path):
+    from tiny_training import length_reward
+
+    from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+    trainer = StepwiseReinforceTrainer(
+        model=make_tiny_model(),
+        args=make_config(tmp_path),
+        train_dataset=arithmetic_problems,
+        processing_class=tokenizer,
+        reward_funcs=length_reward,
+    )
+    assert trainer.reward_funcs == [length_reward]
+
+
+def test_a_reward_model_by_name_is_refused_in_one_line_before_the_model_loads(tokenizer, tmp_path):
+    from trl_stepwise.trainer import StepwiseReinforceTrainer
+
+    with pytest.raises(ValueError, match="reward_funcs") as error:
+        StepwiseReinforceTrainer(
+            model="no/such-model",  # never loaded: the refusal comes first
+            args=make_config(tmp_path),
+            train_dataset="arithmetic:level=1,n=8",
+            processing_class=tokenizer,
+            reward_funcs="some/reward-model",
+        )
+    assert "\n" not in str(error.value)

@@ -46,6 +46,19 @@ def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float | Non
     return [float(extract_final_answer(completion_text(c)) is not None) for c in completions]
 
 
+def as_reward_funcs(reward_funcs: Callable[..., Any] | Sequence[Callable[..., Any]] | None) -> list[Callable]:
+    """TRL's ``reward_funcs``: one function or a list of them; a reward model named by a string is refused in one
+    line (this trainer scores with functions)."""
+    funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs or [])
+    for func in funcs:
+        if not callable(func):
+            raise ValueError(
+                f"reward_funcs={func!r}: StepwiseReinforceTrainer takes reward functions (TRL's signature: "
+                "fn(prompts, completions, **columns) -> list[float]); load a reward model inside one instead."
+            )
+    return funcs
+
+
 def reward_name(func: Callable[..., Any]) -> str:
     """The key a reward function's score is logged under (its __name__, as in TRL)."""
     return getattr(func, "__name__", None) or type(func).__name__

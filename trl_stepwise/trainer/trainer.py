@@ -34,6 +34,7 @@ from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import EnvRouter, MathEnv
 from trl_stepwise.models import build_quantization_config, load_tokenizer, quantization_bits
 from trl_stepwise.quiet import quiet_run_logs
+from trl_stepwise.rewards import as_reward_funcs
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
 from trl_stepwise.trainer._trl import BaseTrainer
 from trl_stepwise.trainer.batching import micro_batches, score_completions, sequence_logps
@@ -88,7 +89,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         train_dataset: Dataset | str | None = None,
         eval_dataset: Dataset | str | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
-        reward_funcs: Sequence[Callable] | None = None,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
         peft_config: Any = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
@@ -103,6 +104,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
     ) -> None:
         args = args or StepwiseReinforceConfig(output_dir="outputs/stepwise-reinforce")
         check_engine_setup(args, peft_config, *quantization_bits(model, args.model_init_kwargs))  # before loading
+        reward_funcs = as_reward_funcs(reward_funcs)
         quiet_run_logs(args.third_party_logs)
         environments = TrainerEnvironments(args, env if env is not None else args.env_id, environment_factory, tools)
         env_few_shot, env_columns = environments.default_settings()
@@ -117,9 +119,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         train_dataset = as_problems(train_dataset, "train", env_columns) if train_dataset is not None else None
         eval_dataset = as_problems(eval_dataset, "test", env_columns) if eval_dataset is not None else None
         if train_dataset is None and curriculum is None:
-            raise ValueError(
-                "StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name like 'gsm8k')."
-            )
+            raise ValueError("StepwiseReinforceTrainer needs a train_dataset (a Dataset or a bundled name: 'gsm8k').")
         if train_dataset is None:
             train_dataset = curriculum.placeholder_dataset()
             few_shot_dataset = few_shot_dataset if few_shot_dataset is not None else curriculum.few_shot_rows()
@@ -135,7 +135,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         )
         check_accelerator(self.accelerator.state)
         use_compact_logs(self)
-        self.reward_funcs = list(reward_funcs or [])
+        self.reward_funcs = reward_funcs
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
         self.flavour = environments.flavour
         n_few_shot = env_few_shot if args.n_few_shot is None or environments.all_chat else args.n_few_shot
