@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import tool_tasks
 import torch
 
 ENGINES = ("transformers", "colocate", "server")
@@ -106,21 +107,8 @@ def uncovered_pairs(cells: list[Cell]) -> list[tuple]:
 
 
 # ---------------------------------------------------------------------------------------------- environments
-class DoublingTask:
-    """A TRL ``environment_factory`` environment, as TRL users write them: reset, a tool method, get_reward."""
-
-    def reset(self, **row):
-        self.calls = []
-        return " You may call double."
-
-    def double(self, x: int) -> int:
-        """Twice a number.
-
-        Args:
-            x: The number to double.
-        """
-        self.calls.append(x)
-        return 2 * x
+class DoublingTask(tool_tasks.DoublingTask):
+    """Rewarded for any call: a two-step cell's episodes should get some reward."""
 
     def get_reward(self) -> float:
         return float(bool(self.calls))

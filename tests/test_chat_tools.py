@@ -9,42 +9,13 @@ import threading
 import pytest
 from conftest import trl_chat_template
 from scripted_engine import ScriptedEngine
+from tool_tasks import DoublingTask, multiply
 
 from trl_stepwise.chat_turns import ChatTurns
 from trl_stepwise.engines import SamplingConfig, StopPolicy
 from trl_stepwise.envs import EndReason, ToolChatEnv
 from trl_stepwise.prompting import PromptBuilder
 from trl_stepwise.rollout import StepwiseRollout
-
-
-class DoublingTask:
-    """A TRL ``environment_factory`` environment, as TRL's documentation writes them."""
-
-    def reset(self, **kwargs):
-        self.calls = []
-        return " You may call double."
-
-    def double(self, x: int) -> int:
-        """Twice a number.
-
-        Args:
-            x: The number to double.
-        """
-        self.calls.append(x)
-        return 2 * x
-
-    def get_reward(self) -> float:
-        return float(self.calls == [21])
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiply two numbers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a * b
 
 
 def broken(text: str) -> str:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tool_tasks
 from datasets import Dataset
 from scripted_engine import ScriptedEngine
 from tiny_training import length_reward, make_config
@@ -20,24 +21,8 @@ from trl_stepwise.rollout import SamplingConfig, StepwiseRollout
 from trl_stepwise.trainer import StepwiseReinforceTrainer
 
 
-class DoublingTask:
-    """A TRL ``environment_factory`` environment, as TRL users write them: reset, a tool method, get_reward."""
-
-    def reset(self, **row):
-        self.calls = []
-        return "\n\nYou may call double."
-
-    def double(self, x: int) -> int:
-        """Twice a number.
-
-        Args:
-            x: The number to double.
-        """
-        self.calls.append(x)
-        return 2 * x
-
-    def get_reward(self) -> float:
-        return float(self.calls == [21])
+class DoublingTask(tool_tasks.DoublingTask):
+    observation = "\n\nYou may call double."
 
 
 def test_a_trl_environment_is_played_as_a_tool_calling_chat(tool_tokenizer):

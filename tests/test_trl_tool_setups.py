@@ -8,31 +8,12 @@ from conftest import trl_chat_template
 from datasets import Dataset
 from scripted_engine import ScriptedEngine
 from tiny_training import make_config
+from tool_tasks import DoublingTask, multiply
 
 from trl_stepwise.engines import SamplingConfig
 from trl_stepwise.models import load_tokenizer
 from trl_stepwise.rollout import StepwiseRollout
 from trl_stepwise.trainer import StepwiseReinforceTrainer
-
-
-class DoublingTask:
-    """A TRL ``environment_factory`` environment, as TRL's documentation writes them."""
-
-    def reset(self, **kwargs):
-        self.calls = []
-        return None if kwargs.get("quiet") else " You may call double."
-
-    def double(self, x: int) -> int:
-        """Twice a number.
-
-        Args:
-            x: The number to double.
-        """
-        self.calls.append(x)
-        return 2 * x
-
-    def get_reward(self) -> float:
-        return float(self.calls == [21])
 
 
 class Counter:
@@ -49,16 +30,6 @@ class Counter:
         """
         self.value += by
         return self.value
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiply two numbers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a * b
 
 
 def fresh_tool_tokenizer():
