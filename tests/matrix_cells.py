@@ -272,6 +272,12 @@ def run_cell(cell: Cell, output_dir: Path, server_url: str | None = None) -> dic
     }
 
 
+def _trl_template(name: str) -> str:
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text()
+
+
 def main() -> None:
     """``matrix_cells.py CELL[,CELL...] OUT_DIR``: play each cell in turn in this process group (one launch for all,
     so the start-up is paid once), writing ``OUT_DIR/CELL/rank{N}.json``."""
@@ -284,9 +290,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _trl_template(name: str) -> str:
-    from importlib.resources import files
-
-    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text()
