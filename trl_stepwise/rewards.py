@@ -9,11 +9,11 @@ arrives as a list aligned with `completions`, so the same functions work in TRL 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from trl_stepwise._awaitables import resolved
 from trl_stepwise.grading import extract_final_answer, grade_solution
 
 RewardFunc = Callable[..., Sequence[float | None]]
@@ -126,12 +126,7 @@ def combine_rewards(
 def _call(func: Callable[..., Any], **kwargs: Any) -> Any:
     """Call ``func`` with the keyword arguments it accepts (all of them when it takes ``**kwargs``); an async
     function (TRL accepts them) is run to its result."""
-    result = _call_sync(func, **kwargs)
-    return asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+    return resolved(_call_sync(func, **kwargs))
 
 
 def _call_sync(func: Callable[..., Any], **kwargs: Any) -> Any:

@@ -15,7 +15,6 @@ arguments, a tool that raises or hangs) come back to the model as the tool's err
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from trl_stepwise._awaitables import resolved
 from trl_stepwise.envs.core import Env, StepResult
 from trl_stepwise.envs.tool_calls import ToolCall
 from trl_stepwise.envs.tool_runner import ToolOutcome, ToolRequest, ToolRunner, shared_runner
@@ -195,8 +195,7 @@ class ToolChatEnv(Env):
         get_reward = getattr(self.env, "get_reward", None)
         if not callable(get_reward):
             return "", 0.0, True, False, {**info, "final_reward": 0.0, "reward_components": {}}
-        reward = get_reward()
-        reward = float(asyncio.run(reward) if inspect.isawaitable(reward) else reward)
+        reward = float(resolved(get_reward()))
         info["correct"] = reward > 0
         components = {type(self.env).__name__: reward}
         return "", reward, True, False, {**info, "final_reward": reward, "reward_components": components}

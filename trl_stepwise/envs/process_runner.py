@@ -3,9 +3,7 @@ the timeout with everything it started, and only plain data accepted back."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import inspect
 import io
 import multiprocessing
 import os
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from trl_stepwise._awaitables import resolved
 from trl_stepwise.envs.tool_arguments import MAX_ERROR_CHARS, ToolOutcome, ToolRequest, describe_error, prepare_call
 from trl_stepwise.envs.tool_runner import ToolRunner, timeout_outcome
 
@@ -90,19 +89,13 @@ def _child_setup(parent_pid: int, memory_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # hard too: the tool cannot raise it back
 
 
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
-
-
 def _child_main(
     conn: Connection, fn: Callable[..., Any], kwargs: dict[str, Any], memory_mb: int | None, parent_pid: int
 ) -> None:
     """Run one call and send back pickled ``(result, error, error_type)``."""
     _child_setup(parent_pid, memory_mb)
     try:
-        result = fn(**kwargs)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_awaited(result))
+        result = resolved(fn(**kwargs))
         try:
             data = pickle.dumps((result, None, None), protocol=pickle.HIGHEST_PROTOCOL)
             if len(data) > _MAX_RESULT_BYTES:

@@ -151,8 +151,7 @@ class TrainerEnvironments:
 def _makes_trl_environments(factory: EnvFactory) -> bool:
     """Whether ``factory`` builds TRL environments (probed on one instance, as TRL probes it)."""
     env = factory()
-    try:
-        return is_trl_environment(env)
-    finally:
-        if not is_trl_environment(env):
-            getattr(env, "close", lambda: None)()
+    trl = is_trl_environment(env)
+    if not trl:  # a probed gym environment is closed; a TRL one has nothing to close
+        getattr(env, "close", lambda: None)()
+    return trl

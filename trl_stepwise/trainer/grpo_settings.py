@@ -97,22 +97,20 @@ GRPOSettings.__doc__ = "GRPOConfig's settings under TRL's names (see the module 
 GRPOSettings.__module__ = __name__
 
 
-def trl_default(name: str) -> Any:
-    """GRPOConfig's default for ``name``."""
-    for f in dataclasses.fields(GRPOConfig):
-        if f.name == name:
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    raise KeyError(name)
+_TRL_DEFAULTS = {  # GRPOConfig's default of each setting, as its GRPOSettings field carries it
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for f in dataclasses.fields(GRPOSettings)
+}
 
 
 def resolve_grpo_settings(config: Any) -> None:
     """Apply the honoured settings to ``config`` and refuse the unimplemented ones set away from TRL's default
     (``ValueError``, one line naming the flag, the value and the fix)."""
     for name in REFUSED:
-        if hasattr(config, name) and getattr(config, name) != trl_default(name):
+        if name in _TRL_DEFAULTS and getattr(config, name) != _TRL_DEFAULTS[name]:
             raise ValueError(
                 f"--{name} {getattr(config, name)!r}: StepwiseReinforceTrainer does not implement this GRPOConfig "
-                f"setting; drop it (TRL's default, {trl_default(name)!r}, is what this trainer does)."
+                f"setting; drop it (TRL's default, {_TRL_DEFAULTS[name]!r}, is what this trainer does)."
             )
     per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
     if config.steps_per_generation not in (None, config.gradient_accumulation_steps):
