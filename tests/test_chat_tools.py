@@ -211,3 +211,13 @@ def test_the_tool_calls_of_different_episodes_run_at_the_same_time(tool_tokenize
     results = [t.env.messages[1]["content"] for t in trajectories]
     assert results == ["ep0 met", "ep1 met"]
     assert all(t.env.tool_failures == 0 and t.episode.end_reason is EndReason.ANSWER for t in trajectories)
+
+
+def test_an_async_get_reward_is_awaited(tool_tokenizer):
+    class AsyncDoublingTask(DoublingTask):
+        async def get_reward(self) -> float:
+            return float(self.calls == [21])
+
+    trajectory = play(tool_tokenizer, lambda: ToolChatEnv(AsyncDoublingTask()), [call_text("double", {"x": 21}), "42"])
+    assert trajectory.episode.final_reward == 1.0
+    assert trajectory.episode.reward_components == {"AsyncDoublingTask": 1.0}
