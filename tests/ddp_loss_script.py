@@ -1,9 +1,16 @@
-"""Helper of ``tests/test_global_normalisation.py``: train 2 steps on fixed episodes, one process or several.
+"""Helper of ``test_global_normalisation.py`` and ``test_sharded_training.py``: 2 steps on fixed episodes, one process
+or several.
 
-``python ddp_loss_script.py OUT MODEL EPISODES`` (one process) or the same under ``accelerate launch --multi_gpu
---num_processes 2``: every process replays its share of the pickled episodes (whole groups) instead of generating,
-so one and two processes see exactly the same batch. Rank 0 writes OUT/result-{world_size}.pt with the gradients
-before each optimizer step and the logged metrics.
+``python ddp_loss_script.py OUT MODEL EPISODES [ddp|fsdp2|fsdp2-peft]`` (one process) or the same under
+``accelerate launch --multi_gpu --num_processes 2``: every process replays its share of the pickled episodes (whole
+groups) instead of generating, so one and two processes see exactly the same batch. Rank 0 writes
+OUT/result-{world_size}-{mode}.pt with the whole gradients before each optimizer step, the logged metrics, the weights
+pushed to an engine after training and the weights gathered from the model.
+
+``fsdp2`` (``fsdp2-peft``: with a LoRA adapter): in several processes the model is sharded at load time with
+torch's ``fully_shard`` (transformers' ``distributed_config``) and generation is left to an engine on gathered
+weights; the run then also trains 4 steps with a checkpoint at every step and resumes from the second, recording
+both runs' final weights and logs.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_stepwise.data import load_math_dataset
@@ -37,6 +45,23 @@ class ReplayEngine:
         return self.trajectories
 
 
+class RecordingEngine:
+    """Stands in for an engine on gathered weights: keeps what the trainer pushes."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def sync_weights(self, named_parameters) -> None:
+        self.weights = {name: tensor.detach().clone() for name, tensor in named_parameters}
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (every process calls this in the same order), other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 class GradientRecorder(TrainerCallback):
     def __init__(self, trainer) -> None:
         self.trainer = trainer
@@ -44,16 +69,14 @@ class GradientRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        self.gradients.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads = {n: whole(p.grad.detach()).clone() for n, p in model.named_parameters() if p.grad is not None}
+        self.gradients.append(grads)
 
 
-def main() -> None:
-    output_dir, model_dir, episodes_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    episodes = pickle.loads(episodes_file.read_bytes())
+def build(output_dir: Path, model_dir: str, episodes: list, mode: str, **overrides) -> StepwiseReinforceTrainer:
     probe = make_config(output_dir)  # the world size is known once the arguments exist
     world = probe.world_size
-    args = make_config(
-        output_dir,
+    settings = dict(
         max_steps=2,
         num_iterations=2,  # step 2 reuses the batch: the policy has moved, so KL and clipping are non-zero
         per_device_train_batch_size=NUM_EPISODES // world,
@@ -67,25 +90,72 @@ def main() -> None:
         learning_rate=0.5,
         log_rollouts=False,
     )
+    if mode.startswith("fsdp2"):
+        from transformers.distributed import DistributedConfig
+
+        settings.update(use_vllm=True)  # generation on gathered weights (replayed here)
+        if world > 1:
+            settings.update(model_init_kwargs={"distributed_config": DistributedConfig(fsdp_size=world)})
     trainer = StepwiseReinforceTrainer(
         model=model_dir,
-        args=args,
+        args=make_config(output_dir, **{**settings, **overrides}),
         train_dataset=load_math_dataset("arithmetic:level=1,n=32"),
         processing_class=load_tokenizer(model_dir),
         reward_funcs=[length_reward],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if "peft" in mode else None,
     )
     rank = trainer.accelerator.process_index
     share = NUM_EPISODES // world
     mine = episodes[rank * share : (rank + 1) * share]
     trainer.rollout_engine = lambda sampling=None: ReplayEngine(mine)
+    return trainer
+
+
+def gathered_state(trainer: StepwiseReinforceTrainer) -> dict[str, torch.Tensor]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {name: whole(tensor).clone() for name, tensor in model.state_dict().items()}
+
+
+def pushed_weights(trainer: StepwiseReinforceTrainer) -> dict[str, torch.Tensor]:
+    engine = RecordingEngine()
+    trainer._engine, trainer._engine_step = engine, None
+    trainer.generation_engine()
+    return engine.weights
+
+
+def main() -> None:
+    output_dir, model_dir, episodes_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+    episodes = pickle.loads(episodes_file.read_bytes())
+    trainer = build(output_dir / f"run-{mode}", model_dir, episodes, mode)
     recorder = GradientRecorder(trainer)
     trainer.add_callback(recorder)
     trainer.train()
-    if rank == 0:
-        torch.save(
-            {"gradients": recorder.gradients, "log_history": trainer.state.log_history, "world_size": world},
-            output_dir / f"result-{world}.pt",
+    result = {
+        "gradients": recorder.gradients,
+        "log_history": trainer.state.log_history,
+        "world_size": trainer.accelerator.num_processes,
+        "sharded": trainer.sharded,
+        "pushed": pushed_weights(trainer),
+        "gathered": gathered_state(trainer),
+    }
+    if (
+        mode.startswith("fsdp2") and trainer.accelerator.num_processes > 1
+    ):  # checkpoints every step; a run resumed from the second ends where the straight run does
+        resume = dict(max_steps=4, num_iterations=1, ref_sync_steps=2, save_strategy="steps", save_steps=1)
+        resume.update(optim="adamw_torch", learning_rate=1e-2)  # an optimizer with state to save and restore
+        straight = build(output_dir / "straight", model_dir, episodes, mode, **resume)
+        straight.train()
+        resumed = build(output_dir / "resumed", model_dir, episodes, mode, **resume)
+        resumed.train(resume_from_checkpoint=str(output_dir / "straight" / "checkpoint-2"))
+        result.update(
+            straight=gathered_state(straight),
+            straight_logs=straight.state.log_history,
+            resumed=gathered_state(resumed),
+            resumed_logs=resumed.state.log_history,
         )
+    if trainer.accelerator.process_index == 0:
+        torch.save(result, output_dir / f"result-{result['world_size']}-{mode}.pt")
 
 
 if __name__ == "__main__":

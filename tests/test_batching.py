@@ -201,6 +201,35 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_one_call_scoring_of_a_sharded_model_gives_the_bucketed_values_and_gradients(make_tiny_model, monkeypatch):
+    """Under sharding a batch is scored in one forward call (every process must make the same calls): no prefix pass,
+    no buckets, the same numbers."""
+    from trl_stepwise.trainer import batching
+
+    model = make_tiny_model().train()
+    batch = ragged_batch(model.config.vocab_size)
+    weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(5))
+    mask = batch["completion_mask"]
+    monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+
+    def scored(one_call: bool):
+        calls.clear()
+        model.zero_grad()
+        scores = batching.score_completions(model, batch, temperature=0.7, with_entropy=True, one_call=one_call)
+        (scores.logps * weights * mask).sum().backward()
+        return scores, [p.grad.clone() for p in model.parameters()], len(calls)
+
+    bucketed, bucketed_grads, bucketed_calls = scored(False)
+    single, single_grads, single_calls = scored(True)
+    assert single_calls == 1 and bucketed_calls > 2
+    for name in ("logps", "entropy"):
+        assert torch.allclose(getattr(single, name)[mask], getattr(bucketed, name)[mask], atol=1e-5), name
+    for a, b in zip(single_grads, bucketed_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_only_the_first_length_bucket_goes_through_the_ddp_wrapper(make_tiny_model, gloo_world, monkeypatch):
     from trl_stepwise.trainer import batching
 

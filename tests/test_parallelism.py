@@ -1,4 +1,5 @@
-"""ZeRO-3 and FSDP are refused at start with a message naming the set-up and what to use instead."""
+"""Sharded set-ups: FSDP2 and ZeRO-3 run with an engine on gathered weights; with the transformers engine, FSDP1, and
+a full-weight ZeRO-3 reference they are refused at start in one line naming the set-up and the fix."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 from tiny_training import make_config
 
-from trl_stepwise.trainer.parallelism import check_accelerator, sharded_setup
+from trl_stepwise.trainer.parallelism import (
+    check_accelerator,
+    check_launch,
+    check_sharded_model,
+    check_sharded_reference,
+    sharded_setup,
+)
+from trl_stepwise.trainer.sharding import agreed_count, is_sharded, masked_out, shards_on_prepare
 
 FSDP2_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+FSDP1_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
 ZERO3_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
@@ -18,22 +28,47 @@ ZERO3_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_S
     ("launch", "named"),
     [(FSDP2_LAUNCH, r"FSDP \(fsdp_version 2, e\.g\. accelerate_configs/fsdp2\.yaml\)"), (ZERO3_LAUNCH, "ZeRO-3")],
 )
-def test_sharded_launch_is_refused_when_the_config_is_parsed(tmp_path, monkeypatch, launch, named):
+def test_sharded_launch_with_the_transformers_engine_is_refused_when_the_config_is_parsed(
+    tmp_path, monkeypatch, launch, named
+):
     for key, value in launch.items():  # what `accelerate launch --config_file accelerate_configs/<x>.yaml` exports
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=named) as error:
-        make_config(tmp_path)
-    assert "multi_gpu.yaml (DDP)" in str(error.value) and "deepspeed_zero2.yaml" in str(error.value)
+        make_config(tmp_path, use_vllm=False)
+    assert "--use_vllm true" in str(error.value) and "\n" not in str(error.value)
+    check_launch(launch, use_vllm=True)  # an engine on gathered weights: accepted
 
 
-def test_zero2_ddp_and_single_process_are_accepted(tmp_path):
+def test_fsdp2_launch_with_vllm_parses(tmp_path, monkeypatch):
+    for key, value in FSDP2_LAUNCH.items():
+        monkeypatch.setenv(key, value)
+    assert make_config(tmp_path, use_vllm=True).use_vllm
+
+
+def test_fsdp1_is_refused_with_every_engine(tmp_path, monkeypatch):
+    for key, value in FSDP1_LAUNCH.items():
+        monkeypatch.setenv(key, value)
+    for use_vllm in (True, False):
+        with pytest.raises(ValueError, match=r"fsdp_version 1.*use fsdp_version 2 \(accelerate_configs/fsdp2\.yaml\)"):
+            make_config(tmp_path, use_vllm=use_vllm)
+
+
+def test_a_model_sharded_at_load_time_needs_an_engine_on_gathered_weights(tmp_path):
+    kwargs = {"distributed_config": object()}
+    with pytest.raises(ValueError, match="model_init_kwargs distributed_config.*--use_vllm true"):
+        make_config(tmp_path, use_vllm=False, model_init_kwargs=kwargs)
+    check_launch({}, use_vllm=True, model_init_kwargs=kwargs)
+
+
+def test_zero2_ddp_and_single_process_are_not_sharded(tmp_path):
     zero2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
     assert sharded_setup(zero2) is None
     assert sharded_setup({"ACCELERATE_USE_FSDP": "false"}) is None
     assert sharded_setup({}) is None
+    check_launch(zero2, use_vllm=False)
 
 
-def test_zero3_in_a_deepspeed_json_or_dict_is_refused(tmp_path):
+def test_zero3_in_a_deepspeed_json_or_dict_is_recognised(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert "ZeRO-3" in sharded_setup({}, deepspeed=str(path))
@@ -43,10 +78,43 @@ def test_zero3_in_a_deepspeed_json_or_dict_is_refused(tmp_path):
     assert "FSDP" in sharded_setup({}, fsdp="full_shard")
 
 
-def test_accelerator_state_with_fsdp_or_zero3_is_refused():
-    with pytest.raises(ValueError, match=r"FSDP \(fsdp_version 2\).*multi_gpu\.yaml"):
-        check_accelerator(SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2), deepspeed_plugin=None))
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        check_accelerator(SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    check_accelerator(SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
-    check_accelerator(SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
+def test_accelerator_state_is_checked_too():
+    fsdp2 = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2), deepspeed_plugin=None)
+    zero3 = SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    with pytest.raises(ValueError, match=r"FSDP \(fsdp_version 2\).*--use_vllm true"):
+        check_accelerator(fsdp2, use_vllm=False)
+    with pytest.raises(ValueError, match="ZeRO-3.*--use_vllm true"):
+        check_accelerator(zero3, use_vllm=False)
+    with pytest.raises(ValueError, match="fsdp_version 1"):
+        check_accelerator(SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1), deepspeed_plugin=None), True)
+    check_accelerator(fsdp2, use_vllm=True)
+    check_accelerator(zero3, use_vllm=True)
+    check_accelerator(SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)), False)
+    assert shards_on_prepare(fsdp2) and shards_on_prepare(zero3)
+    assert not shards_on_prepare(SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+
+
+def test_a_sharded_model_with_the_transformers_engine_is_refused(tiny_model):
+    assert not is_sharded(tiny_model)
+    next(tiny_model.parameters()).ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    assert is_sharded(tiny_model)
+    with pytest.raises(ValueError, match="A sharded model.*--use_vllm true"):
+        check_sharded_model(True, use_vllm=False)
+    check_sharded_model(True, use_vllm=True)
+
+
+def test_full_weight_zero3_with_a_kl_term_is_refused_before_loading():
+    with pytest.raises(ValueError, match="kl_coef=0.05 with full weights under DeepSpeed ZeRO-3.*fsdp2.yaml"):
+        check_sharded_reference(ZERO3_LAUNCH, None, peft_config=None, kl_coef=0.05)
+    check_sharded_reference(ZERO3_LAUNCH, None, peft_config=object(), kl_coef=0.05)  # the base is the reference
+    check_sharded_reference(ZERO3_LAUNCH, None, peft_config=None, kl_coef=0.0)
+    check_sharded_reference(FSDP2_LAUNCH, None, peft_config=None, kl_coef=0.05)  # FSDP2 builds a sharded copy
+
+
+def test_process_agreement_and_padding_micro_batches():
+    assert agreed_count(3, num_processes=1) == 3
+    batch = {"completion_mask": torch.ones(2, 3, dtype=torch.bool), "sampled_mask": torch.ones(2, 3, dtype=torch.bool)}
+    batch["input_ids"] = torch.arange(6).reshape(2, 3)
+    padding = masked_out(batch)
+    assert not padding["completion_mask"].any() and not padding["sampled_mask"].any()
+    assert padding["input_ids"] is batch["input_ids"] and batch["completion_mask"].all()  # the original untouched

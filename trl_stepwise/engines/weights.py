@@ -70,10 +70,11 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Iterator[tuple[str, torch
     With peft they equal ``merge_and_unload().state_dict()`` for the pushed adapters (the active ones, less the
     trainer's frozen reference): each adapted layer is merged by peft on a copy of that layer, a ``modules_to_save``
     module is sent as its trained copy under the original name. A set-up that cannot be folded raises a one-line
-    ``ValueError`` before the first tensor.
+    ``ValueError`` before the first tensor. A sharded model (FSDP2 / tensor-parallel DTensors) sends each tensor
+    gathered whole, one at a time: every process must walk the pairs in step, as each gathering is a collective.
     """
     if not hasattr(model, "get_base_model"):
-        yield iter(model.state_dict().items())
+        yield ((name, _full(tensor)) for name, tensor in model.state_dict().items())
         return
     units, adapters = _checked(model)
     with torch.no_grad():
@@ -129,7 +130,7 @@ def _merged_weights(
     for key, tensor in base.state_dict().items():
         unit = _unit_of(key, units)
         if unit is None:
-            yield key, tensor
+            yield key, _full(tensor)
             continue
         if unit in done:
             continue
@@ -140,7 +141,7 @@ def _merged_weights(
                 first_tied = merged["weight"]
             elif not torch.equal(first_tied, merged["weight"]):
                 raise ValueError(_tied_refusal(tied, "the trained input and output embeddings differ"))
-        yield from ((f"{unit}.{name}", value) for name, value in merged.items())
+        yield from ((f"{unit}.{name}", _full(value)) for name, value in merged.items())
 
 
 def _merged_state(name: str, unit: torch.nn.Module, adapters: list[str]) -> dict[str, torch.Tensor]:
@@ -169,14 +170,31 @@ def _merged_state(name: str, unit: torch.nn.Module, adapters: list[str]) -> dict
 
 def _layer_copy(unit: torch.nn.Module) -> torch.nn.Module:
     """A copy of one peft layer to merge into: its base layer's tensors are cloned, the adapters' are shared (a merge
-    only reads them), so a push copies one base weight at a time and never the adapters or the reference."""
+    only reads them), so a push copies one base weight at a time and never the adapters or the reference. Sharded
+    tensors (FSDP2 DTensors) enter the copy gathered whole; the live layer keeps its shards."""
     cloned = {id(tensor) for tensor in _base_layer(unit).state_dict(keep_vars=True).values()}
     memo: dict[int, Any] = {}
     for module in unit.modules():
         for tensor in _tensors(vars(module)):
-            if id(tensor) not in cloned:
+            if _is_shard(tensor) and id(tensor) not in memo:
+                whole = _full(tensor).detach()
+                memo[id(tensor)] = (
+                    torch.nn.Parameter(whole, False) if isinstance(tensor, torch.nn.Parameter) else whole
+                )
+            elif id(tensor) not in cloned:
                 memo[id(tensor)] = tensor
     return copy.deepcopy(unit, memo)
+
+
+def _is_shard(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard, gathered from every process (which all call this in the same order)."""
+    return tensor.full_tensor() if _is_shard(tensor) else tensor
 
 
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
+from trl_stepwise.trainer.sharding import agreed_count, padding_call
 
 FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
 
@@ -138,6 +139,7 @@ def score_completions(
     prefix_model: torch.nn.Module | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    one_call: bool = False,
 ) -> CompletionScores:
     """Log-probabilities of the completion tokens; optionally the entropy and the log-probs of the truncated
     distribution the engine samples from (``top_k`` / ``top_p``; without them it is ``logps``).
@@ -146,7 +148,8 @@ def score_completions(
     (``length_buckets``): episodes that end after 10 tokens no longer pay for the one that ran 130. Only the first
     bucket goes through ``model``; the shared prefix and the other buckets through ``prefix_model`` (default
     ``model``): pass the unwrapped model when ``model`` is a DDP wrapper, which allows one wrapped forward call per
-    backward.
+    backward. ``one_call``: a single forward call, the prefix in every row (a sharded model: every process must make
+    the same calls).
     """
     width = int(batch["completion_width"])
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -154,13 +157,16 @@ def score_completions(
     prefix = batch.get("prefix_ids")
     has_prefix = prefix is not None and prefix.shape[1] > 0
     prefix_cache = None
-    if has_prefix and not _checkpointing(model):
+    if has_prefix and not one_call and not _checkpointing(model):
         prefix_cache = _encode_prefix(inner, prefix)
     scale = 1.0 / temperature if temperature > 0 else 1.0
     filtered = top_k > 0 or top_p < 1.0
     parts: list[CompletionScores] = []
     order: list[int] = []
-    for number, bucket in enumerate(length_buckets(attention_mask, width, device_type=input_ids.device.type)):
+    buckets = (
+        [list(range(input_ids.shape[0]))] if one_call else length_buckets(attention_mask, width, input_ids.device.type)
+    )
+    for number, bucket in enumerate(buckets):
         ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
         rows = ids.shape[0]
         cache = None
@@ -401,16 +407,24 @@ def sequence_logps(
     top_p: float = 1.0,
     filtered: bool = False,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    sharded_over: int = 0,
 ) -> list[list[float]] | tuple[list[list[float]], list[list[float]]]:
     """Log-probs of every completion token, in chunks of at most ``max_tokens`` padded tokens; with ``filtered``, a
     pair: also those under the engine's sampling filter (``top_k`` / ``top_p``), the quantity its log-probs are
-    compared with. ``autocast``: the trainer's mixed precision (frozen models sit outside ``accelerator.prepare``)."""
+    compared with. ``autocast``: the trainer's mixed precision (frozen models sit outside ``accelerator.prepare``).
+    ``sharded_over``: the process count of a sharded ``model`` (0: not sharded): every process makes as many calls as
+    the process with the most chunks, one call per chunk."""
     was_training = model.training
     model.eval()
     plain: list[list[float]] = []
     under_filter: list[list[float]] = []
+    chunks = chunks_by_tokens(trajectories, max_tokens)
     try:
-        for chunk in chunks_by_tokens(trajectories, max_tokens):
+        if sharded_over:
+            for _ in range(agreed_count(len(chunks), sharded_over) - len(chunks)):
+                with autocast():
+                    padding_call(model, pad_id)
+        for chunk in chunks:
             batch = pad_trajectories(chunk, pad_id=pad_id, device=model.device)
             with autocast():
                 scores = score_completions(
@@ -419,6 +433,7 @@ def sequence_logps(
                     temperature=temperature,
                     top_k=top_k if filtered else 0,
                     top_p=top_p if filtered else 1.0,
+                    one_call=bool(sharded_over),
                 )
             lengths = [len(t.completion_ids) for t in chunk]
             plain.extend(row[:n] for row, n in zip(scores.logps.tolist(), lengths, strict=True))

@@ -40,13 +40,15 @@ def build_policy(
         from trl.trainer.utils import disable_dropout_in_model
 
         disable_dropout_in_model(model)
-    model = attach_peft(model, peft_config)
+    model = attach_peft(model, peft_config, seed=args.seed)
     warn_on_16bit_training(model, args.learning_rate)
     return model, name
 
 
-def attach_peft(model: PreTrainedModel, peft_config: Any) -> PreTrainedModel:
-    """The model with ``peft_config``'s adapters (a quantized base prepared for k-bit training first)."""
+def attach_peft(model: PreTrainedModel, peft_config: Any, seed: int = 0) -> PreTrainedModel:
+    """The model with ``peft_config``'s adapters (a quantized base prepared for k-bit training first), initialised
+    from ``seed`` alone: the same adapter whatever loading the base drew from the random stream (a base sharded at
+    load time draws differently), on every process count."""
     quantized = is_quantized(model)
     if peft_config is None:
         if quantized and not is_peft_model(model):
@@ -60,7 +62,9 @@ def attach_peft(model: PreTrainedModel, peft_config: Any) -> PreTrainedModel:
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_layers_differentiable(model)
-    return get_peft_model(model, peft_config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config)
 
 
 def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:

@@ -254,7 +254,10 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
     )
 
     def __post_init__(self) -> None:
-        check_launch(os.environ, self.deepspeed, self.fsdp)  # ZeRO-3 / FSDP: refused before any model loads
+        # FSDP1, and FSDP2 / ZeRO-3 without an engine on gathered weights: refused before any model loads
+        check_launch(
+            os.environ, self.deepspeed, self.fsdp, use_vllm=self.use_vllm, model_init_kwargs=self.model_init_kwargs
+        )
         self.kl_coef = _alias(self.kl_coef, "kl_coef", self.beta, "beta", 0.05)
         self.ref_sync_steps = _alias(
             self.ref_sync_steps, "ref_sync_steps", self.ref_model_sync_steps, "ref_model_sync_steps", 0

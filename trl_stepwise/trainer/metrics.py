@@ -34,6 +34,15 @@ class TrainingMetrics:
         """One value of ``name`` (TRL's ``log_metric`` for reward functions lands here too)."""
         self.values[name].append(float(value))
 
+    def add_guidance(self, counts: list[tuple[int, int]]) -> None:
+        """``reference_guidance``: how many worked solutions replaced an episode of an all-failed group, and how many
+        of them were correct, over every round and process."""
+        if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
+            counts = [c for part in gather_object([counts]) for c in part]
+        guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
+        self.add("guidance/reference_episodes", float(guided))
+        self.add("guidance/reference_correct", correct / guided if guided else 0.0)
+
     @torch.no_grad()
     def add_loss_metrics(
         self,

@@ -1,10 +1,10 @@
-"""Which distributed set-ups the trainer can run, and a clear refusal of those it cannot.
+"""Which distributed set-ups the trainer runs, and a one-line refusal of those it cannot, before any model loads.
 
-Rollout, scoring and evaluation call the policy a data-dependent number of times on each process (episodes end at
-different steps). Under ZeRO-3 or FSDP every forward call is a collective that gathers sharded parameters, so the
-processes fall out of step and hang; and the reference refresh would copy partitioned parameters. Data parallelism
-(DDP) and ZeRO-2 keep whole weights on every process and work. These set-ups stay refused until generation moves to an
-engine that runs on gathered weights.
+DDP and ZeRO-2 keep whole weights on every process. FSDP2 and ZeRO-3 shard them: every forward call of the policy
+is then a collective, so every process must call it the same number of times. With a vLLM engine the sharded model
+only scores and trains, which ``sharding.py`` keeps in step, and the engine receives gathered weights. The
+transformers engine generates with the sharded model itself, a data-dependent number of calls per process, so it
+stays refused there, as does FSDP1 (its wrapper, not parameters, owns the shards).
 """
 
 from __future__ import annotations
@@ -15,17 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-USE_INSTEAD = (
-    "use accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml (ZeRO-2), with LoRA or "
-    "QLoRA (--use_peft) if the full weights do not fit one device"
-)
-
-
-def _why(setup: str) -> str:
-    return (
-        f"{setup} is not supported by StepwiseReinforceTrainer: rollout, scoring and evaluation call the sharded "
-        f"model a different number of times on each process, which hangs parameter gathering; {USE_INSTEAD}."
-    )
+ENGINE_FIX = "add --use_vllm true (generation then runs on gathered weights)"
+FSDP1_FIX = "use fsdp_version 2 (accelerate_configs/fsdp2.yaml)"
 
 
 def _zero_stage(config: Any) -> int | None:
@@ -41,9 +32,12 @@ def _zero_stage(config: Any) -> int | None:
     return None
 
 
-def sharded_setup(environ: Mapping[str, str], deepspeed: Any = None, fsdp: Any = None) -> str | None:
-    """A description of the ZeRO-3 / FSDP set-up asked for by ``accelerate launch`` (its environment variables) or
-    by the training arguments (``deepspeed``, ``fsdp``), or None when there is none."""
+def sharded_setup(
+    environ: Mapping[str, str], deepspeed: Any = None, fsdp: Any = None, model_init_kwargs: Any = None
+) -> str | None:
+    """A description of the sharded set-up asked for by ``accelerate launch`` (its environment variables), by the
+    training arguments (``deepspeed``, ``fsdp``) or by ``model_init_kwargs["distributed_config"]`` (transformers'
+    own sharding at load time), or None when there is none."""
     if str(environ.get("ACCELERATE_USE_FSDP", "")).lower() in ("1", "true") or fsdp:
         version = environ.get("FSDP_VERSION", "1")
         return f"FSDP (fsdp_version {version}, e.g. accelerate_configs/fsdp2.yaml)"
@@ -55,21 +49,63 @@ def sharded_setup(environ: Mapping[str, str], deepspeed: Any = None, fsdp: Any =
         stage = _zero_stage(deepspeed)
     if stage == 3:
         return "DeepSpeed ZeRO-3 (e.g. accelerate_configs/deepspeed_zero3.yaml)"
+    if isinstance(model_init_kwargs, Mapping) and model_init_kwargs.get("distributed_config") is not None:
+        return "a model sharded at load time (model_init_kwargs distributed_config)"
     return None
 
 
-def check_launch(environ: Mapping[str, str], deepspeed: Any = None, fsdp: Any = None) -> None:
-    """Refuse ZeRO-3 and FSDP before any model loads (called while the config is parsed)."""
-    setup = sharded_setup(environ, deepspeed, fsdp)
-    if setup is not None:
-        raise ValueError(_why(setup))
+def check_launch(
+    environ: Mapping[str, str],
+    deepspeed: Any = None,
+    fsdp: Any = None,
+    *,
+    use_vllm: bool = True,
+    model_init_kwargs: Any = None,
+) -> None:
+    """Refuse, while the config is parsed, FSDP1 and any sharded set-up without an engine on gathered weights."""
+    setup = sharded_setup(environ, deepspeed, fsdp, model_init_kwargs)
+    if setup is None:
+        return
+    if setup.startswith("FSDP (fsdp_version 1"):
+        raise ValueError(f"{setup} is not supported by StepwiseReinforceTrainer: {FSDP1_FIX}.")
+    if not use_vllm:
+        raise ValueError(_engine_refusal(setup))
 
 
-def check_accelerator(state: Any) -> None:
-    """Refuse ZeRO-3 and FSDP from the accelerator's own state (catches set-ups made without ``accelerate launch``)."""
-    if getattr(state, "fsdp_plugin", None) is not None:
-        version = getattr(state.fsdp_plugin, "fsdp_version", 1)
-        raise ValueError(_why(f"FSDP (fsdp_version {version})"))
-    plugin = getattr(state, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        raise ValueError(_why("DeepSpeed ZeRO-3"))
+def check_accelerator(state: Any, use_vllm: bool) -> None:
+    """The same from the accelerator's own state (catches set-ups made without ``accelerate launch``)."""
+    fsdp = getattr(state, "fsdp_plugin", None)
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
+        raise ValueError(f"FSDP (fsdp_version 1) is not supported by StepwiseReinforceTrainer: {FSDP1_FIX}.")
+    if use_vllm:
+        return
+    if fsdp is not None:
+        raise ValueError(_engine_refusal("FSDP (fsdp_version 2)"))
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
+        raise ValueError(_engine_refusal("DeepSpeed ZeRO-3"))
+
+
+def check_sharded_model(sharded: bool, use_vllm: bool) -> None:
+    """Refuse a model passed already sharded (DTensor or ZeRO-3 parameters) to the transformers engine."""
+    if sharded and not use_vllm:
+        raise ValueError(_engine_refusal("A sharded model (FSDP2 / tensor-parallel / ZeRO-3 parameters)"))
+
+
+def check_sharded_reference(environ: Mapping[str, str], deepspeed: Any, peft_config: Any, kl_coef: float) -> None:
+    """ZeRO-3 with full weights and a KL term would need a sharded reference copy, built for FSDP2 only."""
+    setup = sharded_setup(environ, deepspeed)
+    if setup is not None and "ZeRO-3" in setup and peft_config is None and kl_coef > 0:
+        raise ValueError(
+            f"kl_coef={kl_coef} with full weights under {setup} needs a sharded reference copy, which is built for "
+            "FSDP2 only; use accelerate_configs/fsdp2.yaml, --use_peft (the reference is the adapter-free base), "
+            "or --kl_coef 0 (TRL's beta=0 default)."
+        )
+
+
+def _engine_refusal(setup: str) -> str:
+    return (
+        f"{setup} with --use_vllm false is not supported by StepwiseReinforceTrainer: the transformers engine "
+        f"generates with the sharded model, a different number of calls on each process, which hangs parameter "
+        f"gathering; {ENGINE_FIX}, or use accelerate_configs/multi_gpu.yaml (DDP) / deepspeed_zero2.yaml."
+    )

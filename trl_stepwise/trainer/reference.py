@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 
 from trl_stepwise.models import REFERENCE_ADAPTER
+from trl_stepwise.trainer.sharded_state import load_tensors, save_tensors
+from trl_stepwise.trainer.sharding import is_sharded, sharded_copy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,11 +95,14 @@ class ReferencePolicy:
     """The KL reference of a policy, owned in one place: created at start, refreshed every ``ref_sync_steps``,
     scored against, saved into checkpoints and restored on resume.
 
-    Full weights: a frozen copy of the model. PEFT: the model with its adapter disabled (the base) until the first
+    Full weights: a frozen copy of the model (under FSDP2 a copy sharded like it, made once the policy is sharded).
+    PEFT: the model with its adapter disabled (the base) until the first
     refresh, then a frozen second adapter (adapter-sized, no second copy of the base). ``kl_coef == 0``: nothing.
     """
 
-    def __init__(self, model: Any, *, kl_coef: float, sync_steps: int, mixup_alpha: float) -> None:
+    def __init__(
+        self, model: Any, *, kl_coef: float, sync_steps: int, mixup_alpha: float, sharded: bool = False
+    ) -> None:
         from peft import PeftModel
 
         self.enabled = kl_coef > 0
@@ -119,14 +124,19 @@ class ReferencePolicy:
         self.has_adapter = False  # peft: the reference lives in its own adapter (else: the adapter-disabled base)
         self.policy_adapter = policy_adapter(model) if self.is_peft else None
         self.last_sync = 0  # global step of the last refresh
-        if self.enabled and not self.is_peft:
+        # a sharded policy's copy is sharded like it; accelerate shards the policy later, in prepare
+        self.copy_when_sharded = self.enabled and not self.is_peft and sharded
+        if self.enabled and not self.is_peft and not sharded:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        elif self.copy_when_sharded and is_sharded(model):
+            self.model = sharded_copy(model)
         elif self.enabled and needs_initial_snapshot(model, self.policy_adapter):
             copy_policy_to_reference(model, self.policy_adapter)  # PiSSA/OLoRA: the base alone is not it
             self.has_adapter = True
 
     def score(self, policy: Any, logps: Callable[[Any], T]) -> T:
         """``logps(model)`` run on the reference: the frozen copy, the reference adapter or the adapter-less base."""
+        self._copy_sharded(policy)
         if self.model is not None:
             return logps(self.model)
         if self.has_adapter:
@@ -138,6 +148,12 @@ class ReferencePolicy:
         with policy.disable_adapter():
             return logps(policy)
 
+    def _copy_sharded(self, policy: Any) -> None:
+        """Make the sharded copy once the policy is sharded (its weights are still the initial ones then: the first
+        rollout is scored before the first update, a resume restores the saved reference right after)."""
+        if self.copy_when_sharded and self.model is None:
+            self.model = sharded_copy(policy)
+
     def due(self, step: int) -> bool:
         """After the optimizer step of every ``ref_sync_steps``-th step (TRL's ``SyncRefModelCallback`` timing)."""
         steps = self.sync_steps
@@ -147,6 +163,7 @@ class ReferencePolicy:
     def refresh(self, policy: Any, step: int | None = None) -> None:
         """Move the reference to the policy: a copy, or with ``ref_model_mixup_alpha`` < 1 the soft update
         ``ref = alpha * policy + (1 - alpha) * ref`` (full weights only)."""
+        self._copy_sharded(policy)
         if self.model is not None:
             if self.mixup_alpha >= 1.0:
                 self.model.load_state_dict(policy.state_dict())
@@ -163,28 +180,41 @@ class ReferencePolicy:
         """What a checkpoint records besides the weights (``save``)."""
         return {"ref_syncs": self.last_sync, "has_ref_adapter": self.has_adapter}
 
-    def save(self, policy: Any, output_dir: Path) -> None:
-        """The reference weights (the full copy or the reference adapter), atomically; nothing when it is the base."""
+    def tensors(self, policy: Any) -> dict[str, torch.Tensor] | None:
+        """The reference weights: the full copy's or the reference adapter's; None when it is the base."""
         if self.model is not None:
-            tensors = self.model.state_dict()
-        elif self.has_adapter:
-            tensors = {k: v for k, v in policy.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
-        else:
-            return
-        atomic_torch_save(tensors, Path(output_dir) / REFERENCE_FILE)
+            return self.model.state_dict()
+        if self.has_adapter:
+            return {k: v for k, v in policy.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
+        return None
+
+    def save(self, policy: Any, output_dir: Path, sharded: bool = False) -> None:
+        """The reference weights, atomically (main process); ``sharded``: every process writes its shards."""
+        tensors = self.tensors(policy)
+        if tensors is not None and sharded:
+            save_tensors(tensors, output_dir)
+        elif tensors is not None:
+            atomic_torch_save(tensors, Path(output_dir) / REFERENCE_FILE)
 
     def restore(self, policy: Any, checkpoint: str | Path, state: dict[str, Any]) -> None:
         """Undo ``save`` and ``state`` on resume; a reference adapter must match this run's peft settings."""
         self.last_sync = state.get("ref_syncs", 0)
-        path = Path(checkpoint) / REFERENCE_FILE
-        if not path.is_file():
-            return
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-        if self.model is not None:
-            self.model.load_state_dict(tensors)
-        elif state.get("has_ref_adapter"):
+        self._copy_sharded(policy)
+        if self.model is None and state.get("has_ref_adapter"):
             add_reference_adapter(policy, self.policy_adapter)
             self.has_adapter = True
+        expected = self.tensors(policy)
+        if expected is None:
+            return
+        tensors = load_tensors(expected, checkpoint)  # every process its shards, when saved sharded
+        if tensors is None:
+            path = Path(checkpoint) / REFERENCE_FILE
+            if not path.is_file():
+                return
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if self.model is not None:
+            self.model.load_state_dict(tensors)
+        else:
             load_reference_adapter(policy, tensors, checkpoint)
 
 

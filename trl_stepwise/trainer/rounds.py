@@ -1,10 +1,14 @@
 """One round of a training step: play every problem's group of episodes, then score them as far as the batch needs
-before advantages (worked solutions in all-failed groups, reward functions, the judge)."""
+before advantages (worked solutions in all-failed groups, reward functions, the judge); and what the curriculum
+learns from a step's rounds."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from accelerate.utils import gather_object
+
+from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum
 from trl_stepwise.guidance import guide_failed_groups
 from trl_stepwise.rollout import StepwiseRollout
 from trl_stepwise.trainer.dynamic_sampling import PlayedGroups
@@ -41,3 +45,14 @@ def play_round(trainer: Any, rollout: StepwiseRollout, problems: list[dict], rou
         for name, value in judge_metrics.items():
             trainer.metrics.add(name, value)
     return PlayedGroups(trajectories, rows, group_ids, judged, dict(extra), sampled, list(rows), guidance)
+
+
+def promote_curriculum(curriculum: Curriculum, played: PlayedGroups, num_processes: int) -> bool:
+    """Every process promotes at the same step, from the accuracy of all processes' own episodes (not the reference
+    solutions guidance played in); True when the stage went up."""
+    accuracies = [float(t.episode.correct) for t in played.sampled]
+    stages = [row.get(STAGE_COLUMN) for row in played.sampled_rows]
+    if num_processes > 1:
+        accuracies = [a for part in gather_object([accuracies]) for a in part]
+        stages = [s for part in gather_object([stages]) for s in part]
+    return curriculum.update(accuracies, stages)

@@ -15,11 +15,18 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from trl_stepwise.trainer.checkpoints import publish_checkpoint, remove_stale_staging, staging_dir
 from trl_stepwise.trainer.hub import ROLLOUT_FILES, uploads_ignoring
+from trl_stepwise.trainer.sharded_state import (
+    has_model,
+    load_model,
+    load_optimizer,
+    save_model_and_optimizer,
+    sharded_at_load,
+)
 
 STATE_FILE = "stepwise_state.json"
 
@@ -58,6 +65,18 @@ class CheckpointMixin:
         staging = getattr(self, "_staging_run_dir", None)
         return staging if staging is not None else super()._get_output_dir(trial)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As transformers saves; a PEFT policy on a base sharded at load time also on the other processes, since
+        peft gathers the sharded tensors while it saves (transformers saves it from the main process alone)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if sharded_at_load(model) and is_peft_model(model) and not self.args.should_save:
+            adapters = [self.reference.policy_adapter] if self.reference.has_adapter else None
+            model.save_pretrained(
+                output_dir or self.args.output_dir, is_main_process=False, selected_adapters=adapters
+            )
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the model as transformers does, but a PEFT policy without the frozen reference adapter."""
         model = self.accelerator.unwrap_model(self.model)
@@ -84,6 +103,9 @@ class CheckpointMixin:
     def _save_rng_state(self, output_dir: str) -> None:
         """Save the trainer's own state next to the RNG state (before trainer_state.json, the completion marker)."""
         super()._save_rng_state(output_dir)
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.sharded:  # every process writes its shards of the reference
+            self.reference.save(policy, Path(output_dir), sharded=True)
         if not self.args.should_save:
             return
         state = {
@@ -95,12 +117,33 @@ class CheckpointMixin:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)
-        self.reference.save(self.accelerator.unwrap_model(self.model), Path(output_dir))
+        if not self.sharded:
+            self.reference.save(policy, Path(output_dir))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """A model sharded at load time: every process writes its weight and optimizer shards (``sharded_state``)."""
+        if not sharded_at_load(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_model_and_optimizer(self.model, self.optimizer, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """A model sharded at load time reads its own weight shards back (the consolidated files do not fit it)."""
+        target = model if model is not None else self.model
+        if sharded_at_load(target) and has_model(resume_from_checkpoint):
+            load_model(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Also restore the trainer's own state. transformers calls this on every resume and backend, after the
         weights are loaded; ``_load_from_checkpoint`` is skipped under DeepSpeed and FSDP."""
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and sharded_at_load(self.model) and has_model(checkpoint):
+            load_optimizer(self.model, self.optimizer, checkpoint)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not (Path(checkpoint) / STATE_FILE).is_file():
             return
         state = json.loads((Path(checkpoint) / STATE_FILE).read_text())

@@ -5,9 +5,11 @@ The engine must sample the policy being trained; a combination where it cannot i
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
+from trl_stepwise.trainer.parallelism import check_sharded_reference
 
 
 def check_engine_setup(
@@ -15,7 +17,8 @@ def check_engine_setup(
 ) -> None:
     """Raise ``ValueError`` (one line: the flag, the value, the fix) when the engine could not sample the policy:
     a quantized base or an adapter that cannot be folded into the weights vLLM loads, or a vLLM server that cannot
-    take weight updates."""
+    take weight updates; a full-weight ZeRO-3 policy with a KL term (no sharded reference for it)."""
+    check_sharded_reference(os.environ, args.deepspeed, peft_config, args.kl_coef)
     if not args.use_vllm:
         return
     from trl_stepwise.engines.weights import check_servable_peft

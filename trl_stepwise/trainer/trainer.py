@@ -20,13 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from trl_stepwise.algorithms import Algorithm, BehaviourLogps, build_algorithm
-from trl_stepwise.curriculum import STAGE_COLUMN, Curriculum
+from trl_stepwise.curriculum import Curriculum
 from trl_stepwise.engines import GenerationEngine, TransformersEngine
 from trl_stepwise.engines.base import derive_seed
 from trl_stepwise.engines.factory import build_engine
@@ -51,10 +50,10 @@ from trl_stepwise.trainer.dynamic_sampling import ExtraProblems, PlayedGroups, f
 from trl_stepwise.trainer.environments import TrainerEnvironments
 from trl_stepwise.trainer.evaluation import EVAL_SUMMARY_KEYS, evaluate_policy, named_eval_set
 from trl_stepwise.trainer.metrics import TrainingMetrics, append_rollouts
-from trl_stepwise.trainer.parallelism import check_accelerator
+from trl_stepwise.trainer.parallelism import check_accelerator, check_sharded_model
 from trl_stepwise.trainer.progress import show_reward_on_progress_bar, use_compact_logs
 from trl_stepwise.trainer.reference import ReferencePolicy
-from trl_stepwise.trainer.rounds import play_round
+from trl_stepwise.trainer.rounds import play_round, promote_curriculum
 from trl_stepwise.trainer.sampler_guard import SamplerGuard
 from trl_stepwise.trainer.saving import CheckpointMixin
 from trl_stepwise.trainer.scoring import (
@@ -64,6 +63,8 @@ from trl_stepwise.trainer.scoring import (
     token_advantages,
 )
 from trl_stepwise.trainer.setup import check_engine_setup
+from trl_stepwise.trainer.sharded_state import resumable
+from trl_stepwise.trainer.sharding import agreed_count, is_sharded, masked_out, shards_on_prepare
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +124,21 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         if train_dataset is None:
             train_dataset = curriculum.placeholder_dataset()
             few_shot_dataset = few_shot_dataset if few_shot_dataset is not None else curriculum.few_shot_rows()
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=_identity,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        check_accelerator(self.accelerator.state)
+        with resumable(model, args):  # a model sharded at load time: its shards are checkpointed here
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=_identity,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        check_accelerator(self.accelerator.state, args.use_vllm)
+        # FSDP2 / ZeRO-3: every process makes the same model calls (sharding.py); now or once prepare shards it
+        self.sharded = is_sharded(self.model) or shards_on_prepare(self.accelerator.state)
+        check_sharded_model(self.sharded, args.use_vllm)
         use_compact_logs(self)
         self.reward_funcs = reward_funcs
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
@@ -147,6 +152,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             kl_coef=args.kl_coef,
             sync_steps=args.ref_sync_steps,
             mixup_alpha=args.ref_model_mixup_alpha,
+            sharded=self.sharded,
         )
         self.environments = environments
         environments.check_datasets(train_dataset, eval_dataset)
@@ -289,14 +295,15 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             for name, value in stats.metrics().items():
                 self.metrics.add(name, value)
         if self.args.reference_guidance:
-            self._log_guidance(played.guidance)
+            self.metrics.add_guidance(played.guidance)
         generation_seconds = time.perf_counter() - started
         batches = self._score(played, num_micro_batches)
         self.metrics.add("rollout_tokens_per_second", rollout.stats.tokens_per_second)
         self.metrics.add("time/generation_s", generation_seconds)
         self.metrics.add("time/scoring_s", time.perf_counter() - started - generation_seconds)
         if self.curriculum is not None:
-            self._update_curriculum(played.sampled, played.sampled_rows)
+            if promote_curriculum(self.curriculum, played, self.accelerator.num_processes):
+                self.metrics.add("curriculum/promoted", 1.0)
         self._last_rollout_end = time.perf_counter()
         return batches
 
@@ -331,6 +338,10 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             old_sampling_logps=policy_sampling_logps,
             out_of_loss=out_of_loss,
         )
+        if self.sharded:  # every process trains on as many micro-batches as the one with the most
+            batches += [masked_out(batches[-1])] * (
+                agreed_count(len(batches), self.accelerator.num_processes) - len(batches)
+            )
         for batch in batches:
             batch.update(num_tokens=num_tokens, num_sequences=num_sequences, num_micro_batches=len(batches))
         self.metrics.record_rollout(
@@ -371,26 +382,8 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             top_p=self.args.top_p,
             filtered=filtered,
             autocast=self.accelerator.autocast,  # the reference and teacher sit outside accelerator.prepare
+            sharded_over=self.accelerator.num_processes if is_sharded(model) else 0,
         )
-
-    def _log_guidance(self, counts: list[tuple[int, int]]) -> None:
-        """``reference_guidance``: how many worked solutions replaced an episode of an all-failed group, and how many
-        of them were correct, over every round and process."""
-        if self.accelerator.num_processes > 1:  # every process guides its own groups: log the totals
-            counts = [c for part in gather_object([counts]) for c in part]
-        guided, correct = sum(n for n, _ in counts), sum(c for _, c in counts)
-        self.metrics.add("guidance/reference_episodes", float(guided))
-        self.metrics.add("guidance/reference_correct", correct / guided if guided else 0.0)
-
-    def _update_curriculum(self, sampled: list[Trajectory], rows: list[dict]) -> None:
-        """Every process promotes at the same step, from the accuracy of all processes' own episodes."""
-        accuracies = [float(t.episode.correct) for t in sampled]
-        stages = [row.get(STAGE_COLUMN) for row in rows]
-        if self.accelerator.num_processes > 1:
-            accuracies = [a for part in gather_object([accuracies]) for a in part]
-            stages = [s for part in gather_object([stages]) for s in part]
-        if self.curriculum.update(accuracies, stages):
-            self.metrics.add("curriculum/promoted", 1.0)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -403,6 +396,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             prefix_model=self.accelerator.unwrap_model(model),
             top_k=args.top_k,
             top_p=args.top_p,
+            one_call=self.sharded,
         )
         logps, mask = scores.logps, inputs["completion_mask"]
         old = inputs.get("old_logps")
