@@ -23,7 +23,10 @@ Each row builds a randomly initialised model (Llama-3.2-1B's shape on a GPU: not
 
 Rows: ``full_fp32`` (float32 weights), ``full_bf16`` (float32 master weights, bfloat16 autocast: ``--bf16``),
 ``lora_bf16`` (bfloat16 base, LoRA adapters, autocast), ``qlora_4bit`` (NF4 base loaded by ``models.load_model``,
-LoRA, bfloat16 compute; it also checks that vLLM + 4-bit is refused, reported as the row ``vllm_qlora``), and
+LoRA, bfloat16 compute; it also checks that vLLM + 4-bit is refused, reported as the row ``vllm_qlora``),
+``fsdp2_full`` (float32 weights sharded by FSDP2 on one device, generation by a plain copy the gathered weights are
+pushed into before every rollout, the sharded reference copy and a checkpoint's shards read back: ``fsdp2_row.py``),
+and
 ``vllm_lora`` (LoRA policy, weights pushed into colocated vLLM before every rollout, generation by vLLM, and a last
 push + rollout after the final step, which must match the trainer again while the engine's stale weights did not).
 A row whose library is missing is reported as ``skipped: ...``, never a crash; rows not started within ``--budget_s``
@@ -99,9 +102,10 @@ if str(ROOT / "benchmarks") not in sys.path:  # its sibling modules, also when l
 
 DEFAULT_WHEELS = ROOT / "build" / "gpu_wheels"
 GIB = 1024**3
-from shapes import LLAMA_3_2_1B  # noqa: E402 (after the path set-up above)
+from fsdp2_row import row_fsdp2  # noqa: E402 (after the path set-up above)
+from shapes import LLAMA_3_2_1B  # noqa: E402
 
-ROWS = ("full_fp32", "full_bf16", "lora_bf16", "qlora_4bit", "vllm_lora")
+ROWS = ("full_fp32", "full_bf16", "lora_bf16", "qlora_4bit", "fsdp2_full", "vllm_lora")
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": LLAMA_3_2_1B,
     "tiny": {  # head size 32: vLLM's CPU attention has no kernel for smaller ones
@@ -381,6 +385,8 @@ def train_step(ctx: Context, model, optimizer, algorithm, samples: list[Sampled]
     """Score, loss, backward and AdamW step as ``compute_loss`` + the optimizer do; returns (gap, loss, seconds)."""
     import torch
 
+    from trl_stepwise.trainer.sharding import is_sharded
+
     batch = ctx.batching.pad_trajectories(
         samples,
         pad_id=PAD_ID,
@@ -392,7 +398,9 @@ def train_step(ctx: Context, model, optimizer, algorithm, samples: list[Sampled]
     started = time.perf_counter()
     model.train()
     with autocast(ctx.device, bf16):
-        scores = ctx.batching.score_completions(model, batch, temperature=1.0, with_entropy=True, prefix_model=model)
+        scores = ctx.batching.score_completions(
+            model, batch, temperature=1.0, with_entropy=True, prefix_model=model, one_call=is_sharded(model)
+        )
     logps = scores.logps
     gap = sampler_gap(scores.sampling_logps, batch)
     mask = batch["completion_mask"]
@@ -713,6 +721,16 @@ def run_row(ctx: Context, name: str, deadline: float) -> list[Row]:
             row_lora(ctx, row)
         elif name == "qlora_4bit":
             row_qlora(ctx, row, extra)
+        elif name == "fsdp2_full":
+            row_fsdp2(
+                ctx,
+                row,
+                random_model=random_model,
+                train_loop=train_loop,
+                tolerance=TOLERANCE["float32"],
+                learning_rate=LEARNING_RATES["full"],
+                check_failed=CheckFailed,
+            )
         elif name == "vllm_lora":
             row_vllm(ctx, row)
         else:

@@ -1,20 +1,20 @@
-"""Helper of ``test_global_normalisation.py`` and ``test_sharded_training.py``: 2 steps on fixed episodes, one process
-or several.
+"""Helper of ``tests/test_global_normalisation.py``: 2 steps on fixed episodes, one process or several.
 
-``python ddp_loss_script.py OUT MODEL EPISODES [ddp|fsdp2|fsdp2-peft]`` (one process) or the same under
-``accelerate launch --multi_gpu --num_processes 2``: every process replays its share of the pickled episodes (whole
-groups) instead of generating, so one and two processes see exactly the same batch. Rank 0 writes
-OUT/result-{world_size}-{mode}.pt with the whole gradients before each optimizer step, the logged metrics, the weights
-pushed to an engine after training and the weights gathered from the model.
+``python ddp_loss_script.py OUT MODEL EPISODES [MODE[,MODE...]]`` in one process, or the same under ``accelerate
+launch --multi_gpu --num_processes 2``: every process replays its share of the pickled episodes (whole groups) instead
+of generating, so one and two processes see exactly the same batch. Each mode is one run in the same processes; rank 0
+writes OUT/result-{world_size}-{mode}.pt with the whole gradients before each optimizer step, the logged metrics, the
+weights pushed to an engine after training and the weights gathered from the model.
 
-``fsdp2`` (``fsdp2-peft``: with a LoRA adapter): in several processes the model is sharded at load time with
-torch's ``fully_shard`` (transformers' ``distributed_config``) and generation is left to an engine on gathered
-weights; the run then also trains 4 steps with a checkpoint at every step and resumes from the second, recording
-both runs' final weights and logs.
+Modes: ``ddp`` (whole weights on every process), ``fsdp2`` and ``fsdp2-peft`` (a LoRA adapter): in several processes
+the model is sharded at load time with torch's ``fully_shard`` (transformers' ``distributed_config``) and generation
+is left to an engine on gathered weights; the run then also trains 4 steps with a checkpoint at every step and
+resumes from the second, recording both runs' final weights and logs. In one process ``fsdp2`` is ``ddp``.
 """
 
 from __future__ import annotations
 
+import copy
 import pickle
 import sys
 from pathlib import Path
@@ -42,7 +42,7 @@ class ReplayEngine:
         self.stats = RolloutStats()
 
     def run(self, make_env, rows, group_ids=None):
-        return self.trajectories
+        return copy.deepcopy(self.trajectories)  # fresh episodes: scoring adds the rewards to them
 
 
 class RecordingEngine:
@@ -123,10 +123,7 @@ def pushed_weights(trainer: StepwiseReinforceTrainer) -> dict[str, torch.Tensor]
     return engine.weights
 
 
-def main() -> None:
-    output_dir, model_dir, episodes_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    mode = sys.argv[4] if len(sys.argv) > 4 else "ddp"
-    episodes = pickle.loads(episodes_file.read_bytes())
+def run(output_dir: Path, model_dir: str, episodes: list, mode: str) -> None:
     trainer = build(output_dir / f"run-{mode}", model_dir, episodes, mode)
     recorder = GradientRecorder(trainer)
     trainer.add_callback(recorder)
@@ -139,15 +136,14 @@ def main() -> None:
         "pushed": pushed_weights(trainer),
         "gathered": gathered_state(trainer),
     }
-    if (
-        mode.startswith("fsdp2") and trainer.accelerator.num_processes > 1
-    ):  # checkpoints every step; a run resumed from the second ends where the straight run does
+    if mode.startswith("fsdp2") and trainer.accelerator.num_processes > 1:
+        # checkpoints every step; a run resumed from the second ends where the straight run does
         resume = dict(max_steps=4, num_iterations=1, ref_sync_steps=2, save_strategy="steps", save_steps=1)
         resume.update(optim="adamw_torch", learning_rate=1e-2)  # an optimizer with state to save and restore
-        straight = build(output_dir / "straight", model_dir, episodes, mode, **resume)
+        straight = build(output_dir / f"straight-{mode}", model_dir, episodes, mode, **resume)
         straight.train()
-        resumed = build(output_dir / "resumed", model_dir, episodes, mode, **resume)
-        resumed.train(resume_from_checkpoint=str(output_dir / "straight" / "checkpoint-2"))
+        resumed = build(output_dir / f"resumed-{mode}", model_dir, episodes, mode, **resume)
+        resumed.train(resume_from_checkpoint=str(output_dir / f"straight-{mode}" / "checkpoint-2"))
         result.update(
             straight=gathered_state(straight),
             straight_logs=straight.state.log_history,
@@ -156,6 +152,13 @@ def main() -> None:
         )
     if trainer.accelerator.process_index == 0:
         torch.save(result, output_dir / f"result-{result['world_size']}-{mode}.pt")
+
+
+def main() -> None:
+    output_dir, model_dir, episodes_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    episodes = pickle.loads(episodes_file.read_bytes())
+    for mode in (sys.argv[4] if len(sys.argv) > 4 else "ddp").split(","):  # one launch, several runs
+        run(output_dir, model_dir, episodes, mode)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Loss normalisation and metrics over every process: two processes train exactly like one on the same episodes."""
+"""Two processes train exactly like one on the same episodes: loss normalisation and metrics over every process
+under DDP, and under FSDP2 (torch's ``fully_shard`` on gloo, through transformers' ``distributed_config``) also the
+push of the gathered policy to the engine and the resume from each process's shards.
+
+Three launches serve every test (module fixture ``runs``): one process (ddp, fsdp2-peft), two under DDP, two under
+FSDP2 (fsdp2, fsdp2-peft); ``fsdp2`` in one process is the ``ddp`` run."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_training import length_reward, make_config
 
 from trl_stepwise.data import load_math_dataset
@@ -38,21 +44,32 @@ def fixed_episodes(model_dir, tokenizer, output_dir) -> list:
     return episodes
 
 
-def run_one_and_two_processes(tmp_path, model_dir, episodes, mode: str) -> tuple[dict, dict]:
-    """``ddp_loss_script.py`` in one process, then in two (``mode``: ddp, fsdp2, fsdp2-peft); both results."""
-    (tmp_path / "episodes.pkl").write_bytes(pickle.dumps(episodes))
+LAUNCHES = {(1, "ddp,fsdp2-peft"), (2, "ddp"), (2, "fsdp2,fsdp2-peft")}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tokenizer, tmp_path_factory) -> tuple[Path, dict[tuple[int, str], dict]]:
+    """``ddp_loss_script.py`` in its three launches; results by (process count, mode), and their folder."""
+    folder = tmp_path_factory.mktemp("runs")
+    episodes = fixed_episodes(tiny_model_dir, tokenizer, folder / "gen")
+    tokens = [t.num_policy_tokens for t in episodes]
+    assert sum(tokens[:4]) != sum(tokens[4:])  # the halves differ: per-rank means would not match the global mean
+    (folder / "episodes.pkl").write_bytes(pickle.dumps(episodes))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = str(REPO)
-    script = [str(SCRIPT), str(tmp_path), str(model_dir), str(tmp_path / "episodes.pkl"), mode]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for command in ([sys.executable, *script], [*launch, *script]):
+    results = {}
+    for processes, modes in sorted(LAUNCHES):
+        script = [str(SCRIPT), str(folder), str(tiny_model_dir), str(folder / "episodes.pkl"), modes]
+        command = [sys.executable, *script] if processes == 1 else [*launch, *script]
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    one = torch.load(tmp_path / f"result-1-{mode}.pt", weights_only=False)
-    two = torch.load(tmp_path / f"result-2-{mode}.pt", weights_only=False)
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    return one, two
+        for mode in modes.split(","):
+            results[processes, mode] = torch.load(folder / f"result-{processes}-{mode}.pt", weights_only=False)
+            assert results[processes, mode]["world_size"] == processes
+    results[1, "fsdp2"] = results[1, "ddp"]
+    return folder, results
 
 
 def assert_same_training(one: dict, two: dict) -> None:
@@ -72,11 +89,54 @@ def assert_same_training(one: dict, two: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_loss_and_gradient_of_one(tiny_model_dir, tokenizer, tmp_path):
-    episodes = fixed_episodes(tiny_model_dir, tokenizer, tmp_path / "gen")
-    tokens = [t.num_policy_tokens for t in episodes]
-    assert sum(tokens[:4]) != sum(tokens[4:])  # the halves differ: per-rank means would not match the global mean
-    one, two = run_one_and_two_processes(tmp_path, tiny_model_dir, episodes, "ddp")
+def test_two_processes_give_the_loss_and_gradient_of_one(runs):
+    _, results = runs
+    one, two = results[1, "ddp"], results[2, "ddp"]
+    assert not two["sharded"]
     assert_same_training(one, two)
     logs_one = {e["step"]: e for e in one["log_history"] if "loss" in e}
     assert logs_one[2]["clip_ratio"] > 0
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=atol) for k in a)
+
+
+def losses_and_kl(log_history: list[dict]) -> list[tuple[int, float, float]]:
+    return [(e["step"], e["loss"], e["kl"]) for e in log_history if "loss" in e]
+
+
+@pytest.mark.slow
+def test_fsdp2_full_weights_train_push_and_resume_like_one_process(runs):
+    folder, results = runs
+    one, two = results[1, "fsdp2"], results[2, "fsdp2"]
+    assert two["sharded"] and not one["sharded"]
+    assert_same_training(one, two)  # the sharded reference scored the KL of step 2
+    # the engine receives the whole policy: exactly the gathered state, and what one process pushes
+    assert two["pushed"].keys() == two["gathered"].keys()
+    assert all(torch.equal(two["pushed"][k], two["gathered"][k]) for k in two["gathered"])
+    assert close(two["pushed"], one["pushed"])
+    # resumed from checkpoint-2 (weights, Adam state and the reference refreshed at step 2, all from shards)
+    assert close(two["resumed"], two["straight"])
+    assert not close(two["straight"], two["gathered"], atol=1e-4)  # the 4 steps moved the weights
+    straight, resumed = losses_and_kl(two["straight_logs"]), losses_and_kl(two["resumed_logs"])
+    assert [s for s, _, _ in resumed] == [1, 2, 3, 4]
+    for (_, loss_a, kl_a), (_, loss_b, kl_b) in zip(straight, resumed, strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and kl_b == pytest.approx(kl_a, rel=1e-4, abs=1e-9)
+    assert resumed[2][2] == 0.0 and resumed[3][2] > 0  # step 3 scored against the restored (refreshed) reference
+    checkpoint = folder / "straight-fsdp2" / "checkpoint-2"
+    for part in ("sharded_model", "sharded_optimizer", "sharded_reference"):
+        assert (checkpoint / part / ".metadata").is_file(), part
+    exported = load_file(folder / "straight-fsdp2" / "checkpoint-4" / "model.safetensors")  # consolidated
+    assert close(exported, {k: v for k, v in two["straight"].items() if k in exported}, atol=0.0)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_trains_and_pushes_the_merged_policy_like_one_process(runs):
+    _, results = runs
+    one, two = results[1, "fsdp2-peft"], results[2, "fsdp2-peft"]
+    assert two["sharded"]
+    assert_same_training(one, two)  # the adapter-free base as reference, the adapter averaged over processes
+    assert close(two["pushed"], one["pushed"])  # merged weights; one process's equal peft's merge (test_weights.py)
+    assert not any("lora" in k for k in two["pushed"])
+    assert close(two["resumed"], two["straight"])

@@ -62,14 +62,16 @@ def assert_ok_row(row: dict) -> None:
 
 
 def test_tiny_cpu_rows_pass_and_print_the_table(tmp_path):
-    rows = "full_fp32,full_bf16,lora_bf16,qlora_4bit"
+    rows = "full_fp32,full_bf16,lora_bf16,qlora_4bit,fsdp2_full"
     result, report = run_check(tmp_path, "--rows", rows)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = statuses(report)
-    for name in ("full_fp32", "full_bf16", "lora_bf16"):
+    for name in ("full_fp32", "full_bf16", "lora_bf16", "fsdp2_full"):
         assert_ok_row(next(r for r in report["rows"] if r["row"] == name))
     lora = next(r for r in report["rows"] if r["row"] == "lora_bf16")
     assert lora["checks"]["policy_weights_vs_merge_max_abs_diff"] == 0.0
+    fsdp2 = next(r for r in report["rows"] if r["row"] == "fsdp2_full")  # gathered pushes before every rollout
+    assert fsdp2["checks"]["pushes"] == 2 and fsdp2["checks"]["checkpoint_roundtrip_max_abs_diff"] == 0.0
     if importlib.util.find_spec("bitsandbytes") is None:
         assert found["qlora_4bit"].startswith("skipped: bitsandbytes not installed")
     else:  # 4-bit on bitsandbytes' CPU backend; vLLM with a 4-bit base must be refused
@@ -87,7 +89,7 @@ def test_runs_with_only_torch_transformers_peft_accelerate(tmp_path):
     result, report = run_check(tmp_path, hide=NOT_ON_GPU_MACHINE)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = statuses(report)
-    for name in ("full_fp32", "full_bf16", "lora_bf16"):
+    for name in ("full_fp32", "full_bf16", "lora_bf16", "fsdp2_full"):
         assert_ok_row(next(r for r in report["rows"] if r["row"] == name))
     assert found["qlora_4bit"].startswith("skipped: bitsandbytes not installed")
     assert found["vllm_lora"].startswith("skipped: vllm not installed")

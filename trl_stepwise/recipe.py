@@ -152,6 +152,10 @@ def prepare_reinforce(
         load_system_prompt(training_args.system_prompt, training_args.env_flavour)
     except ValueError as err:
         raise UsageError(f"--system_prompt {training_args.system_prompt}: {err}") from err
+    curriculum = None
+    if training_args.curriculum:  # before the problem sets load: a misspelt stage fails at once
+        curriculum = Curriculum.from_config(training_args)
+        curriculum.check_sources()
     train, evaluation, few_shot = load_problem_sets(script_args)
     name = script_args.few_shot_dataset_name
     if name and training_args.n_few_shot != 0 and not has_worked_solutions(few_shot, training_args.env_flavour):
@@ -160,10 +164,6 @@ def prepare_reinforce(
             "would teach the model to answer without steps; name a source with worked solutions (e.g. gsm8k, math, "
             "arithmetic:level=1) or drop the flag (the trainer then falls back to bundled worked examples)."
         )
-    curriculum = None
-    if training_args.curriculum:
-        curriculum = Curriculum.from_config(training_args)
-        curriculum.check_sources()
     return PreparedRun(train, evaluation, few_shot, curriculum, resume)
 
 
