@@ -23,8 +23,12 @@ from tiny_training import length_reward, make_config  # noqa: E402
 
 
 def checksum(model: torch.nn.Module) -> str:
+    """Of the whole weights: a sharded model's DTensors are gathered (every process, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -48,6 +52,7 @@ def main() -> None:
     questions = sorted({json.loads(line)["question"] for line in (output_dir / name).read_text().splitlines()})
     state = {
         "rank": rank,
+        "sharded": trainer.sharded,
         "world_size": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
         "initial_checksum": initial,

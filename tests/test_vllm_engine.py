@@ -149,8 +149,10 @@ def test_trainer_with_use_vllm_pushes_weights_and_logs_the_engine_mismatch(
     assert all(0.0 < entry[ratio] <= 3.0 for entry in logged)
 
 
-def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tmp_path):
-    """2 gloo processes, each with its own colocated engine: ranks stay identical and each pushes its weights."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tmp_path, sharding):
+    """2 gloo processes, each with its own colocated engine: ranks stay identical and each pushes its weights; under
+    FSDP2 (the model sharded at load time) each pushes the gathered weights and its engine samples the policy."""
     import json
     import os
     import subprocess
@@ -165,7 +167,10 @@ def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tm
     tokenizer.save_pretrained(model_dir)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    overrides = json.dumps({"use_vllm": True, "vllm_kv_cache_space_gb": 1, "vllm_max_model_length": 1024})
+    overrides = {"use_vllm": True, "vllm_kv_cache_space_gb": 1, "vllm_max_model_length": 1024}
+    if sharding == "fsdp2":  # as a recipe YAML writes it
+        overrides["model_init_kwargs"] = {"distributed_config": {"fsdp_size": 2}}
+    overrides = json.dumps(overrides)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -175,6 +180,7 @@ def test_two_process_training_with_colocated_vllm(tokenizer, make_tiny_model, tm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
+    assert [r["sharded"] for r in ranks] == [sharding == "fsdp2"] * 2
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
     assert [r["weight_syncs"] for r in ranks] == [2, 2]  # before each step's rollout, on each rank
     # the combination matrix's (colocate, 2 processes) cell: after an optimizer step both engines sample the policy

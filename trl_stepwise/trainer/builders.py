@@ -28,6 +28,10 @@ def build_policy(
         name = model
         init_kwargs = dict(args.model_init_kwargs or {})  # every from_pretrained kwarg (attn_implementation, ...)
         dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", args.model_dtype))
+        if isinstance(init_kwargs.get("distributed_config"), dict):  # from a YAML file or --model_init_kwargs JSON
+            from transformers.distributed import DistributedConfig
+
+            init_kwargs["distributed_config"] = DistributedConfig(**init_kwargs["distributed_config"])
         model = load_model(name, dtype=dtype, **init_kwargs)
     else:
         name = getattr(getattr(model, "config", None), "_name_or_path", None)
