@@ -107,6 +107,11 @@ def test_full_weight_zero3_with_a_kl_term_is_refused_before_loading():
     with pytest.raises(ValueError, match="kl_coef=0.05 with full weights under DeepSpeed ZeRO-3.*fsdp2.yaml"):
         check_sharded_reference(ZERO3_LAUNCH, None, peft_config=None, kl_coef=0.05)
     check_sharded_reference(ZERO3_LAUNCH, None, peft_config=object(), kl_coef=0.05)  # the base is the reference
+    with pytest.raises(ValueError, match="ref_sync_steps=2 with kl_coef=0.05 under DeepSpeed ZeRO-3"):
+        check_sharded_reference(ZERO3_LAUNCH, None, peft_config=object(), kl_coef=0.05, ref_sync_steps=2)
+    pissa = SimpleNamespace(init_lora_weights="pissa")  # the initial adapter changes the base: a copy is needed
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
+        check_sharded_reference(ZERO3_LAUNCH, None, peft_config=pissa, kl_coef=0.05)
     check_sharded_reference(ZERO3_LAUNCH, None, peft_config=None, kl_coef=0.0)
     check_sharded_reference(FSDP2_LAUNCH, None, peft_config=None, kl_coef=0.05)  # FSDP2 builds a sharded copy
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import sys
 import warnings
 
 import pytest
@@ -374,3 +375,55 @@ def test_the_embedded_model_with_dora_and_modules_to_save(tmp_path):
     )
     assert sum(isinstance(m, ModulesToSaveWrapper) for m in model.modules()) == 61
     _assert_pushes_merge_and_unload(model)
+
+
+class _FakeZero3:
+    """What ZeRO-3 does to parameters, without DeepSpeed (which needs a GPU or oneCCL): each parameter is marked
+    ``ds_id`` and holds an empty placeholder, its whole data back only inside ``GatheredParameters``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.gathered: list[int] = []  # how many parameters each gathering held
+        self.whole = {}
+        for number, param in enumerate(model.parameters()):
+            param.ds_id = number
+            self.whole[id(param)] = param.data
+            param.data = torch.empty(0)
+        fake = self
+
+        class GatheredParameters:
+            def __init__(self, params, modifier_rank=None) -> None:
+                self.params = list(params)
+                assert all(hasattr(p, "ds_id") for p in self.params) and modifier_rank is None
+
+            def __enter__(self):
+                fake.gathered.append(len(self.params))
+                for param in self.params:
+                    param.data = fake.whole[id(param)]
+
+            def __exit__(self, *exc) -> None:
+                for param in self.params:
+                    param.data = torch.empty(0)
+
+        self.module = type(sys)("deepspeed")
+        self.module.zero = type(sys)("deepspeed.zero")
+        self.module.zero.GatheredParameters = GatheredParameters
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_zero3_partitions_are_pushed_whole_one_module_at_a_time(make_tiny_model, monkeypatch, adapter):
+    model = make_tiny_model()
+    if adapter:
+        model = _peft_model(model, peft.LoraConfig(target_modules=TARGETS))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    else:
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+    zero3 = _FakeZero3(model)
+    monkeypatch.setitem(sys.modules, "deepspeed", zero3.module)
+    pushed = _pushed(model)
+    assert list(pushed) == list(expected)  # the state dict's names, in its order
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert zero3.gathered and max(zero3.gathered) <= 4  # a module (or one adapted layer) at a time, never the model
+    assert all(p.numel() == 0 for p in model.parameters())  # partitioned again afterwards

@@ -70,11 +70,12 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Iterator[tuple[str, torch
     With peft they equal ``merge_and_unload().state_dict()`` for the pushed adapters (the active ones, less the
     trainer's frozen reference): each adapted layer is merged by peft on a copy of that layer, a ``modules_to_save``
     module is sent as its trained copy under the original name. A set-up that cannot be folded raises a one-line
-    ``ValueError`` before the first tensor. A sharded model (FSDP2 / tensor-parallel DTensors) sends each tensor
-    gathered whole, one at a time: every process must walk the pairs in step, as each gathering is a collective.
+    ``ValueError`` before the first tensor. A sharded model sends each tensor whole (FSDP2 / tensor-parallel DTensors
+    gathered one at a time, ZeRO-3 partitions one module at a time): every process must walk the pairs in step, as
+    each gathering is a collective.
     """
     if not hasattr(model, "get_base_model"):
-        yield ((name, _full(tensor)) for name, tensor in model.state_dict().items())
+        yield _whole_items(model)
         return
     units, adapters = _checked(model)
     with torch.no_grad():
@@ -127,15 +128,16 @@ def _merged_weights(
     tied = _tied_embedding_units(base, units)
     done: set[str] = set()
     first_tied: torch.Tensor | None = None
-    for key, tensor in base.state_dict().items():
+    for key, tensor in _whole_items(base):
         unit = _unit_of(key, units)
         if unit is None:
-            yield key, _full(tensor)
+            yield key, tensor
             continue
         if unit in done:
             continue
         done.add(unit)
-        merged = _merged_state(unit, units[unit], adapters)
+        with _zero3_gathered(units[unit].parameters()):
+            merged = _merged_state(unit, units[unit], adapters)
         if unit in tied:  # vLLM loads one matrix for both: the two trained ones must still be one
             if first_tied is None:
                 first_tied = merged["weight"]
@@ -184,6 +186,32 @@ def _layer_copy(unit: torch.nn.Module) -> torch.nn.Module:
             elif id(tensor) not in cloned:
                 memo[id(tensor)] = tensor
     return copy.deepcopy(unit, memo)
+
+
+def _whole_items(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module.state_dict()`` pairs, each tensor whole: FSDP2 shards gathered one tensor at a time; ZeRO-3 partitions
+    one module at a time, each tensor copied out while its module is gathered."""
+    if not any(hasattr(p, "ds_id") for p in module.parameters()):
+        yield from ((key, _full(tensor)) for key, tensor in module.state_dict().items())
+        return
+    for prefix, sub in module.named_modules():
+        own = {k: v for k, v in sub._parameters.items() if v is not None}
+        own.update(
+            {k: v for k, v in sub._buffers.items() if v is not None and k not in sub._non_persistent_buffers_set}
+        )
+        with _zero3_gathered(sub.parameters(recurse=False)):
+            for key, tensor in own.items():
+                yield (f"{prefix}.{key}" if prefix else key), tensor.detach().clone()
+
+
+def _zero3_gathered(parameters: Iterator[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """ZeRO-3's gathering of ``parameters`` (every process enters it), or nothing when none is partitioned."""
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def _is_shard(tensor: torch.Tensor) -> bool:

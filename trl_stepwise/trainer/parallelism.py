@@ -92,14 +92,28 @@ def check_sharded_model(sharded: bool, use_vllm: bool) -> None:
         raise ValueError(_engine_refusal("A sharded model (FSDP2 / tensor-parallel / ZeRO-3 parameters)"))
 
 
-def check_sharded_reference(environ: Mapping[str, str], deepspeed: Any, peft_config: Any, kl_coef: float) -> None:
-    """ZeRO-3 with full weights and a KL term would need a sharded reference copy, built for FSDP2 only."""
+def check_sharded_reference(
+    environ: Mapping[str, str], deepspeed: Any, peft_config: Any, kl_coef: float, ref_sync_steps: int = 0
+) -> None:
+    """Under ZeRO-3 the reference must be the adapter-free base: a full copy, or a reference adapter copied from the
+    policy's (a refresh, or an initialisation that changes the base), would copy partitions, which is built for FSDP2
+    only (``sharding.sharded_copy``, DTensor copies)."""
     setup = sharded_setup(environ, deepspeed)
-    if setup is not None and "ZeRO-3" in setup and peft_config is None and kl_coef > 0:
+    if setup is None or "ZeRO-3" not in setup or kl_coef <= 0:
+        return
+    fix = "use accelerate_configs/fsdp2.yaml, or --kl_coef 0 (TRL's beta=0 default)"
+    if peft_config is None:
         raise ValueError(
             f"kl_coef={kl_coef} with full weights under {setup} needs a sharded reference copy, which is built for "
-            "FSDP2 only; use accelerate_configs/fsdp2.yaml, --use_peft (the reference is the adapter-free base), "
-            "or --kl_coef 0 (TRL's beta=0 default)."
+            f"FSDP2 only; {fix}, or --use_peft (the reference is then the adapter-free base)."
+        )
+    init = getattr(peft_config, "init_lora_weights", True)
+    if ref_sync_steps > 0 or init not in (True, False, "gaussian", "eva"):
+        why = f"ref_sync_steps={ref_sync_steps}" if ref_sync_steps > 0 else f"init_lora_weights={init!r}"
+        raise ValueError(
+            f"{why} with kl_coef={kl_coef} under {setup} needs a reference adapter copied from the policy's "
+            f"partitions, which is built for FSDP2 only; {fix}, or --ref_sync_steps 0 with LoRA's default "
+            "initialisation (the reference is then the adapter-free base)."
         )
 
 

@@ -18,7 +18,7 @@ def check_engine_setup(
     """Raise ``ValueError`` (one line: the flag, the value, the fix) when the engine could not sample the policy:
     a quantized base or an adapter that cannot be folded into the weights vLLM loads, or a vLLM server that cannot
     take weight updates; a full-weight ZeRO-3 policy with a KL term (no sharded reference for it)."""
-    check_sharded_reference(os.environ, args.deepspeed, peft_config, args.kl_coef)
+    check_sharded_reference(os.environ, args.deepspeed, peft_config, args.kl_coef, args.ref_sync_steps)
     if not args.use_vllm:
         return
     from trl_stepwise.engines.weights import check_servable_peft
