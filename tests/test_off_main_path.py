@@ -3,6 +3,7 @@ log-probs and plain vLLM servers are errors, replies after a cut step, context-l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -341,3 +342,58 @@ def test_each_step_logs_its_own_optimisation_time(tiny_model, tokenizer, arithme
     trainer.train()
     logged = [h["time/optimisation_s"] for h in trainer.state.log_history if "time/optimisation_s" in h]
     assert len(logged) == 2 and all(seconds > 0 for seconds in logged), logged
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_the_server_push_streams_one_tensor_at_a_time_from_the_main_process(monkeypatch, main):
+    """Inside one weight update, tensor by tensor (no second copy of the model); another process walks the pairs (a
+    sharded model gathers on every process) without pushing, and every process waits for the push."""
+    import sys
+    import types
+
+    import accelerate
+    import torch
+
+    engine, _ = _server_engine(monkeypatch, lambda payload: (200, {}))
+    calls, waited = [], []
+
+    class Client:
+        def __init__(self, base_url, connection_timeout) -> None:
+            calls.append("connect")
+
+        def init_communicator(self, device) -> None:
+            calls.append("communicator")
+
+        @contextlib.contextmanager
+        def weight_update(self):
+            calls.append("start")
+            yield
+            calls.append("finish")
+
+        def update_named_param(self, name, tensor) -> None:
+            calls.append(name)
+
+        def reset_prefix_cache(self) -> None:
+            calls.append("reset")
+
+    client_module = types.ModuleType("trl.generation.vllm_client")
+    client_module.VLLMClient = Client
+    monkeypatch.setitem(sys.modules, "trl.generation.vllm_client", client_module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    state = SimpleNamespace(is_main_process=main, wait_for_everyone=lambda: waited.append(True))
+    monkeypatch.setattr(accelerate, "PartialState", lambda: state)
+    walked = []
+
+    def pairs():
+        for name in ("a", "b"):
+            walked.append(name)  # on a sharded model: gathered here, on every process
+            yield name, torch.ones(2)
+
+    engine.sync_weights(pairs())
+    assert walked == ["a", "b"] and waited == [True]
+    if main:
+        assert calls == ["connect", "communicator", "start", "a", "b", "finish", "reset"]
+        assert engine.weight_syncs == 1
+    else:
+        assert calls == [] and engine.weight_syncs == 0

@@ -122,22 +122,36 @@ class VLLMServerEngine:
         return GenerationOutput(request.request_id, token_ids, logprobs, reason)
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU)."""
+        """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU), one tensor
+        at a time inside one weight update, so no second copy of the model is ever held.
+
+        With several processes only the main one pushes (the server takes one weight-update client, as in TRL); the
+        others walk the pairs too (a sharded model's tensors are gathered by every process) and all wait until the
+        push is done, so no process samples the old weights."""
+        from accelerate import PartialState
+
         if not torch.cuda.is_available():
             raise VLLMServerError(
                 "vllm_mode=server pushes weights over NCCL, which needs a GPU in the trainer's process; on a CPU "
                 "machine use vllm_mode=colocate."
             )
+        state = PartialState()
+        if not state.is_main_process:
+            for _ in named_parameters:  # take part in the gathering
+                pass
+            state.wait_for_everyone()
+            return
         if self._client is None:
             from trl.generation.vllm_client import VLLMClient
 
             self._client = VLLMClient(base_url=self.base_url, connection_timeout=self.timeout)
             self._client.init_communicator(device=torch.cuda.current_device())
-        pairs = [(name, tensor.detach()) for name, tensor in named_parameters]
-        metadata = [(name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)) for name, tensor in pairs]
-        self._client.update_named_params(metadata, iter(pairs))
+        with self._client.weight_update():
+            for name, tensor in named_parameters:
+                self._client.update_named_param(name, tensor.detach())
         self._client.reset_prefix_cache()
         self.weight_syncs += 1
+        state.wait_for_everyone()
 
 
 def wait_for_server(session: requests.Session, base_url: str, timeout: float) -> str:
