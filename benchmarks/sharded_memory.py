@@ -9,7 +9,12 @@ replay of one fixed batch of episodes (a short real rollout, made once), so both
 Every process measures, after its last optimizer step, the bytes it holds itself (a DTensor counts its local shard):
 parameters, gradients (just before the optimizer step: they may be freed after it), optimizer state, the reference
 model's parameters (after training), and its peak resident set size (``ru_maxrss``), and writes them to a JSON file.
-The parent prints them side by side with the FSDP2/DDP ratio per row.
+Where the peak comes from: peak RSS after the imports, after the trainer is built, after step 1; the RSS held at the
+end, before and after ``malloc_trim`` (what is left after it is live memory, not freed buffers glibc kept). The parent
+prints them side by side with the FSDP2/DDP ratio per row.
+
+The model is the embedded SmolLM2-135M's shape, its output layer tied to the input embeddings as in SmolLM2
+(``--untie_word_embeddings`` gives the output layer its own matrix: 163 M parameters instead of 135 M).
 
     python benchmarks/sharded_memory.py            # SmolLM2-135M shape (random float32 weights), 2 AdamW steps
     python benchmarks/sharded_memory.py --tiny     # 2 layers, hidden 32: a smoke run in seconds, NOT results
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
 import json
 import os
@@ -39,19 +45,11 @@ from transformers import TrainerCallback
 NAME = "sharded_memory"
 MODES = ("ddp", "fsdp2")
 WORLD = 2
-SHAPES = {  # the embedded SmolLM2-135M's shape, and a tiny one for smoke runs
-    "smollm2_135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
-    ),
-    "tiny": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
-}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+SHAPES = {"smollm2_135m": (576, 1536, 30, 9, 3), "tiny": (32, 64, 2, 4, 2)}  # the embedded model's; a smoke run's
 LOGGED = ("step", "loss", "kl", "reward", "entropy", "grad_norm")  # per step, to check both runs trained alike
 ROWS = ("weights", "gradients", "optimizer_state", "reference", "total", "peak_rss")
-# where the peak comes from: peak RSS so far after the imports, after the trainer is built (model loaded, reference
-# copied, wrapped), after the first optimizer step; and the RSS held at the end
-RSS_ROWS = ("peak_rss_imports", "peak_rss_setup", "peak_rss_step1", "rss_at_end")
+RSS_ROWS = ("peak_rss_imports", "peak_rss_setup", "peak_rss_step1", "rss_at_end", "rss_at_end_trimmed")
 
 
 def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
@@ -59,28 +57,22 @@ def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
     return [len(c) / 10 for c in completions]
 
 
-def trainer_settings(args: argparse.Namespace, output_dir: Path, world: int, **overrides: Any) -> Any:
-    """The run's StepwiseReinforceConfig: ``args.episodes`` episodes per optimizer step over ``world`` processes."""
-    from trl_stepwise.trainer import StepwiseReinforceConfig
+def make_trainer(args: argparse.Namespace, model_dir: Path, output_dir: Path, world: int, **overrides: Any) -> Any:
+    """The trainer both launches build: ``args.episodes`` episodes per optimizer step over ``world`` processes."""
+    from trl_stepwise.data import load_math_dataset
+    from trl_stepwise.models import load_tokenizer
+    from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 
-    base = dict(
+    settings = dict(
         output_dir=str(output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.episodes // world,
         num_generations=2, gradient_accumulation_steps=1, max_step_tokens=args.max_step_tokens, max_episode_steps=2,
         n_few_shot=1, env_flavour="arithmetic", learning_rate=1e-5, kl_coef=args.kl_coef, optim="adamw_torch",
         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, num_completions_to_print=0,
         log_rollouts=False, logging_steps=1, seed=0,
     )  # fmt: skip
-    return StepwiseReinforceConfig(**{**base, **overrides})
-
-
-def make_trainer(args: argparse.Namespace, model_dir: Path, output_dir: Path, world: int, **overrides: Any) -> Any:
-    from trl_stepwise.data import load_math_dataset
-    from trl_stepwise.models import load_tokenizer
-    from trl_stepwise.trainer import StepwiseReinforceTrainer
-
     return StepwiseReinforceTrainer(
         model=str(model_dir),
-        args=trainer_settings(args, output_dir, world, **overrides),
+        args=StepwiseReinforceConfig(**{**settings, **overrides}),
         train_dataset=load_math_dataset("arithmetic:level=1,n=32"),
         processing_class=load_tokenizer(str(model_dir)),
         reward_funcs=[length_reward],
@@ -99,7 +91,8 @@ def save_random_model(shape: str, tied: bool, folder: Path) -> int:
 
     tokenizer = load_tokenizer()
     config = LlamaConfig(
-        **SHAPES[shape], vocab_size=len(tokenizer), tie_word_embeddings=tied, max_position_embeddings=2048,
+        **dict(zip(SHAPE_KEYS, SHAPES[shape], strict=True)), vocab_size=len(tokenizer), tie_word_embeddings=tied,
+        max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -122,22 +115,22 @@ def fixed_episodes(args: argparse.Namespace, model_dir: Path, workdir: Path) -> 
     return trainer.rollout_engine().run(functools.partial(trainer.make_env, None), rows, group_ids=groups)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(args: argparse.Namespace, mode: str, model_dir: Path, episodes_file: Path, workdir: Path) -> float:
     """``accelerate launch`` 2 worker processes of ``mode``; its wall seconds (the workers write their JSONs)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD)]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(free_port()), __file__, "--worker", mode, "--model_dir", str(model_dir)]
-    command += ["--episodes_file", str(episodes_file), "--workdir", str(workdir)]
-    command += ["--episodes", str(args.episodes), "--max_steps", str(args.max_steps)]
-    command += ["--max_step_tokens", str(args.max_step_tokens), "--kl_coef", str(args.kl_coef)]
+    with socket.socket() as sock:  # a free port: another job may hold accelerate's default one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        __file__, "--worker", mode, "--model_dir", str(model_dir), "--episodes_file", str(episodes_file),
+        "--workdir", str(workdir), "--episodes", str(args.episodes), "--max_steps", str(args.max_steps),
+        "--max_step_tokens", str(args.max_step_tokens), "--kl_coef", str(args.kl_coef),
+    ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     print(f"launching {mode} ...", flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -172,19 +165,17 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sharded-memory-") as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
-        parameters = save_random_model(shape, args.tie_word_embeddings, model_dir)
-        with_episodes = time.perf_counter()
+        parameters = save_random_model(shape, not args.untie_word_embeddings, model_dir)
         episodes = fixed_episodes(args, model_dir, workdir)
-        episodes_file = workdir / "episodes.pkl"
-        episodes_file.write_bytes(pickle.dumps(episodes))
+        (episodes_file := workdir / "episodes.pkl").write_bytes(pickle.dumps(episodes))
         wall = {"model_and_episodes": time.perf_counter() - start}
-        print(f"{len(episodes)} episodes in {time.perf_counter() - with_episodes:.0f} s", flush=True)
+        print(f"model and {len(episodes)} episodes in {wall['model_and_episodes']:.0f} s", flush=True)
         wall.update({mode: launch(args, mode, model_dir, episodes_file, workdir) for mode in MODES})
         runs = {m: [json.loads((workdir / f"{m}-rank{r}.json").read_text()) for r in range(WORLD)] for m in MODES}
     wall["total"] = time.perf_counter() - start
     settings = {
-        "shape": shape, "model_shape": SHAPES[shape],
-        "tie_word_embeddings": args.tie_word_embeddings, "parameters": parameters, "world_size": WORLD,
+        "shape": shape, "model_shape": dict(zip(SHAPE_KEYS, SHAPES[shape], strict=True)),
+        "tie_word_embeddings": not args.untie_word_embeddings, "parameters": parameters, "world_size": WORLD,
         "episodes": args.episodes, "policy_tokens_per_episode": [t.num_policy_tokens for t in episodes],
         "wall_seconds": wall,
     }  # fmt: skip
@@ -213,17 +204,16 @@ class Meter(TrainerCallback):
         self.trainer = trainer
         self.figures: dict[str, int] = {}
 
-    def model(self) -> torch.nn.Module:
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = (p.grad for p in self.trainer.accelerator.unwrap_model(model).parameters() if p.grad is not None)
+        self.figures["gradients"] = local_bytes(grads)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.figures["gradients"] = local_bytes(p.grad for p in self.model().parameters() if p.grad is not None)
-
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
         states = (v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         self.figures.setdefault("peak_rss_step1", peak_rss())
-        self.figures.update(weights=local_bytes(self.model().parameters()), optimizer_state=local_bytes(states))
+        weights = self.trainer.accelerator.unwrap_model(model).parameters()
+        self.figures.update(weights=local_bytes(weights), optimizer_state=local_bytes(states))
 
 
 def peak_rss() -> int:
@@ -243,12 +233,13 @@ def worker(args: argparse.Namespace) -> None:
 
     figures = {"peak_rss_imports": peak_rss()}
     episodes = pickle.loads(Path(args.episodes_file).read_bytes())
-    overrides: dict[str, Any] = {}
+    # generation would run on an engine (replayed here, none is built): the same objective in both launches (the
+    # engine's sampling correction); under FSDP2 the model is sharded at load time
+    overrides: dict[str, Any] = {"use_vllm": True}
     if args.worker == "fsdp2":
         from transformers.distributed import DistributedConfig
 
-        # sharded at load time; generation would run on an engine with gathered weights (replayed here)
-        overrides.update(use_vllm=True, model_init_kwargs={"distributed_config": DistributedConfig(fsdp_size=WORLD)})
+        overrides["model_init_kwargs"] = {"distributed_config": DistributedConfig(fsdp_size=WORLD)}
     workdir = Path(args.workdir)
     trainer = make_trainer(args, Path(args.model_dir), workdir / f"run-{args.worker}", WORLD, **overrides)
     figures["peak_rss_setup"] = peak_rss()
@@ -273,6 +264,8 @@ def worker(args: argparse.Namespace) -> None:
     figures.update(meter.figures, reference=local_bytes(ref.parameters()) if ref is not None else 0)
     figures["total"] = sum(figures[k] for k in ("weights", "gradients", "optimizer_state", "reference"))
     figures.update(peak_rss=peak_rss(), rss_at_end=rss_now())
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    figures["rss_at_end_trimmed"] = rss_now()
     figures.update(
         rank=rank, world_size=world, sharded=bool(trainer.sharded),
         logs=[{k: e[k] for k in LOGGED if k in e} for e in trainer.state.log_history if "loss" in e],
@@ -283,18 +276,19 @@ def worker(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 32: a smoke run (writes *.quick.json).")
-    parser.add_argument(
-        "--tie_word_embeddings",
-        action="store_true",
-        help="Tie the output layer to the embeddings, as SmolLM2 does (FSDP2's sharded reference fails on it now).",
-    )
+    tie_help = "Give the output layer its own matrix (SmolLM2 ties it to the input embeddings)."
+    parser.add_argument("--untie_word_embeddings", action="store_true", help=tie_help)
     parser.add_argument("--episodes", type=int, default=8, help="Episodes per optimizer step, over both processes.")
     parser.add_argument("--max_steps", type=int, default=2, help="Optimizer steps of each launch (AdamW).")
     parser.add_argument("--max_step_tokens", type=int, default=16, help="Tokens per episode step of the rollout.")
     parser.add_argument("--kl_coef", type=float, default=0.05, help="KL weight; > 0 keeps a reference copy.")
-    parser.add_argument(
-        "--output", default=None, help="JSON path (default: benchmarks/results/sharded_memory[.quick].json)."
+    mmap_help = (
+        "Bytes: glibc serves larger allocations with mmap and gives them back on free (MALLOC_MMAP_THRESHOLD_ of the "
+        "workers); 0 keeps glibc's default, whose heap keeps freed buffers, so peak RSS counts them too."
     )
+    parser.add_argument("--malloc_mmap_threshold", type=int, default=0, help=mmap_help)
+    output_help = "JSON path (default: benchmarks/results/sharded_memory.json; --tiny: sharded_memory.quick.json)."
+    parser.add_argument("--output", default=None, help=output_help)
     internal = parser.add_argument_group("internal (set by the parent for each launched process)")
     internal.add_argument("--worker", choices=MODES, default=None, help="Run as one process of a launch of MODE.")
     internal.add_argument("--model_dir", default=None, help="The saved random model.")

@@ -48,9 +48,13 @@ LAUNCHES = {(1, "ddp,fsdp2-peft"), (2, "ddp"), (2, "fsdp2,fsdp2-peft")}
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tokenizer, tmp_path_factory) -> tuple[Path, dict[tuple[int, str], dict]]:
-    """``ddp_loss_script.py`` in its three launches; results by (process count, mode), and their folder."""
+def runs(make_tiny_model, tokenizer, tmp_path_factory) -> tuple[Path, dict[tuple[int, str], dict]]:
+    """``ddp_loss_script.py`` in its three launches; results by (process count, mode), and their folder. The model
+    ties its input and output embeddings, as the embedded SmolLM2 does (two FSDP groups cannot share them)."""
     folder = tmp_path_factory.mktemp("runs")
+    tiny_model_dir = folder / "tied-model"
+    make_tiny_model(tie_word_embeddings=True).save_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(tiny_model_dir)
     episodes = fixed_episodes(tiny_model_dir, tokenizer, folder / "gen")
     tokens = [t.num_policy_tokens for t in episodes]
     assert sum(tokens[:4]) != sum(tokens[4:])  # the halves differ: per-rank means would not match the global mean

@@ -189,7 +189,40 @@ def _step_time(job: str, field: str) -> Any:
     return json.loads((RESULTS / "step_time.json").read_text())["jobs"][job][field]
 
 
+def _sharded_memory(key: str, mode: str) -> float:
+    rows = json.loads((RESULTS / "sharded_memory.json").read_text())["mib"][mode][0]
+    return rows[key] if key in rows else sum(rows[k] for k in ("weights", "gradients", "optimizer_state"))
+
+
+def _memory_ratio(key: str) -> str:
+    """The results file's own FSDP2/DDP ratio (over both processes); the state's from its three rows."""
+    ratios = json.loads((RESULTS / "sharded_memory.json").read_text())["fsdp2_over_ddp"]
+    value = ratios[key] if key in ratios else _sharded_memory(key, "fsdp2") / _sharded_memory(key, "ddp")
+    return f"{value:.2f}"
+
+
 FACTS = [
+    Fact(
+        "sharded memory: FSDP2 against DDP per process",
+        r"weights, gradients and AdamW state (\d+) MiB under\nFSDP2 against (\d+) MiB under DDP \(ratio (\d\.\d\d)\), the"
+        r" reference (\d+) against (\d+) MiB \((\d\.\d\d)[^)]*\), (\d+) against (\d+) MiB in all \((\d\.\d\d)\); live"
+        r" memory at the end (\d\.\d\d) of DDP's, but peak\nRSS (\d\.\d\d) of it",
+        lambda: (
+            round(_sharded_memory("state", "fsdp2")),
+            round(_sharded_memory("state", "ddp")),
+            _memory_ratio("state"),
+            round(_sharded_memory("reference", "fsdp2")),
+            round(_sharded_memory("reference", "ddp")),
+            _memory_ratio("reference"),
+            round(_sharded_memory("total", "fsdp2")),
+            round(_sharded_memory("total", "ddp")),
+            _memory_ratio("total"),
+            _memory_ratio("rss_at_end_trimmed"),
+            _memory_ratio("peak_rss"),
+        ),
+        "sharded_memory.json",
+        "### Several processes, models too big for one device, several machines",
+    ),
     Fact(
         "the README environment's step time against the main job's",
         r"median (\d+\.\d) s \((\d+\.\d) tokens per episode\) against (\d+\.\d) s \((\d+\.\d)\) for the main job",

@@ -13,6 +13,7 @@ sharded by ``accelerate launch``, by ``from_pretrained(distributed_config=...)``
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ def masked_out(batch: dict[str, Any]) -> dict[str, Any]:
 def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of an FSDP2 model, sharded like it (the reference of a full-weight policy): built on the meta
     device, each module ``fully_shard``-ed on the mesh of the module it copies, then filled shard by shard from the
-    model's own state (no process ever holds the full weights)."""
+    model's own state (no process ever holds the full weights). Tied embeddings are copied untied."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -75,17 +76,29 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     plain = next(base for base in type(model).__mro__ if not issubclass(base, FSDPModule))
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
-        copy = plain(model.config).to(dtype)
+        frozen = plain(_untied(model.config)).to(dtype)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDPModule)]
     for name, module in reversed(wrapped):  # innermost first, the root last, as FSDP2 wants
         mesh = next(p.device_mesh for p in module.parameters() if isinstance(p, DTensor))
-        fully_shard(copy.get_submodule(name) if name else copy, mesh=mesh)
-    copy.to_empty(device=_device_of(model))
+        # frozen: gathered for each forward and freed after it (a root keeps its gathered weights otherwise)
+        fully_shard(frozen.get_submodule(name) if name else frozen, mesh=mesh, reshard_after_forward=True)
+    frozen.to_empty(device=_device_of(model))
     with torch.no_grad():
-        copy.load_state_dict(model.state_dict())
+        frozen.load_state_dict(model.state_dict())
         for name, buffer in model.named_buffers():  # also the non-persistent ones (rotary frequencies)
-            copy.get_buffer(name).copy_(buffer)
-    return copy.eval().requires_grad_(False)
+            frozen.get_buffer(name).copy_(buffer)
+    return frozen.eval().requires_grad_(False)
+
+
+def _untied(config: Any) -> Any:
+    """The config with the output embeddings untied from the input ones: two FSDP groups cannot share one parameter,
+    and a frozen copy needs no tie (both matrices are filled with the same values, and refreshed together)."""
+    config = copy.deepcopy(config)
+    for part in {
+        id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None
+    }.values():
+        part.tie_word_embeddings = False
+    return config
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
