@@ -204,8 +204,8 @@ def _memory_ratio(key: str) -> str:
 FACTS = [
     Fact(
         "sharded memory: FSDP2 against DDP per process",
-        r"weights, gradients and AdamW state (\d+) MiB under\nFSDP2 against (\d+) MiB under DDP \(ratio (\d\.\d\d)\), the"
-        r" reference (\d+) against (\d+) MiB \((\d\.\d\d)[^)]*\), (\d+) against (\d+) MiB in all \((\d\.\d\d)\); live"
+        r"weights, gradients and AdamW state (\d+) MiB under\nFSDP2 against (\d+) MiB under DDP \(ratio (\d\.\d\d)\),"
+        r" the reference (\d+) against (\d+) MiB \((\d\.\d\d)[^)]*\), (\d+) against (\d+) MiB in all \((\d\.\d\d)\); live"
         r" memory at the end (\d\.\d\d) of DDP's, but peak\nRSS (\d\.\d\d) of it",
         lambda: (
             round(_sharded_memory("state", "fsdp2")),
