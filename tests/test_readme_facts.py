@@ -205,8 +205,8 @@ FACTS = [
     Fact(
         "sharded memory: FSDP2 against DDP per process",
         r"weights, gradients and AdamW state (\d+) MiB under\nFSDP2 against (\d+) MiB under DDP \(ratio (\d\.\d\d)\),"
-        r" the reference (\d+) against (\d+) MiB \((\d\.\d\d)[^)]*\), (\d+) against (\d+) MiB in all \((\d\.\d\d)\); live"
-        r" memory at the end (\d\.\d\d) of DDP's, but peak\nRSS (\d\.\d\d) of it",
+        r" the reference (\d+) against (\d+) MiB \((\d\.\d\d)[^)]*\), (\d+) against (\d+) MiB in all"
+        r" \((\d\.\d\d)\); live memory at the end (\d\.\d\d) of DDP's, but peak\nRSS (\d\.\d\d) of it",
         lambda: (
             round(_sharded_memory("state", "fsdp2")),
             round(_sharded_memory("state", "ddp")),
