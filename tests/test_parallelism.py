@@ -123,3 +123,17 @@ def test_process_agreement_and_padding_micro_batches():
     padding = masked_out(batch)
     assert not padding["completion_mask"].any() and not padding["sampled_mask"].any()
     assert padding["input_ids"] is batch["input_ids"] and batch["completion_mask"].all()  # the original untouched
+
+
+def test_model_init_kwargs_from_the_command_line_as_in_trl(tmp_path):
+    """A JSON string, as TRL's GRPOConfig takes it (``--model_init_kwargs '{...}'``), becomes the mapping the loader
+    reads; a sharded load there is checked like any other sharded set-up."""
+    from trl import TrlParser
+
+    from trl_stepwise.trainer import StepwiseReinforceConfig
+
+    cli = ["--output_dir", str(tmp_path), "--model_init_kwargs", '{"distributed_config": {"fsdp_size": 2}}']
+    (args,) = TrlParser((StepwiseReinforceConfig,)).parse_args_and_config([*cli, "--use_vllm", "true"])
+    assert args.model_init_kwargs == {"distributed_config": {"fsdp_size": 2}}
+    with pytest.raises(ValueError, match="distributed_config"):
+        TrlParser((StepwiseReinforceConfig,)).parse_args_and_config([*cli, "--use_vllm", "false"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
     generated together in one rollout before the optimizer step that uses them.
     """
 
-    _VALID_DICT_FIELDS = [*BaseConfig._VALID_DICT_FIELDS, "chat_template_kwargs"]
+    _VALID_DICT_FIELDS = [*BaseConfig._VALID_DICT_FIELDS, "chat_template_kwargs", "model_init_kwargs"]
 
     # ---- rollouts
     num_generations: int = field(default=8, metadata={"help": "Episodes per problem (G): the group for the baseline."})
@@ -233,8 +234,12 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
         default=False, metadata={"help": "Upload rollouts*.jsonl with push_to_hub (off: they stay local)."}
     )
     num_completions_to_print: int = field(default=1, metadata={"help": "Sample transcripts printed at each log."})
-    model_init_kwargs: dict | None = field(
-        default=None, metadata={"help": "Extra from_pretrained kwargs when the trainer loads the model by name."}
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra from_pretrained kwargs when the trainer loads the model by name, a dict or a JSON string, "
+            'e.g. \'{"distributed_config": {"fsdp_size": 2}}\' to shard the model at load time (FSDP2).'
+        },
     )
     model_dtype: str = field(
         default="float32", metadata={"help": "dtype to load the model in (float32, bfloat16, auto)."}
@@ -254,6 +259,8 @@ class StepwiseReinforceConfig(ToolArguments, ObjectiveArguments, GenerationEngin
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.model_init_kwargs, str) and self.model_init_kwargs.startswith("{"):  # from the CLI
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         # FSDP1, and FSDP2 / ZeRO-3 without an engine on gathered weights: refused before any model loads
         check_launch(
             os.environ, self.deepspeed, self.fsdp, use_vllm=self.use_vllm, model_init_kwargs=self.model_init_kwargs
