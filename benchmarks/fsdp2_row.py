@@ -1,8 +1,8 @@
 """The GPU check's ``fsdp2_full`` row: the trainer's sharded code on one device, where nothing else can run it.
 
-A single-process FSDP2 run still goes through every piece the sharded trainer adds: the policy is ``fully_shard``-ed
-(each decoder layer, then the root) on a one-device mesh, so its parameters are DTensors; it is scored in one forward
-call per batch (``score_completions(..., one_call=True)``); before every rollout its weights are pushed, gathered
+A single-process FSDP2 run still goes through the pieces the sharded trainer adds: the policy is ``fully_shard``-ed
+(each decoder layer, then the root) on a one-device mesh, so its parameters are DTensors, and scored by the trainer's
+``score_completions`` (shared-prefix cache, length buckets); before every rollout its weights are pushed, gathered
 whole by ``engines.weights.policy_weights``, into a plain copy that generates (the stand-in of vLLM on gathered
 weights), so the sampler gap checks the push; after training the frozen sharded reference copy
 (``trainer.sharding.sharded_copy``) must equal the policy, and the weight and optimizer shards written by

@@ -385,8 +385,6 @@ def train_step(ctx: Context, model, optimizer, algorithm, samples: list[Sampled]
     """Score, loss, backward and AdamW step as ``compute_loss`` + the optimizer do; returns (gap, loss, seconds)."""
     import torch
 
-    from trl_stepwise.trainer.sharding import is_sharded
-
     batch = ctx.batching.pad_trajectories(
         samples,
         pad_id=PAD_ID,
@@ -399,7 +397,7 @@ def train_step(ctx: Context, model, optimizer, algorithm, samples: list[Sampled]
     model.train()
     with autocast(ctx.device, bf16):
         scores = ctx.batching.score_completions(
-            model, batch, temperature=1.0, with_entropy=True, prefix_model=model, one_call=is_sharded(model)
+            model, batch, temperature=1.0, with_entropy=True, prefix_model=model, sharded_over=sharded_over(model)
         )
     logps = scores.logps
     gap = sampler_gap(scores.sampling_logps, batch)
@@ -416,6 +414,15 @@ def train_step(ctx: Context, model, optimizer, algorithm, samples: list[Sampled]
     synchronize(ctx.device)
     seconds = time.perf_counter() - started
     return gap, float(loss.detach()), seconds
+
+
+def sharded_over(model) -> int:
+    """The process count of a sharded model, as the trainer passes it to ``score_completions`` (0: not sharded)."""
+    import torch.distributed as dist
+
+    from trl_stepwise.trainer.sharding import is_sharded
+
+    return dist.get_world_size() if is_sharded(model) else 0
 
 
 def trainable(model) -> list[tuple[str, Any]]:

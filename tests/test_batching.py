@@ -201,9 +201,11 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_one_call_scoring_of_a_sharded_model_gives_the_bucketed_values_and_gradients(make_tiny_model, monkeypatch):
-    """Under sharding a batch is scored in one forward call (every process must make the same calls): no prefix pass,
-    no buckets, the same numbers."""
+def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_same(make_tiny_model, monkeypatch):
+    """Under sharding every process makes the calls the process with the most buckets makes (here: 2 more than this
+    one wants), the extra ones on a padding token at zero weight: the same numbers and gradients; the padding calls
+    and the shared prefix's call are in the backward graph through their outputs (FSDP2 gathers a layer's weights for
+    backward when its output's gradient arrives: through the prefix's cache alone it would not)."""
     from trl_stepwise.trainer import batching
 
     model = make_tiny_model().train()
@@ -211,23 +213,31 @@ def test_one_call_scoring_of_a_sharded_model_gives_the_bucketed_values_and_gradi
     weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(5))
     mask = batch["completion_mask"]
     monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})
-    calls = []
-    model.register_forward_hook(lambda *args: calls.append(1))
+    agreed = []
+    monkeypatch.setattr(batching, "agreed_count", lambda count, processes: agreed.append(count) or count + 2)
+    calls, backward = [], []
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"]), with_kwargs=True)
+    model.model.norm.register_full_backward_hook(lambda *args: backward.append(1))  # once per call in the graph
 
-    def scored(one_call: bool):
+    def scored(sharded_over: int):
         calls.clear()
+        backward.clear()
         model.zero_grad()
-        scores = batching.score_completions(model, batch, temperature=0.7, with_entropy=True, one_call=one_call)
+        scores = batching.score_completions(
+            model, batch, temperature=0.7, with_entropy=True, sharded_over=sharded_over
+        )
         (scores.logps * weights * mask).sum().backward()
-        return scores, [p.grad.clone() for p in model.parameters()], len(calls)
+        return scores, [p.grad.clone() for p in model.parameters()], list(calls), len(backward)
 
-    bucketed, bucketed_grads, bucketed_calls = scored(False)
-    single, single_grads, single_calls = scored(True)
-    assert single_calls == 1 and bucketed_calls > 2
+    alone, alone_grads, alone_calls, alone_backward = scored(0)
+    sharded, sharded_grads, sharded_calls, sharded_backward = scored(2)
+    assert sharded_backward == alone_backward + 3  # the 2 padding calls, and the shared prefix's (through its cache)
+    assert agreed == [len(alone_calls)] and len(sharded_calls) == len(alone_calls) + 2
+    assert [c.shape for c in sharded_calls].count(torch.Size([1, 1])) == 2  # the padding calls: one token each
     for name in ("logps", "entropy"):
-        assert torch.allclose(getattr(single, name)[mask], getattr(bucketed, name)[mask], atol=1e-5), name
-    for a, b in zip(single_grads, bucketed_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.equal(getattr(sharded, name), getattr(alone, name)), name
+    for a, b in zip(sharded_grads, alone_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
 
 
 def test_only_the_first_length_bucket_goes_through_the_ddp_wrapper(make_tiny_model, gloo_world, monkeypatch):

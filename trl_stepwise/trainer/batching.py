@@ -139,7 +139,7 @@ def score_completions(
     prefix_model: torch.nn.Module | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
-    one_call: bool = False,
+    sharded_over: int = 0,
 ) -> CompletionScores:
     """Log-probabilities of the completion tokens; optionally the entropy and the log-probs of the truncated
     distribution the engine samples from (``top_k`` / ``top_p``; without them it is ``logps``).
@@ -148,8 +148,9 @@ def score_completions(
     (``length_buckets``): episodes that end after 10 tokens no longer pay for the one that ran 130. Only the first
     bucket goes through ``model``; the shared prefix and the other buckets through ``prefix_model`` (default
     ``model``): pass the unwrapped model when ``model`` is a DDP wrapper, which allows one wrapped forward call per
-    backward. ``one_call``: a single forward call, the prefix in every row (a sharded model: every process must make
-    the same calls).
+    backward. ``sharded_over``: the process count of a sharded ``model`` (0: not sharded): every process makes as many
+    forward calls as the process that needs the most, the others on one padding token, at zero weight in the result
+    (so that a backward runs through them too).
     """
     width = int(batch["completion_width"])
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -157,15 +158,19 @@ def score_completions(
     prefix = batch.get("prefix_ids")
     has_prefix = prefix is not None and prefix.shape[1] > 0
     prefix_cache = None
-    if has_prefix and not one_call and not _checkpointing(model):
-        prefix_cache = _encode_prefix(inner, prefix)
+    padding: list[torch.Tensor] = []  # zero-weight outputs that must be in the backward graph (under sharding)
+    if has_prefix and not _checkpointing(model):
+        prefix_cache, prefix_logits = _encode_prefix(inner, prefix)
+        if sharded_over:  # the last layer's backward (through the cache) is then announced to FSDP as any other
+            padding.append(prefix_logits.sum())
     scale = 1.0 / temperature if temperature > 0 else 1.0
     filtered = top_k > 0 or top_p < 1.0
     parts: list[CompletionScores] = []
     order: list[int] = []
-    buckets = (
-        [list(range(input_ids.shape[0]))] if one_call else length_buckets(attention_mask, width, input_ids.device.type)
-    )
+    buckets = length_buckets(attention_mask, width, input_ids.device.type)
+    if sharded_over:
+        wanted = len(buckets) + (prefix_cache is not None)
+        padding += [padding_call(inner, 0) for _ in range(agreed_count(wanted, sharded_over) - wanted)]
     for number, bucket in enumerate(buckets):
         ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
         rows = ids.shape[0]
@@ -195,6 +200,8 @@ def score_completions(
         parts.append(part)
         order.extend(bucket)
     logps = _assemble([p.logps for p in parts], order, width)
+    if padding:  # at zero weight: their backward takes part in the gradient reduction and adds nothing
+        logps = logps + torch.stack(padding).sum() * 0.0
     return CompletionScores(
         logps,
         entropy=_assemble([p.entropy for p in parts], order, width) if with_entropy else None,
@@ -352,11 +359,11 @@ def _filtered_logprobs(
     return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
-def _encode_prefix(model: torch.nn.Module, prefix: torch.Tensor) -> DynamicCache:
-    """Encode the shared prefix once (with gradients when enabled): one row of keys/values."""
+def _encode_prefix(model: torch.nn.Module, prefix: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Encode the shared prefix once (with gradients when enabled): one row of keys/values, and the last logits."""
     cache = DynamicCache(config=_config_of(model))
-    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache
+    out = model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits
 
 
 def _rows_view(prefix_cache: DynamicCache, rows: int) -> DynamicCache:
@@ -412,8 +419,8 @@ def sequence_logps(
     """Log-probs of every completion token, in chunks of at most ``max_tokens`` padded tokens; with ``filtered``, a
     pair: also those under the engine's sampling filter (``top_k`` / ``top_p``), the quantity its log-probs are
     compared with. ``autocast``: the trainer's mixed precision (frozen models sit outside ``accelerator.prepare``).
-    ``sharded_over``: the process count of a sharded ``model`` (0: not sharded): every process makes as many calls as
-    the process with the most chunks, one call per chunk."""
+    ``sharded_over``: the process count of a sharded ``model`` (0: not sharded): every process scores as many chunks
+    as the process with the most, and makes as many calls per chunk (``score_completions``)."""
     was_training = model.training
     model.eval()
     plain: list[list[float]] = []
@@ -433,7 +440,7 @@ def sequence_logps(
                     temperature=temperature,
                     top_k=top_k if filtered else 0,
                     top_p=top_p if filtered else 1.0,
-                    one_call=bool(sharded_over),
+                    sharded_over=sharded_over,
                 )
             lengths = [len(t.completion_ids) for t in chunk]
             plain.extend(row[:n] for row, n in zip(scores.logps.tolist(), lengths, strict=True))

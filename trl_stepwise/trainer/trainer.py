@@ -396,7 +396,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             prefix_model=self.accelerator.unwrap_model(model),
             top_k=args.top_k,
             top_p=args.top_p,
-            one_call=self.sharded,
+            sharded_over=self.accelerator.num_processes if self.sharded else 0,
         )
         logps, mask = scores.logps, inputs["completion_mask"]
         old = inputs.get("old_logps")
