@@ -137,3 +137,30 @@ def test_model_init_kwargs_from_the_command_line_as_in_trl(tmp_path):
     assert args.model_init_kwargs == {"distributed_config": {"fsdp_size": 2}}
     with pytest.raises(ValueError, match="distributed_config"):
         TrlParser((StepwiseReinforceConfig,)).parse_args_and_config([*cli, "--use_vllm", "false"])
+
+
+def test_a_process_with_fewer_micro_batches_pads_them_without_changing_the_loss_normaliser(
+    tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch
+):
+    """Another process wants one micro-batch more: this one adds a copy of its last with every token out of the loss,
+    and its real micro-batches keep their own count as the bnpo normaliser (padding must not shrink their loss)."""
+    from tiny_training import length_reward
+
+    from trl_stepwise.trainer import StepwiseReinforceTrainer
+    from trl_stepwise.trainer import trainer as trainer_module
+
+    config = make_config(tmp_path, loss_type="bnpo", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = StepwiseReinforceTrainer(
+        model=tiny_model,
+        args=config,
+        train_dataset=arithmetic_problems,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+    )
+    trainer.sharded = True  # as under FSDP2, with the other process wanting one micro-batch more
+    monkeypatch.setattr(trainer_module, "agreed_count", lambda count, processes: count + 1)
+    batches = trainer._generate_and_score([dict(r) for r in arithmetic_problems.select(range(2))], 2)
+    assert len(batches) == 3 and [b["num_micro_batches"] for b in batches] == [2, 2, 2]
+    assert batches[0]["completion_mask"].any() and batches[1]["completion_mask"].any()
+    assert not batches[2]["completion_mask"].any() and not batches[2]["sampled_mask"].any()
+    assert torch.equal(batches[2]["input_ids"], batches[1]["input_ids"])  # the same forward shape and calls

@@ -338,12 +338,11 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             old_sampling_logps=policy_sampling_logps,
             out_of_loss=out_of_loss,
         )
-        if self.sharded:  # every process trains on as many micro-batches as the one with the most
-            batches += [masked_out(batches[-1])] * (
-                agreed_count(len(batches), self.accelerator.num_processes) - len(batches)
-            )
         for batch in batches:
             batch.update(num_tokens=num_tokens, num_sequences=num_sequences, num_micro_batches=len(batches))
+        if self.sharded:  # every process trains on as many micro-batches as the one with the most
+            wanted = agreed_count(len(batches), self.accelerator.num_processes)
+            batches += [masked_out(batches[-1]) for _ in range(wanted - len(batches))]
         self.metrics.record_rollout(
             trajectories,
             returns,
