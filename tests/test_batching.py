@@ -131,6 +131,12 @@ def test_chunked_logprobs_of_bfloat16_logits_are_computed_in_float32():
 
 def ragged_batch(vocab: int, completions: tuple[int, ...] = (40, 3, 38, 2, 4, 3), prefix: int = 20) -> dict:
     """Rows whose completions differ tenfold in length, forced tokens among them, behind a shared prefix."""
+    batch = pad_trajectories(ragged_trajectories(vocab, completions, prefix), pad_id=0)
+    assert batch["prefix_ids"].shape[1] == prefix  # the shared-prefix path is exercised
+    return batch
+
+
+def ragged_trajectories(vocab: int, completions: tuple[int, ...], prefix: int) -> list[Trajectory]:
     generator = torch.Generator().manual_seed(3)
 
     def ids(n: int) -> list[int]:
@@ -149,9 +155,7 @@ def ragged_batch(vocab: int, completions: tuple[int, ...] = (40, 3, 38, 2, 4, 3)
                 step_index=[0] * width,
             )
         )
-    batch = pad_trajectories(trajectories, pad_id=0)
-    assert batch["prefix_ids"].shape[1] == prefix  # the shared-prefix path is exercised
-    return batch
+    return trajectories
 
 
 def test_rows_of_very_different_lengths_are_scored_in_length_buckets_and_a_uniform_batch_in_one():
@@ -238,6 +242,30 @@ def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_sam
         assert torch.equal(getattr(sharded, name), getattr(alone, name)), name
     for a, b in zip(sharded_grads, alone_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_a_sharded_process_scores_as_many_chunks_as_the_busiest_each_through_the_same_calls(
+    make_tiny_model, monkeypatch
+):
+    """Another process has one log-prob chunk more: this one scores a copy of its last chunk in its place (and drops
+    the result), so the extra chunk makes the calls and the per-chunk agreement a real one makes there."""
+    from trl_stepwise.trainer import batching
+
+    model = make_tiny_model()
+    trajectories = ragged_trajectories(model.config.vocab_size, (40, 3, 38, 2, 4, 3), prefix=20)
+    chunks = len(batching.chunks_by_tokens(trajectories, 200))
+    assert chunks > 1
+    alone = batching.sequence_logps(model, trajectories, pad_id=0, max_tokens=200, temperature=0.7)
+    agreements = []
+
+    def agreed(count: int, processes: int) -> int:  # the first agreement is the chunk count: one more elsewhere
+        agreements.append(count)
+        return count + 1 if len(agreements) == 1 else count
+
+    monkeypatch.setattr(batching, "agreed_count", agreed)
+    sharded = batching.sequence_logps(model, trajectories, pad_id=0, max_tokens=200, temperature=0.7, sharded_over=2)
+    assert sharded == alone
+    assert agreements[0] == chunks and len(agreements) == 1 + chunks + 1  # then one per scored chunk, the extra too
 
 
 def test_only_the_first_length_bucket_goes_through_the_ddp_wrapper(make_tiny_model, gloo_world, monkeypatch):

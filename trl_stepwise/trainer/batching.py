@@ -170,7 +170,7 @@ def score_completions(
     buckets = length_buckets(attention_mask, width, input_ids.device.type)
     if sharded_over:
         wanted = len(buckets) + (prefix_cache is not None)
-        padding += [padding_call(inner, 0) for _ in range(agreed_count(wanted, sharded_over) - wanted)]
+        padding += [padding_call(inner) for _ in range(agreed_count(wanted, sharded_over) - wanted)]
     for number, bucket in enumerate(buckets):
         ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
         rows = ids.shape[0]
@@ -420,18 +420,18 @@ def sequence_logps(
     pair: also those under the engine's sampling filter (``top_k`` / ``top_p``), the quantity its log-probs are
     compared with. ``autocast``: the trainer's mixed precision (frozen models sit outside ``accelerator.prepare``).
     ``sharded_over``: the process count of a sharded ``model`` (0: not sharded): every process scores as many chunks
-    as the process with the most, and makes as many calls per chunk (``score_completions``)."""
+    as the process with the most (the extra ones copies of its last), each with the calls ``score_completions``
+    agrees on."""
     was_training = model.training
     model.eval()
     plain: list[list[float]] = []
     under_filter: list[list[float]] = []
     chunks = chunks_by_tokens(trajectories, max_tokens)
+    real = len(chunks)
+    if sharded_over:  # another process's extra chunks: a copy of the last one in their place, its result dropped
+        chunks += [chunks[-1]] * (agreed_count(real, sharded_over) - real)
     try:
-        if sharded_over:
-            for _ in range(agreed_count(len(chunks), sharded_over) - len(chunks)):
-                with autocast():
-                    padding_call(model, pad_id)
-        for chunk in chunks:
+        for number, chunk in enumerate(chunks):
             batch = pad_trajectories(chunk, pad_id=pad_id, device=model.device)
             with autocast():
                 scores = score_completions(
@@ -442,6 +442,8 @@ def sequence_logps(
                     top_p=top_p if filtered else 1.0,
                     sharded_over=sharded_over,
                 )
+            if number >= real:
+                continue
             lengths = [len(t.completion_ids) for t in chunk]
             plain.extend(row[:n] for row, n in zip(scores.logps.tolist(), lengths, strict=True))
             if filtered:

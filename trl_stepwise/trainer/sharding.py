@@ -3,10 +3,11 @@
 Under sharding every forward call of the policy is a collective: each layer gathers its parameters from all
 processes before it runs, so a process that calls the model once more than another waits for ever. Scoring is
 data-dependent (micro-batches and log-prob chunks cut by length, length buckets, a shared-prefix pass), so under
-sharding every process first agrees on the number of calls (the largest any process wants) and makes up the rest with
-calls on one padding token, at zero weight in the loss so that their backward runs too; the shared prefix's call also
-enters the loss at zero weight, since FSDP2 gathers a layer's weights for backward only when the gradient of the
-layer's output arrives (through the prefix's key/value cache alone it never would).
+sharding the processes agree at each level on the largest count any of them wants: a process short of micro-batches
+or chunks scores copies of its last one (out of the loss, results dropped), and one short of forward calls within a
+batch calls the model on one token, at zero weight in the loss so that their backward runs too. The shared prefix's
+call also enters the loss at zero weight, since FSDP2 gathers a layer's weights for backward only when the gradient
+of the layer's output arrives (through the prefix's key/value cache alone it never would).
 
 A sharded model is recognised by its parameters (FSDP2's DTensors, ZeRO-3's partitioned ``ds_id`` tensors: a model
 sharded by ``accelerate launch``, by ``from_pretrained(distributed_config=...)`` or by the user's own
@@ -45,10 +46,10 @@ def agreed_count(count: int, num_processes: int) -> int:
     return max(gather_object([count]))
 
 
-def padding_call(model: torch.nn.Module, pad_id: int | None) -> torch.Tensor:
-    """One forward call on a single padding token, to take part in the parameter gathering of a call another process
-    makes; returns the sum of its logits (scaled by 0 and added to a loss, its backward takes part too)."""
-    ids = torch.tensor([[0 if pad_id is None else pad_id]], device=_device_of(model))
+def padding_call(model: torch.nn.Module) -> torch.Tensor:
+    """One forward call on a single token, to take part in the parameter gathering of a call another process makes;
+    returns the sum of its logits (scaled by 0 and added to a loss, its backward takes part too)."""
+    ids = torch.tensor([[0]], device=_device_of(model))
     return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits.sum()
 
 
