@@ -13,7 +13,6 @@ from tiny_training import make_config
 from trl_stepwise.trainer.parallelism import (
     check_accelerator,
     check_launch,
-    check_sharded_model,
     check_sharded_reference,
     sharded_setup,
 )
@@ -98,9 +97,11 @@ def test_a_sharded_model_with_the_transformers_engine_is_refused(tiny_model):
     assert not is_sharded(tiny_model)
     next(tiny_model.parameters()).ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
     assert is_sharded(tiny_model)
+    plain = SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None)
     with pytest.raises(ValueError, match="A sharded model.*--use_vllm true"):
-        check_sharded_model(True, use_vllm=False)
-    check_sharded_model(True, use_vllm=True)
+        check_accelerator(plain, use_vllm=False, sharded_model=True)
+    check_accelerator(plain, use_vllm=True, sharded_model=True)
+    check_accelerator(plain, use_vllm=False, sharded_model=False)
 
 
 def test_full_weight_zero3_with_a_kl_term_is_refused_before_loading():

@@ -72,8 +72,9 @@ def check_launch(
         raise ValueError(_engine_refusal(setup))
 
 
-def check_accelerator(state: Any, use_vllm: bool) -> None:
-    """The same from the accelerator's own state (catches set-ups made without ``accelerate launch``)."""
+def check_accelerator(state: Any, use_vllm: bool, sharded_model: bool = False) -> None:
+    """The same from the accelerator's own state (catches set-ups made without ``accelerate launch``), and from the
+    model itself: one passed already sharded (DTensor or ZeRO-3 parameters) needs the same engine."""
     fsdp = getattr(state, "fsdp_plugin", None)
     deepspeed = getattr(state, "deepspeed_plugin", None)
     if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
@@ -84,11 +85,7 @@ def check_accelerator(state: Any, use_vllm: bool) -> None:
         raise ValueError(_engine_refusal("FSDP (fsdp_version 2)"))
     if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
         raise ValueError(_engine_refusal("DeepSpeed ZeRO-3"))
-
-
-def check_sharded_model(sharded: bool, use_vllm: bool) -> None:
-    """Refuse a model passed already sharded (DTensor or ZeRO-3 parameters) to the transformers engine."""
-    if sharded and not use_vllm:
+    if sharded_model:
         raise ValueError(_engine_refusal("A sharded model (FSDP2 / tensor-parallel / ZeRO-3 parameters)"))
 
 

@@ -50,7 +50,7 @@ from trl_stepwise.trainer.dynamic_sampling import ExtraProblems, PlayedGroups, f
 from trl_stepwise.trainer.environments import TrainerEnvironments
 from trl_stepwise.trainer.evaluation import EVAL_SUMMARY_KEYS, evaluate_policy, named_eval_set
 from trl_stepwise.trainer.metrics import TrainingMetrics, append_rollouts
-from trl_stepwise.trainer.parallelism import check_accelerator, check_sharded_model
+from trl_stepwise.trainer.parallelism import check_accelerator
 from trl_stepwise.trainer.progress import show_reward_on_progress_bar, use_compact_logs
 from trl_stepwise.trainer.reference import ReferencePolicy
 from trl_stepwise.trainer.rounds import play_round, promote_curriculum
@@ -135,10 +135,9 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
-        check_accelerator(self.accelerator.state, args.use_vllm)
+        check_accelerator(self.accelerator.state, args.use_vllm, sharded_model=is_sharded(self.model))
         # FSDP2 / ZeRO-3: every process makes the same model calls (sharding.py); now or once prepare shards it
         self.sharded = is_sharded(self.model) or shards_on_prepare(self.accelerator.state)
-        check_sharded_model(self.sharded, args.use_vllm)
         use_compact_logs(self)
         self.reward_funcs = reward_funcs
         self.algorithm = algorithm or build_algorithm(args.algorithm, args.algorithm_settings())
