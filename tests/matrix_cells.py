@@ -170,9 +170,9 @@ def cell_config(cell: Cell, output_dir: Path, server_url: str | None = None):
         per_device_train_batch_size=4 // cell.processes,
         num_generations=2,
         gradient_accumulation_steps=1,
-        max_step_tokens=16,
+        max_step_tokens=12,
         max_episode_steps=3,
-        max_episode_tokens=40,
+        max_episode_tokens=24,
         n_few_shot=0,  # short prompts: the cells check mechanics, not accuracy
         max_example_chars=300,
         learning_rate=1e-5 if cell.weights == "full" else 1e-3,

@@ -2,8 +2,8 @@
 under DDP, and under FSDP2 (torch's ``fully_shard`` on gloo, through transformers' ``distributed_config``) also the
 push of the gathered policy to the engine and the resume from each process's shards.
 
-Three launches serve every test (module fixture ``runs``): one process (ddp, fsdp2-peft), two under DDP, two under
-FSDP2 (fsdp2, fsdp2-peft); ``fsdp2`` in one process is the ``ddp`` run."""
+Two launches serve every test (module fixture ``runs``): one process (ddp, fsdp2-peft) and two processes (ddp, then
+fsdp2 and fsdp2-peft); ``fsdp2`` in one process is the ``ddp`` run."""
 
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ def fixed_episodes(model_dir, tokenizer, output_dir) -> list:
     return episodes
 
 
-LAUNCHES = {(1, "ddp,fsdp2-peft"), (2, "ddp"), (2, "fsdp2,fsdp2-peft")}
+LAUNCHES = {(1, "ddp,fsdp2-peft"), (2, "ddp,fsdp2,fsdp2-peft")}
 
 
 @pytest.fixture(scope="module")
 def runs(make_tiny_model, tokenizer, tmp_path_factory) -> tuple[Path, dict[tuple[int, str], dict]]:
-    """``ddp_loss_script.py`` in its three launches; results by (process count, mode), and their folder. The model
+    """``ddp_loss_script.py`` in its two launches; results by (process count, mode), and their folder. The model
     ties its input and output embeddings, as the embedded SmolLM2 does (two FSDP groups cannot share them)."""
     folder = tmp_path_factory.mktemp("runs")
     tiny_model_dir = folder / "tied-model"

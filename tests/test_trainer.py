@@ -350,9 +350,16 @@ def _launch_two_processes(output_dir, model_dir, overrides: dict | None = None) 
     return [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def two_process_ranks(tiny_model_dir, tmp_path_factory) -> list[dict]:
+    """One 2-process run with reference guidance on serves both tests below (a launch costs ~13 s)."""
+    overrides = {"reference_guidance": True, "max_step_tokens": 32, "max_episode_steps": 3}
+    return _launch_two_processes(tmp_path_factory.mktemp("two_processes"), tiny_model_dir, overrides)
+
+
 @pytest.mark.slow
-def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
-    ranks = _launch_two_processes(tmp_path, tiny_model_dir)
+def test_two_process_training_keeps_ranks_identical(two_process_ranks):
+    ranks = two_process_ranks
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]  # they are identical after really training
@@ -360,10 +367,9 @@ def test_two_process_training_keeps_ranks_identical(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_reference_guidance_logs_the_groups_of_both_ranks(tiny_model_dir, tmp_path):
+def test_two_process_reference_guidance_logs_the_groups_of_both_ranks(two_process_ranks):
     """Each rank guides its own failed groups (a random model fails them all); the log counts both ranks'."""
-    overrides = {"reference_guidance": True, "max_step_tokens": 32, "max_episode_steps": 3}
-    ranks = _launch_two_processes(tmp_path, tiny_model_dir, overrides)
+    ranks = two_process_ranks
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["initial_checksum"]
     groups_per_rank = 4 // 2  # per_device_train_batch_size 4, num_generations 2
     assert ranks[0]["reference_episodes"] == [2 * groups_per_rank] * 2

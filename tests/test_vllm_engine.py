@@ -51,7 +51,8 @@ def _make_env():
 
 
 def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, tokenizer, vllm_engine, builder, problems):
-    """8 GSM8K problems, fp32, calculator on: the same ids, masks, steps and verdicts from both engines."""
+    """4 GSM8K problems, fp32, calculator on: the same ids, masks, steps and verdicts from both engines."""
+    problems = problems[:4]
     reference = StepwiseRollout(policy, tokenizer, builder, GREEDY).run(_make_env, problems)
     served = StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine)
     trajectories = served.run(_make_env, problems)
