@@ -205,7 +205,69 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_same(make_tiny_model, monkeypatch):
+def grouped_batch(vocab: int, prefix: int = 20) -> dict:
+    """Two groups of three episodes: each group's rows share their whole prompt (of different lengths: 5 and 2
+    tokens after the shared prefix), completions of ragged lengths."""
+    generator = torch.Generator().manual_seed(7)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+    shared, questions = ids(prefix), [ids(5), ids(2)]
+    trajectories = []
+    for i, width in enumerate((30, 3, 12, 2, 25, 6)):
+        trajectories.append(
+            Trajectory(
+                episode=Episode(episode_id=i, group_id=i // 3, row={"question": "", "answer": ""}),
+                prompt_ids=shared + questions[i // 3],
+                completion_ids=ids(width),
+                policy_mask=[j % 5 != 4 for j in range(width)],
+                step_index=[0] * width,
+            )
+        )
+    return pad_trajectories(trajectories, pad_id=0)
+
+
+@pytest.mark.parametrize("call_cost", [0, 10**9])
+def test_a_groups_prompt_is_encoded_once_with_the_same_values_and_gradients(make_tiny_model, monkeypatch, call_cost):
+    """Rows that share their prompt (a group's episodes) continue one encoding of it: the forward calls hold each
+    prompt once and then only completion tokens, and the log-probs, entropy and gradients are those of encoding every
+    row whole."""
+    from trl_stepwise.trainer import batching
+
+    monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": call_cost})
+    model = make_tiny_model().train()
+    batch = grouped_batch(model.config.vocab_size)
+    weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(4))
+    mask = batch["completion_mask"]
+    calls = []
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"]), with_kwargs=True)
+
+    def scored():
+        calls.clear()
+        model.zero_grad()
+        scores = batching.score_completions(model, batch, temperature=0.7, with_entropy=True, top_p=0.8)
+        (scores.logps * weights * mask).sum().backward()
+        return scores, [p.grad.clone() for p in model.parameters()], list(calls)
+
+    shared, shared_grads, shared_calls = scored()
+    monkeypatch.setattr(batching, "encode_prompts", lambda *args: None)  # every row encodes its own prompt
+    whole, whole_grads, whole_calls = scored()
+    assert shared_calls[1].shape == (2, 5)  # the two distinct prompts, once each (left-padded to 5)
+    completion_tokens = sum(c.numel() for c in shared_calls[2:])
+    assert completion_tokens <= 6 * int(batch["completion_width"])  # the rows' calls hold completions only
+    assert sum(c.numel() for c in shared_calls) < sum(c.numel() for c in whole_calls)
+    for name in ("logps", "entropy", "sampling_logps"):
+        got, expected = getattr(shared, name), getattr(whole, name)
+        assert torch.allclose(got[mask], expected[mask], atol=1e-5), name
+    for a, b in zip(shared_grads, whole_grads, strict=True):  # the embeddings' gradients reach ~13: summed in
+        assert torch.allclose(a, b, atol=1e-4)  # another order, they differ by up to ~3e-5
+
+
+@pytest.mark.parametrize("make_batch", [ragged_batch, grouped_batch], ids=["own_prompts", "group_prompts"])
+def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_same(
+    make_tiny_model, monkeypatch, make_batch
+):
     """Under sharding every process makes the calls the process with the most buckets makes (here: 2 more than this
     one wants), the extra ones on a padding token at zero weight: the same numbers and gradients; the padding calls
     and the shared prefix's call are in the backward graph through their outputs (FSDP2 gathers a layer's weights for
@@ -213,7 +275,7 @@ def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_sam
     from trl_stepwise.trainer import batching
 
     model = make_tiny_model().train()
-    batch = ragged_batch(model.config.vocab_size)
+    batch = make_batch(model.config.vocab_size)
     weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(5))
     mask = batch["completion_mask"]
     monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})
@@ -288,3 +350,13 @@ def test_only_the_first_length_bucket_goes_through_the_ddp_wrapper(make_tiny_mod
     assert torch.allclose(got * mask, expected * mask, atol=1e-5)
     for (name, a), b in zip(plain.named_parameters(), inner.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_log_prob_chunks_count_the_shared_prefix_once():
+    """16 rows behind a 300-token few-shot prefix, 40 tokens of their own: 300 + 16 x 40 = 940 tokens are encoded,
+    so one chunk of 1000 holds them all (counting the prefix per row, 16 x 340 = 5440, would split them in six)."""
+    from trl_stepwise.trainer.batching import chunks_by_tokens
+
+    trajectories = ragged_trajectories(500, completions=(30,) * 16, prefix=300)  # own prompt 1-3, completion 30
+    assert [len(c) for c in chunks_by_tokens(trajectories, 1000)] == [16]
+    assert [len(c) for c in chunks_by_tokens(trajectories, 600)] == [9, 7]  # 300 + 9 x 33 = 597

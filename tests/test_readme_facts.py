@@ -309,7 +309,8 @@ FACTS = [
     ),
     Fact(
         "results: micro-batches, threshold, steps, worked examples",
-        r"micro-batches of (\d+) episodes, generated level 1 held for the whole run \(curriculum threshold (\d\.\d+),"
+        r"one micro-batch of\s+(\d+) episodes \(two of 8 when the figures below were measured: the same objective\),"
+        r" generated level 1 held for the whole run \(curriculum threshold (\d\.\d+),"
         r" which the rolling training accuracy does not reach in (\d+) steps\), and (\d+) worked examples from"
         r" (GSM8K) train in every prompt \(the short ones: `max_example_chars: (\d+)`\)",
         lambda: (

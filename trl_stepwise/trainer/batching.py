@@ -6,24 +6,24 @@ model is then asked for logits of the completion columns only (``logits_to_keep`
 no float32 copy of the vocabulary-sized logits is ever stored.
 
 When all rows start with the same few-shot prefix (the usual case: hundreds of tokens), the prefix is encoded once
-and its key/value cache is shared by every row, gradients included; only the rest of each row is encoded per row.
+and its key/value cache is shared by every row, gradients included; rows that share their whole prompt (a group's
+episodes) share its encoding too (``shared_prompts``), so only the completions are encoded per row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
+from trl_stepwise.trainer.shared_prompts import encode_prefix, encode_prompts, rows_view
 
 FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
 
@@ -158,25 +158,36 @@ def score_completions(
     prefix = batch.get("prefix_ids")
     has_prefix = prefix is not None and prefix.shape[1] > 0
     prefix_cache = None
+    shared = None
     padding: list[torch.Tensor] = []  # zero-weight outputs that must be in the backward graph (under sharding)
-    if has_prefix and not _checkpointing(model):
-        prefix_cache, prefix_logits = _encode_prefix(inner, prefix)
-        if sharded_over:  # the last layer's backward (through the cache) is then announced to FSDP as any other
-            padding.append(prefix_logits.sum())
+    if not _checkpointing(model):  # recomputation would re-append to a shared cache
+        if has_prefix:
+            prefix_cache, prefix_logits = encode_prefix(inner, prefix)
+            if sharded_over:  # the last layer's backward (through the cache) is then announced to FSDP as any other
+                padding.append(prefix_logits.sum())
+        prompt_width = input_ids.shape[1] - width
+        prefix_len = prefix.shape[1] if has_prefix else 0
+        shared = encode_prompts(
+            inner, input_ids[:, :prompt_width], attention_mask[:, :prompt_width], prefix_cache, prefix_len
+        )
     scale = 1.0 / temperature if temperature > 0 else 1.0
     filtered = top_k > 0 or top_p < 1.0
     parts: list[CompletionScores] = []
     order: list[int] = []
     buckets = length_buckets(attention_mask, width, input_ids.device.type)
     if sharded_over:
-        wanted = len(buckets) + (prefix_cache is not None)
+        wanted = len(buckets) + (prefix_cache is not None) + (shared is not None)
         padding += [padding_call(inner) for _ in range(agreed_count(wanted, sharded_over) - wanted)]
     for number, bucket in enumerate(buckets):
-        ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
+        first_logits = None
+        if shared is not None:  # rows continue their group's encoded prompt: only the completions are encoded
+            ids, mask, part_width = _completions_only(input_ids[bucket], attention_mask[bucket], width)
+            cache, first_logits = shared.rows(bucket)
+        else:
+            ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
+            cache = rows_view(prefix_cache, ids.shape[0]) if prefix_cache is not None else None
         rows = ids.shape[0]
-        cache = None
         if prefix_cache is not None:
-            cache = _rows_view(prefix_cache, rows)
             mask = torch.cat([torch.ones((rows, prefix.shape[1]), dtype=mask.dtype, device=mask.device), mask], 1)
         elif has_prefix:  # activation checkpointing, no cache sharing: put the prefix back in every row
             ids = torch.cat([prefix.expand(rows, -1), ids], dim=1)
@@ -187,10 +198,12 @@ def score_completions(
             attention_mask=mask,
             position_ids=position_ids,
             past_key_values=cache,
-            logits_to_keep=part_width + 1,
+            logits_to_keep=part_width + (first_logits is None),
             use_cache=cache is not None,
         )
         logits = out.logits[:, :-1, :]
+        if first_logits is not None:  # the prompt's last token predicts the first completion token
+            logits = torch.cat([first_logits[:, None, :].to(logits.dtype), logits], dim=1)
         targets = ids[:, -part_width:]
         part = CompletionScores(selective_log_softmax(logits, targets, scale))
         if with_entropy:
@@ -262,6 +275,17 @@ def _trim(
     width = max(int(in_completion[-1]) + 1 if len(in_completion) else 0, 1)
     end = prompt_width + width
     return input_ids[:, first:end], attention_mask[:, first:end], width
+
+
+def _completions_only(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The completion columns up to the last one any row uses, and the attention mask of the whole rows (the prompt's
+    columns are in the cache)."""
+    prompt_width = input_ids.shape[1] - completion_width
+    used = attention_mask[:, prompt_width:].bool().any(0).nonzero()
+    width = max(int(used[-1]) + 1 if len(used) else 0, 1)
+    return input_ids[:, prompt_width : prompt_width + width], attention_mask[:, : prompt_width + width], width
 
 
 def _assemble(parts: list[torch.Tensor], order: list[int], width: int) -> torch.Tensor:
@@ -359,23 +383,6 @@ def _filtered_logprobs(
     return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
-def _encode_prefix(model: torch.nn.Module, prefix: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Encode the shared prefix once (with gradients when enabled): one row of keys/values, and the last logits."""
-    cache = DynamicCache(config=_config_of(model))
-    out = model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits
-
-
-def _rows_view(prefix_cache: DynamicCache, rows: int) -> DynamicCache:
-    """A cache whose every row views the prefix's one row (no copy); the forward appends to the view only."""
-    view = copy.copy(prefix_cache)
-    view.layers = [copy.copy(layer) for layer in prefix_cache.layers]
-    for layer in view.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
-    return view
-
-
 def _checkpointing(model: torch.nn.Module) -> bool:
     """Whether activation checkpointing is on (recomputation would re-append to a shared cache).
 
@@ -390,12 +397,6 @@ def _checkpointing(model: torch.nn.Module) -> bool:
         if not isinstance(inner, torch.nn.Module):
             return False
         model = inner
-
-
-def _config_of(model: torch.nn.Module):
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model.config
 
 
 def _pad_floats(values: Sequence[Sequence[float]], width: int) -> torch.Tensor:
@@ -456,13 +457,15 @@ def sequence_logps(
 
 
 def chunks_by_tokens(trajectories: Sequence[Trajectory], max_tokens: int) -> list[list[Trajectory]]:
-    """Consecutive trajectories grouped so that each padded chunk (longest x count) stays within ``max_tokens``."""
+    """Consecutive trajectories grouped so that each padded chunk stays within ``max_tokens``: the prefix every row
+    shares counts once (it is encoded once), the rest of each row as ``longest x count``."""
+    shared = shared_prefix_length([t.prompt_ids for t in trajectories]) if trajectories else 0
     chunks: list[list[Trajectory]] = []
     current: list[Trajectory] = []
     longest = 0
     for t in trajectories:
-        length = len(t.prompt_ids) + len(t.completion_ids)
-        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+        length = len(t.prompt_ids) + len(t.completion_ids) - shared
+        if current and shared + max(longest, length) * (len(current) + 1) > max_tokens:
             chunks.append(current)
             current, longest = [], 0
         current.append(t)
