@@ -202,3 +202,11 @@ def test_seeded_sampling_with_chunked_prompts(tokenizer, vllm_engine, builder, p
     vllm_engine.generate(requests, sampling, lambda output: outputs.append(output))
     assert sorted(o.request_id for o in outputs) == list(range(len(prompts)))
     assert all(len(o.token_ids) >= 1 for o in outputs)
+
+
+def test_the_cpu_engine_reuses_cached_prompts_in_blocks_of_32_tokens(vllm_engine):
+    """A paused episode resumes re-encoding only the tail of its last key/value block: vLLM's CPU default of 128
+    tokens per block gave 0.78x the stepwise rollout tokens/s (benchmarks/vllm_block_size.py)."""
+    from trl_stepwise.engines.vllm_engine import CPU_BLOCK_SIZE
+
+    assert vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE == 32

