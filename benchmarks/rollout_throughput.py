@@ -405,6 +405,21 @@ def roofline(model: Any, batch: int, length: int, repeats: int) -> dict[str, flo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def colocated_vllm(model: Any, tokenizer: Any, seed: int) -> Any:
+    """The colocated vLLM engine (e) and (f) run on: the policy's weights in float32, as the trainer's engine."""
+    from trl_stepwise.engines.factory import vllm_model_path
+    from trl_stepwise.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        vllm_model_path(model, tokenizer),
+        tokenizer,
+        dtype="float32",
+        max_model_len=2048,
+        seed=seed,
+        generation_config=model.generation_config,
+    )
+
+
 def parse_args() -> Any:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="gsm8k")
@@ -481,18 +496,8 @@ def main() -> None:
         print(f"(c) done in {results['c'].seconds:.1f} s", flush=True)
     notes: dict[str, str] = {}
     if "vllm" not in skip:
-        from trl_stepwise.engines.factory import vllm_model_path
-        from trl_stepwise.engines.vllm_engine import VLLMEngine
-
         with Timer() as start_timer:
-            vllm_engine = VLLMEngine(
-                vllm_model_path(model, tokenizer),
-                tokenizer,
-                dtype="float32",
-                max_model_len=2048,
-                seed=args.seed,
-                generation_config=model.generation_config,
-            )
+            vllm_engine = colocated_vllm(model, tokenizer, args.seed)
         notes["vllm_start_seconds"] = f"{start_timer.seconds:.1f}"
         run_stepwise("warm-up", None, tokenizer, builder, rows[:2], groups[:2], make_env, sampling, engine=vllm_engine)
         results["e"] = run_stepwise(

@@ -33,11 +33,10 @@ from common import (
 
 def measure(block_size: int, args) -> dict:
     """Run in the child process: one engine at ``block_size``, (e) and (f) ``args.repeats`` times each."""
-    from rollout_throughput import run_stepwise, run_vllm_whole_solutions
+    from rollout_throughput import colocated_vllm, run_stepwise, run_vllm_whole_solutions
 
     from trl_stepwise.engines import SamplingConfig
     from trl_stepwise.engines import vllm_engine as engine_module
-    from trl_stepwise.engines.factory import vllm_model_path
     from trl_stepwise.models import load_model_and_tokenizer
 
     engine_module.CPU_BLOCK_SIZE = block_size
@@ -47,14 +46,7 @@ def measure(block_size: int, args) -> dict:
     rows, groups = repeat_rows(problems, 4)
     make_env = env_factory("gsm8k", 256)
     sampling = SamplingConfig(temperature=0.7, max_step_tokens=64, batch_size=64, seed=args.seed)
-    engine = engine_module.VLLMEngine(
-        vllm_model_path(model, tokenizer),
-        tokenizer,
-        dtype="float32",
-        max_model_len=2048,
-        seed=args.seed,
-        generation_config=model.generation_config,
-    )
+    engine = colocated_vllm(model, tokenizer, args.seed)
     assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
     run_stepwise("warm-up", None, tokenizer, builder, rows[:2], groups[:2], make_env, sampling, engine=engine)
     runs = []

@@ -136,20 +136,28 @@ def ragged_batch(vocab: int, completions: tuple[int, ...] = (40, 3, 38, 2, 4, 3)
     return batch
 
 
-def ragged_trajectories(vocab: int, completions: tuple[int, ...], prefix: int) -> list[Trajectory]:
-    generator = torch.Generator().manual_seed(3)
+def ragged_trajectories(
+    vocab: int, completions: tuple[int, ...], prefix: int, group_prompts: tuple[int, ...] = (), seed: int = 3
+) -> list[Trajectory]:
+    """Rows behind a shared prefix, each with a prompt of its own (1-3 tokens); with ``group_prompts`` (one length per
+    group, consecutive rows in equal groups) the rows of a group share their whole prompt instead."""
+    generator = torch.Generator().manual_seed(seed)
 
     def ids(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
 
     shared = ids(prefix)
+    questions = [ids(n) for n in group_prompts]
+    group_size = len(completions) // len(group_prompts) if group_prompts else 1
     trajectories = []
     for i, width in enumerate(completions):
         mask = [j % 5 != 4 for j in range(width)]  # every fifth token forced (a tool result, a reply)
         trajectories.append(
             Trajectory(
-                episode=Episode(episode_id=i, group_id=0, row={"question": "", "answer": ""}),
-                prompt_ids=shared + ids(1 + i % 3),
+                episode=Episode(
+                    episode_id=i, group_id=i // group_size if group_prompts else 0, row={"question": "", "answer": ""}
+                ),
+                prompt_ids=shared + (questions[i // group_size] if group_prompts else ids(1 + i % 3)),
                 completion_ids=ids(width),
                 policy_mask=mask,
                 step_index=[0] * width,
@@ -208,23 +216,7 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
 def grouped_batch(vocab: int, prefix: int = 20) -> dict:
     """Two groups of three episodes: each group's rows share their whole prompt (of different lengths: 5 and 2
     tokens after the shared prefix), completions of ragged lengths."""
-    generator = torch.Generator().manual_seed(7)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(3, vocab, (n,), generator=generator).tolist()
-
-    shared, questions = ids(prefix), [ids(5), ids(2)]
-    trajectories = []
-    for i, width in enumerate((30, 3, 12, 2, 25, 6)):
-        trajectories.append(
-            Trajectory(
-                episode=Episode(episode_id=i, group_id=i // 3, row={"question": "", "answer": ""}),
-                prompt_ids=shared + questions[i // 3],
-                completion_ids=ids(width),
-                policy_mask=[j % 5 != 4 for j in range(width)],
-                step_index=[0] * width,
-            )
-        )
+    trajectories = ragged_trajectories(vocab, (30, 3, 12, 2, 25, 6), prefix, group_prompts=(5, 2), seed=7)
     return pad_trajectories(trajectories, pad_id=0)
 
 

@@ -23,7 +23,7 @@ from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
-from trl_stepwise.trainer.shared_prompts import encode_prefix, encode_prompts, rows_view
+from trl_stepwise.trainer.shared_prompts import behind_cache, encode_prefix, encode_prompts, positions, rows_view
 
 FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
 
@@ -166,10 +166,7 @@ def score_completions(
             if sharded_over:  # the last layer's backward (through the cache) is then announced to FSDP as any other
                 padding.append(prefix_logits.sum())
         prompt_width = input_ids.shape[1] - width
-        prefix_len = prefix.shape[1] if has_prefix else 0
-        shared = encode_prompts(
-            inner, input_ids[:, :prompt_width], attention_mask[:, :prompt_width], prefix_cache, prefix_len
-        )
+        shared = encode_prompts(inner, input_ids[:, :prompt_width], attention_mask[:, :prompt_width], prefix_cache)
     scale = 1.0 / temperature if temperature > 0 else 1.0
     filtered = top_k > 0 or top_p < 1.0
     parts: list[CompletionScores] = []
@@ -187,16 +184,14 @@ def score_completions(
             ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
             cache = rows_view(prefix_cache, ids.shape[0]) if prefix_cache is not None else None
         rows = ids.shape[0]
-        if prefix_cache is not None:
-            mask = torch.cat([torch.ones((rows, prefix.shape[1]), dtype=mask.dtype, device=mask.device), mask], 1)
-        elif has_prefix:  # activation checkpointing, no cache sharing: put the prefix back in every row
-            ids = torch.cat([prefix.expand(rows, -1), ids], dim=1)
-            mask = torch.cat([torch.ones_like(prefix).expand(rows, -1), mask], dim=1)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        if has_prefix:  # with activation checkpointing (no cache) the prefix goes back in every row
+            mask = behind_cache(mask, prefix.shape[1])
+            if prefix_cache is None:
+                ids = torch.cat([prefix.expand(rows, -1), ids], dim=1)
         out = (model if number == 0 else inner)(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids,
+            position_ids=positions(mask, ids.shape[1]),
             past_key_values=cache,
             logits_to_keep=part_width + (first_logits is None),
             use_cache=cache is not None,
@@ -267,12 +262,10 @@ def _trim(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Drop the columns that are padding in every row: left of the prompts, right of the completions."""
-    real = attention_mask.bool()
-    prompt_width = real.shape[1] - completion_width
-    used = real.any(0)
-    first = int(used[:prompt_width].float().argmax()) if bool(used[:prompt_width].any()) else prompt_width
-    in_completion = used[prompt_width:].nonzero()
-    width = max(int(in_completion[-1]) + 1 if len(in_completion) else 0, 1)
+    prompt_width = attention_mask.shape[1] - completion_width
+    used = attention_mask[:, :prompt_width].bool().any(0)
+    first = int(used.float().argmax()) if bool(used.any()) else prompt_width
+    width = _used_completion_width(attention_mask, completion_width)
     end = prompt_width + width
     return input_ids[:, first:end], attention_mask[:, first:end], width
 
@@ -283,9 +276,14 @@ def _completions_only(
     """The completion columns up to the last one any row uses, and the attention mask of the whole rows (the prompt's
     columns are in the cache)."""
     prompt_width = input_ids.shape[1] - completion_width
-    used = attention_mask[:, prompt_width:].bool().any(0).nonzero()
-    width = max(int(used[-1]) + 1 if len(used) else 0, 1)
+    width = _used_completion_width(attention_mask, completion_width)
     return input_ids[:, prompt_width : prompt_width + width], attention_mask[:, : prompt_width + width], width
+
+
+def _used_completion_width(attention_mask: torch.Tensor, completion_width: int) -> int:
+    """Completion columns up to the last one any row uses (at least one)."""
+    used = attention_mask[:, attention_mask.shape[1] - completion_width :].bool().any(0).nonzero()
+    return max(int(used[-1]) + 1 if len(used) else 0, 1)
 
 
 def _assemble(parts: list[torch.Tensor], order: list[int], width: int) -> torch.Tensor:

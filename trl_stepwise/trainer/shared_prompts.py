@@ -52,11 +52,7 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tup
 
 
 def encode_prompts(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    prefix_cache: DynamicCache | None,
-    prefix_len: int,
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix_cache: DynamicCache | None
 ) -> SharedPrompts | None:
     """Encode each distinct prompt of ``[pad | prompt]`` rows once, after the shared prefix's cache when there is
     one; None when no two rows share a prompt (nothing to save)."""
@@ -64,20 +60,30 @@ def encode_prompts(
     if found is None:
         return None
     first, index = found
-    ids, mask = prompt_ids[first], prompt_mask[first]
+    ids = prompt_ids[first]
     cache = rows_view(prefix_cache, len(first)) if prefix_cache is not None else DynamicCache(config=config_of(model))
-    if prefix_len:
-        mask = torch.cat([torch.ones((len(first), prefix_len), dtype=mask.dtype, device=mask.device), mask], dim=1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    mask = behind_cache(prompt_mask[first], cache.get_seq_length())
     out = model(
         input_ids=ids,
         attention_mask=mask,
-        position_ids=position_ids,
+        position_ids=positions(mask, ids.shape[1]),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,  # prompts are left-padded: the last column is every prompt's last token
     )
     return SharedPrompts(cache, out.logits[:, -1, :], index.to(prompt_ids.device))
+
+
+def behind_cache(mask: torch.Tensor, cached: int) -> torch.Tensor:
+    """The attention mask of rows that continue ``cached`` columns every row attends to (the shared prefix)."""
+    if not cached:
+        return mask
+    return torch.cat([torch.ones((mask.shape[0], cached), dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+def positions(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Position ids of the last ``width`` columns: padding anywhere before them does not count."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
 
 
 def config_of(model: torch.nn.Module):
