@@ -169,6 +169,30 @@ def test_the_server_engine_gives_each_continuation_its_own_seed(monkeypatch):
     assert len(seeds) == 3 and len(set(seeds)) == 3
 
 
+def test_a_request_on_a_connection_the_server_closed_while_idle_is_sent_again(monkeypatch):
+    """uvicorn closes an idle keep-alive connection after a few seconds: a completion sent on it meets a reset
+    before any answer (a fresh-clone test run saw this between two rollouts). It is sent once more; a server that
+    resets twice in a row is reported as not answering."""
+    import requests
+
+    from trl_stepwise.engines.vllm_server import VLLMServerError
+
+    answer = {"choices": [{"token_ids": [5], "logprobs": {"token_logprobs": [-0.5]}, "finish_reason": "stop"}]}
+    resets = iter([True, False, True, True])
+
+    def responses(payload):
+        if next(resets):
+            raise requests.ConnectionError(ConnectionResetError(104, "Connection reset by peer"))
+        return 200, answer
+
+    engine, payloads = _server_engine(monkeypatch, responses)
+    outputs = []
+    engine.generate([GenerationRequest(4, [1, 2], 3)], SamplingConfig(), outputs.append)
+    assert [o.token_ids for o in outputs] == [[5]] and len(payloads) == 2
+    with pytest.raises(VLLMServerError, match="stopped answering"):
+        engine.generate([GenerationRequest(5, [1, 2], 3)], SamplingConfig(), outputs.append)
+
+
 # ---------------------------------------------------------------------------------------------- missing log-probs
 def test_missing_or_nan_logprobs_from_the_colocated_engine_name_the_request():
     from trl_stepwise.engines.vllm_engine import _sampled_logprobs

@@ -103,10 +103,7 @@ class VLLMServerEngine:
         }
         if sampling.seed is not None:
             payload["seed"] = derive_seed(sampling.seed, request.request_id, part)
-        try:
-            response = self.session.post(f"{self.base_url}/v1/completions", json=payload, timeout=self.timeout)
-        except requests.RequestException as err:
-            raise VLLMServerError(f"The vLLM server at {self.base_url} stopped answering: {err}") from err
+        response = self._post_completion(payload)
         if response.status_code != 200:
             raise VLLMServerError(f"The vLLM server at {self.base_url} refused a request: {response.text[:300]}")
         choice = response.json()["choices"][0]
@@ -120,6 +117,18 @@ class VLLMServerEngine:
         logprobs = [checked_logprob(value, request.request_id, i) for i, value in enumerate(logprobs)]
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
         return GenerationOutput(request.request_id, token_ids, logprobs, reason)
+
+    def _post_completion(self, payload: dict) -> requests.Response:
+        """POST a completion; a connection reset before any answer is sent once more: the server closes keep-alive
+        connections left idle for a few seconds (while the trainer scores and steps), and reusing one meets a reset."""
+        for attempt in (1, 2):
+            try:
+                return self.session.post(f"{self.base_url}/v1/completions", json=payload, timeout=self.timeout)
+            except requests.RequestException as err:
+                reset = isinstance(err, requests.ConnectionError) and not isinstance(err, requests.ConnectTimeout)
+                if attempt == 2 or not reset:
+                    raise VLLMServerError(f"The vLLM server at {self.base_url} stopped answering: {err}") from err
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push the policy to the server with TRL's weight-transfer client (NCCL: the trainer needs a GPU), one tensor
