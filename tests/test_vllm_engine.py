@@ -55,6 +55,7 @@ def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, toke
     problems = problems[:4]
     reference = StepwiseRollout(policy, tokenizer, builder, GREEDY).run(_make_env, problems)
     served = StepwiseRollout(None, tokenizer, builder, GREEDY, engine=vllm_engine)
+    requests_before, appended_before = vllm_engine._serial, vllm_engine.appended_in_place
     trajectories = served.run(_make_env, problems)
     assert [t.completion_ids for t in trajectories] == [t.completion_ids for t in reference]
     assert [t.policy_mask for t in trajectories] == [t.policy_mask for t in reference]
@@ -66,6 +67,11 @@ def test_both_engines_play_the_same_greedy_episodes_token_for_token(policy, toke
     # than an engine that stops at every step and for the calculator too
     steps = sum(len(t.episode.steps) for t in trajectories)
     assert served.stats.engine_requests < steps + 2 * calculations
+    # each calculator result is forced into the running request (forced_tokens): one engine request per episode
+    # (a result that fills the episode's budget ends it instead)
+    assert 0 < vllm_engine.appended_in_place - appended_before <= calculations
+    assert vllm_engine._serial - requests_before == len(problems)
+    assert vllm_engine.forced_restarts == 0
     for t in trajectories:  # forced tokens are masked and count towards the episode's budget
         assert t.episode.num_tokens == len(t.completion_ids)
         assert all(lp == 0.0 for lp, p in zip(t.sampling_logps, t.policy_mask, strict=True) if not p)

