@@ -7,8 +7,13 @@ subprocess (one engine per process), the rollout benchmark's (e) StepwiseRollout
 whole-solution generation on the same prompts (``rollout_throughput.py``'s settings: 16 GSM8K test problems x 4
 episodes, 4-shot, temperature 0.7), ``--repeats`` times each, and prints tokens/s and the stepwise/plain ratio.
 
+A pause can also append its tokens to the running request (the engine's forced tokens, ``forced_tokens.py``) instead
+of resending it: ``--forcing off,on`` runs each block size both ways (off: every pause resends the request).
+
     python benchmarks/vllm_block_size.py                 # block sizes 128 (vLLM's CPU default) and 32, ~6 min
     python benchmarks/vllm_block_size.py --block_sizes 32,64 --repeats 3
+    python benchmarks/vllm_block_size.py --block_sizes 32 --forcing off,on --repeats 3 \
+        --output benchmarks/results/vllm_forced_tokens.json
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from common import (
 )
 
 
-def measure(block_size: int, args) -> dict:
-    """Run in the child process: one engine at ``block_size``, (e) and (f) ``args.repeats`` times each."""
+def measure(block_size: int, forcing: bool, args) -> dict:
+    """Run in the child process: one engine at ``block_size``, (e) and (f) ``args.repeats`` times each; ``forcing``
+    off makes every pause resend its request."""
     from rollout_throughput import colocated_vllm, run_stepwise, run_vllm_whole_solutions
 
     from trl_stepwise.engines import SamplingConfig
@@ -48,6 +54,7 @@ def measure(block_size: int, args) -> dict:
     sampling = SamplingConfig(temperature=0.7, max_step_tokens=64, batch_size=64, seed=args.seed)
     engine = colocated_vllm(model, tokenizer, args.seed)
     assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
+    engine.forces_in_place = engine.forces_in_place and forcing
     run_stepwise("warm-up", None, tokenizer, builder, rows[:2], groups[:2], make_env, sampling, engine=engine)
     runs = []
     for _ in range(args.repeats):
@@ -62,7 +69,7 @@ def measure(block_size: int, args) -> dict:
                 "plain_seconds": plain.seconds,
             }
         )
-    return {"block_size": block_size, "runs": runs}
+    return {"block_size": block_size, "forcing": engine.forces_in_place, "runs": runs}
 
 
 def main() -> None:
@@ -70,16 +77,25 @@ def main() -> None:
     parser.add_argument("--block_sizes", default="128,32", help="Comma list of block sizes, one subprocess each.")
     parser.add_argument("--num_problems", type=int, default=16, help="GSM8K test problems (x 4 episodes each).")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of (e) and (f) per block size.")
+    parser.add_argument(
+        "--forcing",
+        default="on",
+        help="Comma list of off/on: pauses resend the request (off) or append in place (on).",
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child_forcing", default="on", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.num_problems, args.repeats = 2, 1
     if args.child is not None:
-        print("RESULT " + json.dumps(measure(args.child, args)), flush=True)
+        print("RESULT " + json.dumps(measure(args.child, args.child_forcing == "on", args)), flush=True)
         return
     results = []
-    for block_size in (int(b) for b in args.block_sizes.split(",")):
-        argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(block_size)]
+    forcings = args.forcing.split(",")
+    if not set(forcings) <= {"off", "on"}:
+        parser.error(f"--forcing {args.forcing}: use off, on or off,on")
+    for block_size, forcing in ((int(b), f) for b in args.block_sizes.split(",") for f in forcings):
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(block_size), "--child_forcing", forcing]
         argv += ["--num_problems", str(args.num_problems), "--repeats", str(args.repeats), "--seed", str(args.seed)]
         child = subprocess.run(argv, capture_output=True, text=True, check=True)
         line = next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))
@@ -90,12 +106,16 @@ def main() -> None:
         rows.append(
             [
                 result["block_size"],
+                "on" if result.get("forcing") else "off",
                 median([r["stepwise_tokens_per_second"] for r in runs]),
                 median([r["plain_tokens_per_second"] for r in runs]),
                 ", ".join(f"{r['ratio']:.2f}" for r in runs),
             ]
         )
-    print_table(["block size", "stepwise tok/s (median)", "plain tok/s (median)", "stepwise/plain per run"], rows)
+    print_table(
+        ["block size", "forced tokens", "stepwise tok/s (median)", "plain tok/s (median)", "stepwise/plain per run"],
+        rows,
+    )
     write_json(
         "vllm_block_size",
         {"num_problems": args.num_problems, "episodes": 4 * args.num_problems, "results": results},
