@@ -201,7 +201,20 @@ def _memory_ratio(key: str) -> str:
     return f"{value:.2f}"
 
 
+def _forcing_ratios(forcing: bool) -> str:
+    """The stepwise/plain ratio of each run, as the README lists them."""
+    results = _results("vllm_forced_tokens.json")["results"]
+    runs = next(r["runs"] for r in results if r["forcing"] is forcing)
+    return ", ".join(f"{run['ratio']:.2f}" for run in runs)
+
+
 FACTS = [
+    Fact(
+        "vLLM: tokens appended in place against resent requests",
+        r"stepwise/plain per run (\d\.\d\d, \d\.\d\d, \d\.\d\d) against (\d\.\d\d, \d\.\d\d, \d\.\d\d)\.",
+        lambda: (_forcing_ratios(True), _forcing_ratios(False)),
+        "vllm_forced_tokens.json",
+    ),
     Fact(
         "sharded memory: FSDP2 against DDP per process",
         r"weights, gradients and AdamW state (\d+) MiB under\nFSDP2 against (\d+) MiB under DDP \(ratio (\d\.\d\d)\),"
