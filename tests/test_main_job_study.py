@@ -58,6 +58,21 @@ def test_every_configuration_passes_the_recipe_checks(study, prepared) -> None:
     assert training["more_steps_fewer_episodes"].generation_batch_size == 8
     assert training["base"].generation_batch_size == 16
     assert prepared["real_mix"][2].curriculum.stages[-1].source == "gsm8k_easy"
+    # the entries on mixed real and generated problems differ from their baseline in the one setting they name
+    mixed = training["gsm8k_easy_guided"]
+    assert mixed.loss_type == "dapo" and not mixed.dynamic_sampling and mixed.num_generations == 4
+    assert training["mixed_dynamic_sampling"].dynamic_sampling
+    assert [training[f"mixed_{t}"].loss_type for t in ("grpo", "bnpo", "dr_grpo", "cispo")] == [
+        "grpo",
+        "bnpo",
+        "dr_grpo",
+        "cispo",
+    ]
+    assert training["mixed_two_iterations"].num_iterations == 2
+    assert training["mixed_two_iterations"].epsilon_high == 0.2
+    assert training["mixed_two_iterations_clip_higher"].epsilon_high == 0.28
+    assert [training[f"mixed_gen{n}"].num_generations for n in (8, 16)] == [8, 16]
+    assert all(prepared[name][2].curriculum.stages[-1].source == "gsm8k_easy" for name in training if "mixed" in name)
 
 
 def test_proxies_are_held_out_from_every_configuration(study, prepared) -> None:
