@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trl_stepwise.cli import EvaluateArguments, format_summary, main, parse_command
+from trl_stepwise.data import load_math_dataset
 from trl_stepwise.evaluation import summarize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def test_parse_command_fills_the_dataclass():
     assert command.name == "evaluate"
     assert isinstance(args, EvaluateArguments)
     assert (args.dataset, args.mode, args.calculator, args.limit, args.gold) == ("math500", "direct", "off", 3, True)
-    assert args.temperature == 0.0 and args.n_few_shot == 4
+    assert args.temperature == 0.0 and args.n_few_shot is None  # 4, or the fallback examples' own count
 
 
 @pytest.mark.parametrize(
@@ -178,6 +179,25 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 
 
 # --- few-shot sources without worked solutions -----------------------------------------------------------------
+
+
+def test_plain_dataset_without_shot_flags_shows_two_alternating_examples(tmp_path, capsys):
+    """No few-shot flag on a set of final answers only: one short GSM8K solution, then one generated one-step
+    solution; with a dataset of its own worked solutions the default stays 4."""
+    from trl_stepwise.cli import DEFAULT_SHOTS, _prompt_builder
+
+    path = tmp_path / "answers_only.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": i + 2}) + "\n" for i in range(8)))
+    _, args = parse_command(["evaluate", "--dataset", str(path)])
+    shots = _prompt_builder(args, None, "gsm8k").shots("a question of no set")
+    assert len(shots) == 2 and all(len(e.question) + sum(map(len, e.steps)) <= 300 for e in shots)
+    generated = {row["question"] for row in load_math_dataset("arithmetic:level=1", split="fewshot")}
+    assert shots[0].question not in generated and shots[1].question in generated
+    assert "It shows 2 of them." in capsys.readouterr().err
+    _, args = parse_command(["evaluate", "--dataset", "gsm8k", "--split", "test", "--limit", "1"])
+    assert len(_prompt_builder(args, None, "gsm8k").shots("a question of no set")) == DEFAULT_SHOTS == 4
+    _, args = parse_command(["evaluate", "--dataset", str(path), "--n_few_shot", "3"])
+    assert len(_prompt_builder(args, None, "gsm8k").shots("a question of no set")) == 3  # the user's count wins
 
 
 def test_plain_dataset_takes_bundled_worked_examples_and_says_so(tmp_path, capsys):

@@ -332,18 +332,45 @@ def test_report_prompt_token_lengths(smol_tokenizer, gsm8k_train, math_train):
 
 
 def test_plain_question_answer_rows_fall_back_to_bundled_worked_examples() -> None:
-    from trl_stepwise.prompting import has_worked_solutions, with_worked_examples
+    from trl_stepwise.prompting import AlternatingExamples, has_worked_solutions, with_worked_examples
 
     plain = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "solution": ""} for i in range(10)]
     assert not has_worked_solutions(plain, "gsm8k")
     examples, note = with_worked_examples(plain, "gsm8k", source="my_problems.jsonl")
-    assert has_worked_solutions(examples, "gsm8k") and len(examples) >= 8
+    assert isinstance(examples, AlternatingExamples) and examples.max_example_chars == 300
+    assert all(has_worked_solutions(rows, "gsm8k") and len(rows) >= 8 for rows in examples.sources)
     assert note is not None and "my_problems.jsonl" in note and "gsm8k train" in note and "--few_shot" in note
+    assert "arithmetic:level=1 fewshot" in note and "300 characters" in note
     builder = PromptBuilder(None, examples, k=2, flavour="gsm8k")
     assert all(len(example.steps) > 1 for example in builder.pool)  # worked steps, not a bare answer line
 
     math_examples, note = with_worked_examples([{**r, "answer": "x"} for r in plain], "math", source="m.jsonl")
-    assert note is not None and "math train" in note and has_worked_solutions(math_examples, "math")
+    assert note is not None and "math train" in note and "alternating" not in note
+    assert all(has_worked_solutions(rows, "math") for rows in math_examples.sources)
+
+
+def test_alternating_sources_take_turns_in_the_pool_and_keep_their_own_draws() -> None:
+    """Each source is drawn as it would be alone (same seed, same length limit), then one from each in turn: the
+    pool holds k + spares, and a question found in the pool gets the next examples instead of its own."""
+    from trl_stepwise.prompting import AlternatingExamples
+
+    def rows(tag: str, n: int, extra: str = "") -> list[dict]:
+        steps = ["1+1=<<1+1=2>>2\n", "The answer is: 2\n"]
+        return [{"question": f"{tag} {i}?{extra}", "steps": steps} for i in range(n)]
+
+    real, generated = rows("real", 12), rows("generated", 12)
+    long = rows("long", 12, extra=" " + "x" * 400)
+    mixed = AlternatingExamples((real + long, generated), max_example_chars=300)
+    builder = PromptBuilder(None, mixed, k=4, flavour="gsm8k", seed=3)
+    alone_real = PromptBuilder(None, real + long, k=4, flavour="gsm8k", seed=3, max_example_chars=300).pool
+    alone_generated = PromptBuilder(None, generated, k=4, flavour="gsm8k", seed=3).pool
+    assert builder.max_example_chars == 300 and len(builder.pool) == 6
+    assert builder.pool == [alone_real[0], alone_generated[0], alone_real[1], alone_generated[1], alone_real[2],
+                            alone_generated[2]]  # fmt: skip
+    assert [e.question.split()[0] for e in builder.shots("new?")] == ["real", "generated", "real", "generated"]
+    assert builder.shots(builder.pool[1].question) == [builder.pool[i] for i in (0, 2, 3, 4)]
+    unlimited = PromptBuilder(None, mixed, k=2, flavour="gsm8k", seed=3, max_example_chars=10_000)
+    assert unlimited.max_example_chars == 10_000  # the user's own limit wins over the fallback's
 
 
 def test_rows_with_worked_solutions_are_kept(gsm8k_train) -> None:

@@ -26,6 +26,7 @@ from trl_stepwise.usage import USAGE_ERROR, OneLineErrorParser, OneLineTopLevelP
 logger = logging.getLogger(__name__)
 
 PROG = "trl-stepwise"
+DEFAULT_SHOTS = 4  # worked examples before each problem, where neither the user nor the fallback examples say
 
 
 @dataclass
@@ -52,7 +53,13 @@ class EvaluateArguments(GenerationEngineArguments):
     )
     split: str = field(default="test", metadata={"help": "Split of --dataset (arithmetic: train, fewshot or test)."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N problems."})
-    n_few_shot: int = field(default=4, metadata={"help": "Number of solved examples shown before each problem."})
+    n_few_shot: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Number of solved examples shown before each problem (0: none); default {DEFAULT_SHOTS}, or the "
+            "bundled worked examples' own count (GSM8K-style: 2) where they stand in for a set of final answers only."
+        },
+    )
     few_shot_dataset: str | None = field(
         default=None,
         metadata={"help": "Where the examples come from; default: --dataset (math500 -> math), see --few_shot_split."},
@@ -163,10 +170,17 @@ def _prompt_builder(args: EvaluateArguments, tokenizer: Any, flavour: str) -> An
     """The few-shot prompt builder; a source without worked solutions is replaced by bundled worked examples (said
     on stderr), unless --few_shot_dataset named it explicitly, which is then an error naming the flag."""
     from trl_stepwise.data import load_math_dataset
-    from trl_stepwise.prompting import PromptBuilder, has_worked_solutions, load_system_prompt, with_worked_examples
+    from trl_stepwise.prompting import (
+        AlternatingExamples,
+        PromptBuilder,
+        has_worked_solutions,
+        load_system_prompt,
+        with_worked_examples,
+    )
 
-    examples: Sequence[dict] = []
-    if args.n_few_shot > 0:
+    examples: Sequence[dict] | AlternatingExamples = []
+    shots = DEFAULT_SHOTS if args.n_few_shot is None else args.n_few_shot
+    if shots > 0:
         name, split = _few_shot_source(args)
         fields = (args.question_field, args.answer_field, args.solution_field) if name == args.dataset else ()
         examples = load_math_dataset(name, split, *fields)
@@ -177,13 +191,15 @@ def _prompt_builder(args: EvaluateArguments, tokenizer: Any, flavour: str) -> An
                 "(e.g. gsm8k, math, arithmetic:level=1), or --solution_field, or drop the flag."
             )
         examples, note = with_worked_examples(examples, flavour, source=name)
+        if args.n_few_shot is None and isinstance(examples, AlternatingExamples) and examples.shots is not None:
+            shots = examples.shots
         if note and _is_main_process():
-            print(f"{PROG} evaluate: note: {note}", file=sys.stderr)
+            print(f"{PROG} evaluate: note: {note} It shows {shots} of them.", file=sys.stderr)
     system_prompt = load_system_prompt(args.system_prompt, flavour)
     return PromptBuilder(
         tokenizer,
         examples,
-        k=args.n_few_shot,
+        k=shots,
         system_prompt=system_prompt,
         flavour=flavour,
         seed=args.seed,
@@ -194,7 +210,7 @@ def _prompt_builder(args: EvaluateArguments, tokenizer: Any, flavour: str) -> An
 def _check_arguments(args: EvaluateArguments) -> None:
     checks = [
         (args.limit is None or args.limit >= 1, "--limit must be >= 1"),
-        (args.n_few_shot >= 0, "--n_few_shot must be >= 0"),
+        (args.n_few_shot is None or args.n_few_shot >= 0, "--n_few_shot must be >= 0"),
         (args.batch_size >= 1, "--batch_size must be >= 1"),
         (args.num_samples >= 1, "--num_samples must be >= 1"),
         (args.temperature >= 0, "--temperature must be >= 0"),

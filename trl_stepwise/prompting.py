@@ -11,7 +11,7 @@ import copy
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import pairwise
@@ -237,29 +237,44 @@ def has_worked_solutions(rows: Sequence[Mapping[str, Any]], flavour: str) -> boo
     return 2 * worked > len(sample)
 
 
+@dataclass(frozen=True)
+class AlternatingExamples:
+    """Worked examples from several sources that alternate in the prompt, one from each in turn: with 2 shots, one
+    short real solution and one generated one serve the embedded model both untrained and trained, where either
+    source alone serves only one of them. ``max_example_chars`` applies unless the prompt builder sets its own;
+    ``shots`` is how many to show where the user did not say (None: the caller's default)."""
+
+    sources: tuple[Sequence[Mapping[str, Any]], ...]
+    max_example_chars: int | None = None
+    shots: int | None = None
+
+
 def with_worked_examples(
     rows: Sequence[Mapping[str, Any]], flavour: str, source: str = "the few-shot source"
-) -> tuple[Sequence[Mapping[str, Any]], str | None]:
-    """``(rows, None)`` when ``rows`` have worked solutions; else the bundled worked examples of the same flavour and
-    a note saying so (for the user: the fallback changes what the prompt shows)."""
+) -> tuple[Sequence[Mapping[str, Any]] | AlternatingExamples, str | None]:
+    """``(rows, None)`` when ``rows`` have worked solutions; else the flavour's bundled worked examples and a note
+    saying so (for the user: the fallback changes what the prompt shows)."""
     if has_worked_solutions(rows, flavour):
         return rows, None
-    fallback = get_flavour(flavour).worked_examples  # (dataset, split) of the flavour's worked examples
-    if fallback is None:
+    chosen = get_flavour(flavour)
+    if not chosen.worked_examples:
         return rows, (
             f"the few-shot examples from {source} have no worked solutions (final answers only), which teaches the "
             f"model to answer without steps, and the {flavour!r} flavour names no worked examples to use instead."
         )
     from trl_stepwise.data import load_math_dataset
 
-    name, split = fallback
-    examples = load_math_dataset(name, split=split, limit=256).to_list()  # plenty to draw k + spares from
+    sources = tuple(load_math_dataset(name, split=split).to_list() for name, split in chosen.worked_examples)
+    pairs = chosen.worked_examples
+    described = " alternating with ".join(f"the bundled {name} {split} split" for name, split in pairs)
+    if chosen.worked_example_chars is not None:
+        described += f" (examples of at most {chosen.worked_example_chars} characters)"
     note = (
         f"the few-shot examples from {source} have no worked solutions (final answers only), which teaches the model "
-        f"to answer without steps; using worked examples from the bundled {name} {split} split instead (choose others "
-        "with --few_shot_dataset / --few_shot_dataset_name)."
+        f"to answer without steps; using worked examples from {described} instead (choose others with "
+        "--few_shot_dataset / --few_shot_dataset_name)."
     )
-    return examples, note
+    return AlternatingExamples(sources, chosen.worked_example_chars, chosen.worked_example_shots), note
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,7 +310,7 @@ class PromptBuilder:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase | None,
-        examples: Sequence[FewShotExample] | Sequence[Mapping[str, Any]],
+        examples: Sequence[FewShotExample] | Sequence[Mapping[str, Any]] | AlternatingExamples,
         k: int = 4,
         system_prompt: str | None = None,
         flavour: str = "gsm8k",
@@ -313,6 +328,8 @@ class PromptBuilder:
         self.k = k
         self.flavour = flavour
         self.seed = seed
+        if max_example_chars is None and isinstance(examples, AlternatingExamples):
+            max_example_chars = examples.max_example_chars
         self.max_example_chars = max_example_chars
         self.pool_size = max(k + self.n_spare, pool_size or 0)
         self.round: int | None = None  # None: the first k of the pool (evaluation); else see rotated()
@@ -326,10 +343,23 @@ class PromptBuilder:
         if tokenizer is not None and not self._use_template:  # tokenizer=None asks for plain text explicitly
             logger.warning("Tokenizer has no chat template; PromptBuilder falls back to a plain-text prompt format.")
 
-    def _draw_pool(self, examples: Sequence[FewShotExample] | Sequence[Mapping[str, Any]]) -> list[FewShotExample]:
-        """Seeded draw of k + spare examples with distinct questions; only drawn rows are converted to steps."""
+    def _draw_pool(
+        self, examples: Sequence[FewShotExample] | Sequence[Mapping[str, Any]] | AlternatingExamples
+    ) -> list[FewShotExample]:
+        """Seeded draw of k + spare examples with distinct questions; only drawn rows are converted to steps. From
+        alternating sources, each source's own draw in turn."""
+        if isinstance(examples, AlternatingExamples):
+            draws = [self._draw_pool(rows) for rows in examples.sources]
+            turns = [draw[i] for i in range(self.pool_size) for draw in draws if i < len(draw)]
+            return self._first_usable(turns, range(len(turns)))
         order = list(range(len(examples)))
         random.Random(self.seed).shuffle(order)
+        return self._first_usable(examples, order)
+
+    def _first_usable(
+        self, examples: Sequence[FewShotExample] | Sequence[Mapping[str, Any]], order: Iterable[int]
+    ) -> list[FewShotExample]:
+        """The first ``pool_size`` usable examples with distinct questions, taken in ``order``."""
         pool: list[FewShotExample] = []
         seen: set[str] = set()
         for idx in order:
