@@ -181,6 +181,7 @@ class Fact:
 YAML = "recipes/configs/reinforce_gsm8k_cpu.yaml"
 GUIDED = "few_shot_transfer_guided.json"
 TRANSFER = "few_shot_transfer.json"
+FALLBACK = "few_shot_transfer_fallback.json"
 LEARNING = "learning_per_cpu_hour.json"
 L1 = "arithmetic:level=1"
 
@@ -353,6 +354,19 @@ FACTS = [
         ),
         f"benchmarks/results/{GUIDED} and {YAML}",
         "## Results on this machine",
+    ),
+    Fact(
+        "evaluate: the fallback worked examples against 2 generated ones and the former fallback",
+        r"untrained model scores (\d+\.\d)% under them \((\d+\.\d)% under 2 generated examples, (\d+\.\d)% under the"
+        r" GSM8K examples of any length shown before\) and the main job's model (\d+\.\d)%"
+        r" \((\d+\.\d)% and (\d+\.\d)%;",
+        lambda: tuple(
+            _pct(_transfer(FALLBACK, model, f"arith_L1-3/{source}"))
+            for model in ("untrained", "main_job_30_steps")
+            for source in ("evaluate_default", "level1", "gsm8k_any_length")
+        ),
+        f"benchmarks/results/{FALLBACK}",
+        "## Evaluation",
     ),
     Fact(
         "results: the previous main job on levels 1-3",
