@@ -54,7 +54,7 @@ from trl_stepwise.data import EASY_GSM8K_MAX_CALCULATIONS, load_math_dataset
 from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.evaluation import evaluate_problems
 from trl_stepwise.models import load_tokenizer
-from trl_stepwise.prompting import PromptBuilder, load_system_prompt
+from trl_stepwise.prompting import AlternatingExamples, PromptBuilder, load_system_prompt
 from trl_stepwise.recipe import PreparedRun, ReinforceScriptArguments, build_reinforce_trainer, prepare_reinforce
 from trl_stepwise.rollout import SamplingConfig
 from trl_stepwise.trainer import StepwiseReinforceConfig
@@ -153,7 +153,8 @@ def proxy_sets(n: int) -> tuple[dict[str, list[dict]], dict[str, str]]:
 def training_sets(prepared: PreparedRun) -> list[Any]:
     """Every problem set a run can train on or take worked examples from, except generated stages (held out by
     seed)."""
-    sets = [prepared.train, prepared.few_shot]
+    few_shot = prepared.few_shot
+    sets = [prepared.train, *(few_shot.sources if isinstance(few_shot, AlternatingExamples) else [few_shot])]
     for stage in prepared.curriculum.stages if prepared.curriculum is not None else []:
         if not stage.source.startswith("arithmetic"):
             sets.append(prepared.curriculum.pool(stage.source))
@@ -186,7 +187,7 @@ def eval_prompt_builder(tokenizer: Any, training_args: Any, prepared: PreparedRu
     flavour = training_args.env_flavour
     return PromptBuilder(
         tokenizer,
-        list(prepared.few_shot),
+        prepared.few_shot if isinstance(prepared.few_shot, AlternatingExamples) else list(prepared.few_shot),
         k=EVAL_SHOTS,
         system_prompt=load_system_prompt(training_args.system_prompt, flavour),
         flavour=flavour,

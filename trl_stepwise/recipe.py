@@ -21,7 +21,7 @@ from trl import ModelConfig, get_peft_config
 from trl_stepwise.curriculum import Curriculum
 from trl_stepwise.data import dataset_flavour, load_math_dataset
 from trl_stepwise.models import build_quantization_config
-from trl_stepwise.prompting import has_worked_solutions, load_system_prompt
+from trl_stepwise.prompting import AlternatingExamples, has_worked_solutions, load_system_prompt
 from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
@@ -51,9 +51,12 @@ class ReinforceScriptArguments:
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Keep only the first N problems of each eval set."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
-    few_shot_dataset_name: str | None = field(
+    few_shot_dataset_name: list[str] | None = field(
         default=None,
-        metadata={"help": "Source of few-shot examples (default: the training set; arithmetic: fewshot split)."},
+        metadata={
+            "help": "Source of few-shot examples (default: the training set; arithmetic: fewshot split); several "
+            "names alternate in the prompt, one example from each in turn (e.g. gsm8k arithmetic:level=1)."
+        },
     )
     question_field: str | None = field(default=None, metadata={"help": "Dataset field holding the problem text."})
     answer_field: str | None = field(default=None, metadata={"help": "Dataset field holding the final answer."})
@@ -89,15 +92,25 @@ def load_problem_sets(script_args: ReinforceScriptArguments):
         for name in names
     }
     evaluation = next(iter(sets.values())) if len(sets) == 1 else sets
-    few_shot_name = script_args.few_shot_dataset_name
-    if few_shot_name is None and script_args.dataset_name.startswith("arithmetic"):
-        few_shot_name = script_args.dataset_name
-    if few_shot_name is None:
-        few_shot = train
-    else:
-        split = "fewshot" if few_shot_name.startswith("arithmetic") else "train"
-        few_shot = _load("--few_shot_dataset_name", few_shot_name, split=split)
+    few_shot_names = _few_shot_names(script_args)
+    if not few_shot_names:
+        return train, evaluation, train
+    few_shot_sets = tuple(
+        _load("--few_shot_dataset_name", name, split="fewshot" if name.startswith("arithmetic") else "train")
+        for name in few_shot_names
+    )
+    few_shot = few_shot_sets[0] if len(few_shot_sets) == 1 else AlternatingExamples(few_shot_sets)
     return train, evaluation, few_shot
+
+
+def _few_shot_names(script_args: ReinforceScriptArguments) -> list[str]:
+    """The few-shot sources named (a YAML string is one name); a generated training set is its own default."""
+    names = script_args.few_shot_dataset_name
+    if isinstance(names, str):
+        names = [names]
+    if not names and script_args.dataset_name.startswith("arithmetic"):
+        names = [script_args.dataset_name]
+    return list(names or [])
 
 
 def _metric_name(dataset_name: str) -> str:
@@ -157,13 +170,16 @@ def prepare_reinforce(
         curriculum = Curriculum.from_config(training_args)
         curriculum.check_sources()
     train, evaluation, few_shot = load_problem_sets(script_args)
-    name = script_args.few_shot_dataset_name
-    if name and training_args.n_few_shot != 0 and not has_worked_solutions(few_shot, training_args.env_flavour):
-        raise UsageError(
-            f"--few_shot_dataset_name {name}: its rows have no worked solutions (final answers only), so the prompt "
-            "would teach the model to answer without steps; name a source with worked solutions (e.g. gsm8k, math, "
-            "arithmetic:level=1) or drop the flag (the trainer then falls back to bundled worked examples)."
-        )
+    named = script_args.few_shot_dataset_name
+    sources = few_shot.sources if isinstance(few_shot, AlternatingExamples) else (few_shot,)
+    for name, rows in zip(_few_shot_names(script_args), sources, strict=False):
+        if named and training_args.n_few_shot != 0 and not has_worked_solutions(rows, training_args.env_flavour):
+            raise UsageError(
+                f"--few_shot_dataset_name {name}: its rows have no worked solutions (final answers only), so the "
+                "prompt would teach the model to answer without steps; name a source with worked solutions (e.g. "
+                "gsm8k, math, arithmetic:level=1) or drop the flag (the trainer then falls back to bundled worked "
+                "examples)."
+            )
     return PreparedRun(train, evaluation, few_shot, curriculum, resume)
 
 

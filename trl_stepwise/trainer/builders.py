@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_stepwise.data import load_math_dataset, normalise_columns
 from trl_stepwise.models import build_quantization_config, is_quantized, load_model, load_tokenizer
-from trl_stepwise.prompting import PromptBuilder, load_system_prompt, with_worked_examples
+from trl_stepwise.prompting import AlternatingExamples, PromptBuilder, load_system_prompt, with_worked_examples
 from trl_stepwise.trainer.config import StepwiseReinforceConfig
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def as_problems(
 def build_prompts(
     args: StepwiseReinforceConfig,
     tokenizer: PreTrainedTokenizerBase,
-    few_shot_dataset: Dataset | None,
+    few_shot_dataset: Dataset | AlternatingExamples | None,
     train_dataset: Dataset,
     flavour: str,
     n_few_shot: int,
@@ -166,9 +166,10 @@ def build_prompts(
     if n_few_shot > 0:
         examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
         source = "the few-shot dataset" if few_shot_dataset is not None else "the training set"
-        examples, note = with_worked_examples(list(examples), flavour, source=source)
-        if note:
-            logger.warning(note)
+        if not isinstance(examples, AlternatingExamples):  # several named sources: each was checked when loaded
+            examples, note = with_worked_examples(list(examples), flavour, source=source)
+            if note:
+                logger.warning(note)
     return PromptBuilder(
         tokenizer,
         examples,

@@ -32,6 +32,7 @@ from trl_stepwise.engines.factory import build_engine
 from trl_stepwise.engines.weights import policy_weights
 from trl_stepwise.envs import EnvRouter, MathEnv
 from trl_stepwise.models import build_quantization_config, load_tokenizer, quantization_bits
+from trl_stepwise.prompting import AlternatingExamples
 from trl_stepwise.quiet import quiet_run_logs
 from trl_stepwise.rewards import as_reward_funcs
 from trl_stepwise.rollout import SamplingConfig, StepwiseRollout, Trajectory
@@ -94,7 +95,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         peft_config: Any = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
-        few_shot_dataset: Dataset | None = None,
+        few_shot_dataset: Dataset | AlternatingExamples | None = None,
         algorithm: Algorithm | None = None,
         curriculum: Any = None,
         judge: Any = None,
