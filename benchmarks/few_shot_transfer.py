@@ -3,8 +3,8 @@
 The embedded model's accuracy depends strongly on the worked examples in its prompt, and a policy trained with one
 pair of examples is evaluated elsewhere with others: `trl-stepwise evaluate` on a problem set that has only final
 answers shows short GSM8K train examples alternating with generated level-1 ones (until 2026-12-07: GSM8K train
-examples of any length), while the main job trains with short GSM8K train examples (until 2026-12-03: generated
-level-1 examples). This
+examples of any length), and the main job trains with that same pair (until 2026-12-07: short GSM8K train examples;
+until 2026-12-03: generated level-1 examples). This
 script evaluates saved models (and the untrained one) on the main-job study's proxies under each few-shot source,
 greedy, calculator on, with the same limits, and prints accuracy (Wilson 95% intervals) and the change against the
 first model (exact paired McNemar test). One colocated vLLM engine serves every model (weights pushed in place).
@@ -35,7 +35,8 @@ FLAVOUR = "gsm8k"
 def few_shot_builder(source: str, tokenizer: Any, args: argparse.Namespace) -> tuple[PromptBuilder, str]:
     """The prompt builder of a few-shot source (2 examples, or ``--shots``, seed 0) and a description: ``level1``
     (generated level-1 examples, the main job's source before 2026-12-03), ``main_job`` (the main job's evaluation
-    prompt, from its config: GSM8K train examples of at most ``max_example_chars``), ``gsm8k_any_length`` (bundled
+    prompt, from its config: since 2026-12-07 the same pair as ``evaluate_default``), ``gsm8k_short`` (GSM8K train
+    examples of at most 300 characters: the main job's from 2026-12-03 to 2026-12-07), ``gsm8k_any_length`` (bundled
     GSM8K examples of any length: `trl-stepwise evaluate`'s fallback until 2026-12-07) and ``evaluate_default`` (what
     `trl-stepwise evaluate` shows for a problem set without worked solutions now: short GSM8K examples alternating
     with generated level-1 ones)."""
@@ -44,6 +45,12 @@ def few_shot_builder(source: str, tokenizer: Any, args: argparse.Namespace) -> t
         return builder, f"the main job's prompt ({MAIN_CONFIG.name}), max_example_chars {builder.max_example_chars}"
     if source == "level1":
         rows, described = load_math_dataset("arithmetic:level=1", split="fewshot").to_list(), "arithmetic:level=1"
+    elif source == "gsm8k_short":
+        rows = load_math_dataset("gsm8k", split="train").to_list()
+        builder = PromptBuilder(
+            tokenizer, rows, k=args.shots, system_prompt=load_system_prompt(None, FLAVOUR), max_example_chars=300
+        )
+        return builder, "GSM8K train examples of at most 300 characters (the main job's until 2026-12-07)"
     elif source == "gsm8k_any_length":
         rows = load_math_dataset("gsm8k", split="train", limit=256).to_list()
         described = "GSM8K train examples of any length (trl-stepwise evaluate's fallback until 2026-12-07)"
@@ -53,7 +60,7 @@ def few_shot_builder(source: str, tokenizer: Any, args: argparse.Namespace) -> t
     return PromptBuilder(tokenizer, rows, k=args.shots, system_prompt=system_prompt, flavour=FLAVOUR), described
 
 
-SOURCES = ("level1", "main_job", "gsm8k_any_length", "evaluate_default")
+SOURCES = ("level1", "main_job", "gsm8k_short", "gsm8k_any_length", "evaluate_default")
 
 
 def parse_models(values: list[str]) -> dict[str, str]:

@@ -59,14 +59,17 @@ def test_main_job_source_is_the_main_jobs_few_shot_examples(transfer, tokenizer)
     main_job = PromptBuilder(tokenizer, main_job_rows, k=2, seed=seed, max_example_chars=max_chars)
     shots = _shots(transfer, "main_job", tokenizer)
     assert shots == [example.question for example in main_job.shots("a question of no set")]
-    assert len({tuple(_shots(transfer, source, tokenizer)) for source in transfer.SOURCES}) == 4
+    assert len({tuple(_shots(transfer, source, tokenizer)) for source in transfer.SOURCES}) == 4  # main_job twice
 
 
-def test_evaluate_default_alternates_the_main_jobs_examples_with_generated_ones(transfer, tokenizer):
-    """The fallback is the pair the benchmark measured best: the main job's first short GSM8K example, then the
-    first generated level-1 example (next to the question)."""
-    main_job, level1 = _shots(transfer, "main_job", tokenizer), _shots(transfer, "level1", tokenizer)
-    assert _shots(transfer, "evaluate_default", tokenizer) == [main_job[0], level1[0]]
+def test_evaluate_default_alternates_short_gsm8k_examples_with_generated_ones_as_the_main_job_trains(
+    transfer, tokenizer
+):
+    """The fallback is the pair the benchmark measured best: the first short GSM8K example, then the first generated
+    level-1 example (next to the question); the main job trains with the same pair."""
+    short, level1 = _shots(transfer, "gsm8k_short", tokenizer), _shots(transfer, "level1", tokenizer)
+    assert _shots(transfer, "evaluate_default", tokenizer) == [short[0], level1[0]]
+    assert _shots(transfer, "main_job", tokenizer) == _shots(transfer, "evaluate_default", tokenizer)
 
 
 def test_models_are_name_path_pairs_in_order(transfer):
