@@ -359,7 +359,7 @@ FACTS = [
     Fact(
         "evaluate: the fallback worked examples against 2 generated ones and the former fallback",
         r"untrained model scores (\d+\.\d)% under them \((\d+\.\d)% under 2 generated examples, (\d+\.\d)% under the"
-        r" GSM8K examples of any length shown before\) and the main job's model (\d+\.\d)%"
+        r" GSM8K examples of any length shown before\) and a model trained with 2 short GSM8K examples (\d+\.\d)%"
         r" \((\d+\.\d)% and (\d+\.\d)%;",
         lambda: tuple(
             _pct(_transfer(FALLBACK, model, f"arith_L1-3/{source}"))
