@@ -183,6 +183,7 @@ GUIDED = "few_shot_transfer_guided.json"
 TRANSFER = "few_shot_transfer.json"
 FALLBACK = "few_shot_transfer_fallback.json"
 ALTERNATING = "few_shot_transfer_alternating.json"
+MAIN_JOB = "few_shot_transfer_main_job.json"
 LEARNING = "learning_per_cpu_hour.json"
 L1 = "arithmetic:level=1"
 
@@ -324,8 +325,8 @@ FACTS = [
     ),
     Fact(
         "results: micro-batches, threshold, steps, worked examples",
-        r"one micro-batch of\s+(\d+) episodes \(two of 8 when the figures below were measured: the same objective\),"
-        r" generated level 1 held for the whole run \(curriculum threshold (\d\.\d+),"
+        r"one micro-batch of\s+(\d+) episodes, generated level 1 held for the whole run"
+        r" \(curriculum threshold (\d\.\d+),"
         r" which the rolling training accuracy does not reach in (\d+) steps\), and (\d+) worked examples in every"
         r" prompt: a short (GSM8K) train solution, then a generated one-step one \(`max_example_chars: (\d+)`\)",
         lambda: (
@@ -348,12 +349,12 @@ FACTS = [
     ),
     Fact(
         "results: the trained model in the results file",
-        r"models `untrained` and `(alternating_(\d+)_steps)`, few-shot\s+source `evaluate_default`",
+        r"models `untrained` and `(main_job_(\d+)_steps)`, few-shot\s+source `evaluate_default`",
         lambda: (
-            next(m for m in _results(ALTERNATING)["results"] if m.startswith("alternating_")),
+            next(m for m in _results(MAIN_JOB)["results"] if m.startswith("main_job_")),
             _config()["max_steps"],
         ),
-        f"benchmarks/results/{ALTERNATING} and {YAML}",
+        f"benchmarks/results/{MAIN_JOB} and {YAML}",
         "## Results on this machine",
     ),
     Fact(
@@ -370,10 +371,24 @@ FACTS = [
         "## Evaluation",
     ),
     Fact(
+        "results: the main job's model under 2 generated and 2 short GSM8K examples",
+        r"the same model goes from (\d+\.\d)% to\s+(\d+\.\d)% on levels 1-3 \(([+-]\d+\.\d) points\),"
+        r" and under 2 short GSM8K examples from (\d+\.\d)% to (\d+\.\d)%\.",
+        lambda: (
+            _pct(_transfer(MAIN_JOB, "untrained", "arith_L1-3/level1")),
+            _pct(_transfer(MAIN_JOB, "main_job_30_steps", "arith_L1-3/level1")),
+            _change(MAIN_JOB, "main_job_30_steps", "level1"),
+            _pct(_transfer(MAIN_JOB, "untrained", "arith_L1-3/gsm8k_short")),
+            _pct(_transfer(MAIN_JOB, "main_job_30_steps", "arith_L1-3/gsm8k_short")),
+        ),
+        f"benchmarks/results/{MAIN_JOB}",
+        "## Results on this machine",
+    ),
+    Fact(
         "results: trained with short GSM8K examples against the alternating pair",
         r"the model reached (\d+\.\d)% and (\d+\.\d)% on levels 1-3 under those two prompts; trained with the pair,"
-        r" (\d+\.\d)% and (\d+\.\d)% \(untrained: (\d+\.\d)% and (\d+\.\d)%\)\. The price: under GSM8K-only prompts it"
-        r" holds less \((\d+\.\d)% against (\d+\.\d)% under short GSM8K examples;",
+        r" (\d+\.\d)% and (\d+\.\d)% \(untrained: (\d+\.\d)% and (\d+\.\d)%\)\. That run held less under GSM8K-only"
+        r" prompts \((\d+\.\d)% against (\d+\.\d)% under short GSM8K examples;",
         lambda: tuple(
             _pct(_transfer(ALTERNATING, model, f"arith_L1-3/{source}"))
             for model, source in (
@@ -600,7 +615,7 @@ def test_main_job_evaluation_sets_are_the_configs():
 
 def test_results_file_evaluated_the_main_job_under_its_own_limits():
     """The README says the results file evaluated the main job's model under the run's prompt and limits."""
-    config, arguments = _config(), _results(ALTERNATING)["arguments"]
+    config, arguments = _config(), _results(MAIN_JOB)["arguments"]
     pairs = {
         "shots / n_few_shot": (arguments["shots"], config["n_few_shot"]),
         "eval_max_steps / max_episode_steps": (arguments["eval_max_steps"], config["max_episode_steps"]),
@@ -608,7 +623,7 @@ def test_results_file_evaluated_the_main_job_under_its_own_limits():
         "eval_max_tokens / eval_max_episode_tokens": (arguments["eval_max_tokens"], config["eval_max_episode_tokens"]),
     }
     for name, (used, configured) in pairs.items():
-        assert used == configured, f"benchmarks/results/{ALTERNATING} ({name}) used {used}, {YAML} says {configured}"
+        assert used == configured, f"benchmarks/results/{MAIN_JOB} ({name}) used {used}, {YAML} says {configured}"
 
 
 _ROW = r"(\d+\.\d)% \((\d+)/(\d+), (?:95% )?CI (\d+\.\d)-(\d+\.\d)\)"
@@ -625,13 +640,13 @@ def test_main_job_table_matches_the_results_file():
         proxy = re.search(r"`(gsm8k_2step|arith_L1-3)", cells[0])
         assert proxy, f"README.md line {line}: the row does not name its proxy (`gsm8k_2step` or `arith_L1-3`)"
         proxies[proxy.group(1)] = line
-        for column, model in ((1, "untrained"), (2, "alternating_30_steps")):
+        for column, model in ((1, "untrained"), (2, "main_job_30_steps")):
             m = re.fullmatch(_ROW, cells[column].replace("**", ""))
             assert m, f"README.md line {line}: cell {cells[column]!r} is not 'P% (k/n, CI lo-hi)'"
-            expected = _formatted(_transfer(ALTERNATING, model, f"{proxy.group(1)}/evaluate_default"))
+            expected = _formatted(_transfer(MAIN_JOB, model, f"{proxy.group(1)}/evaluate_default"))
             assert m.groups() == expected, (
                 f"README.md line {line} ({proxy.group(1)}, {model}) says {m.groups()},"
-                f" benchmarks/results/{ALTERNATING} says {expected}"
+                f" benchmarks/results/{MAIN_JOB} says {expected}"
             )
     assert set(proxies) == {"gsm8k_2step", "arith_L1-3"}, f"README.md: the main job's table rows: {sorted(proxies)}"
 
