@@ -264,8 +264,8 @@ def with_worked_examples(
         )
     from trl_stepwise.data import load_math_dataset
 
-    sources = tuple(load_math_dataset(name, split=split).to_list() for name, split in chosen.worked_examples)
     pairs = chosen.worked_examples
+    sources = tuple(load_math_dataset(name, split=split).to_list() for name, split in pairs)
     described = " alternating with ".join(f"the bundled {name} {split} split" for name, split in pairs)
     if chosen.worked_example_chars is not None:
         described += f" (examples of at most {chosen.worked_example_chars} characters)"
