@@ -31,3 +31,19 @@ def test_one_name_as_a_string_or_a_list_is_one_source():
     for name in ("arithmetic:level=1", ["arithmetic:level=1"]):
         _, _, few_shot = _sets(name)
         assert not isinstance(few_shot, AlternatingExamples) and "question" in few_shot.column_names
+
+
+def _answers_only():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)])
+
+
+def test_trainer_fallback_shows_as_many_examples_as_evaluate(tokenizer, tmp_path):
+    """A few-shot source with final answers only: the fallback pair, two examples as in ``trl-stepwise evaluate``,
+    not the environment's default of 4; a user's ``n_few_shot`` still wins."""
+    plain = _answers_only()
+    args = StepwiseReinforceConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert build_prompts(args, tokenizer, plain, plain, "gsm8k", 4).k == 2
+    args = StepwiseReinforceConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", n_few_shot=4)
+    assert build_prompts(args, tokenizer, plain, plain, "gsm8k", 4).k == 4

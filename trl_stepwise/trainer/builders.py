@@ -161,15 +161,20 @@ def build_prompts(
     n_few_shot: int,
 ) -> PromptBuilder:
     """The prompts: system prompt and ``n_few_shot`` worked examples of the flavour, from the few-shot dataset or
-    the training set (none looked for when ``n_few_shot`` is 0)."""
+    the training set (none looked for when ``n_few_shot`` is 0). Where the flavour's bundled examples stand in for a
+    source with final answers only, they come with their own count unless the config names one, as in
+    ``trl-stepwise evaluate``."""
     examples: list = []
     if n_few_shot > 0:
         examples = few_shot_dataset if few_shot_dataset is not None else train_dataset
         source = "the few-shot dataset" if few_shot_dataset is not None else "the training set"
         if not isinstance(examples, AlternatingExamples):  # several named sources: each was checked when loaded
             examples, note = with_worked_examples(list(examples), flavour, source=source)
+            fallback_shots = getattr(examples, "shots", None)
+            if args.n_few_shot is None and fallback_shots is not None:
+                n_few_shot = fallback_shots
             if note:
-                logger.warning(note)
+                logger.warning(f"{note} It shows {n_few_shot} of them.")
     return PromptBuilder(
         tokenizer,
         examples,
