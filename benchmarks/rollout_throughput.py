@@ -405,15 +405,16 @@ def roofline(model: Any, batch: int, length: int, repeats: int) -> dict[str, flo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def colocated_vllm(model: Any, tokenizer: Any, seed: int) -> Any:
-    """The colocated vLLM engine (e) and (f) run on: the policy's weights in float32, as the trainer's engine."""
+def colocated_vllm(model: Any, tokenizer: Any, seed: int, dtype: str = "float32") -> Any:
+    """The colocated vLLM engine (e) and (f) run on: the policy's weights in float32, as the trainer's engine holds
+    them without ``--bf16`` (under it, bfloat16: ``engines.factory.engine_dtype``)."""
     from trl_stepwise.engines.factory import vllm_model_path
     from trl_stepwise.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(
         vllm_model_path(model, tokenizer),
         tokenizer,
-        dtype="float32",
+        dtype=dtype,
         max_model_len=2048,
         seed=seed,
         generation_config=model.generation_config,

@@ -14,6 +14,12 @@ of resending it: ``--forcing off,on`` runs each block size both ways (off: every
     python benchmarks/vllm_block_size.py --block_sizes 32,64 --repeats 3
     python benchmarks/vllm_block_size.py --block_sizes 32 --forcing off,on --repeats 3 \
         --output benchmarks/results/vllm_forced_tokens.json
+
+The engine holds the policy's weights in float32 unless ``--dtypes`` says otherwise: ``--dtypes float32,bfloat16``
+compares them (bfloat16 is what the trainer's engine holds under ``--bf16``).
+
+    python benchmarks/vllm_block_size.py --block_sizes 32 --dtypes float32,bfloat16 --repeats 3 \
+        --output benchmarks/results/vllm_dtype.json
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ from common import (
 )
 
 
-def measure(block_size: int, forcing: bool, args) -> dict:
-    """Run in the child process: one engine at ``block_size``, (e) and (f) ``args.repeats`` times each; ``forcing``
-    off makes every pause resend its request."""
+def measure(block_size: int, forcing: bool, args, dtype: str = "float32") -> dict:
+    """Run in the child process: one engine at ``block_size`` holding its weights in ``dtype``, (e) and (f)
+    ``args.repeats`` times each; ``forcing`` off makes every pause resend its request."""
     from rollout_throughput import colocated_vllm, run_stepwise, run_vllm_whole_solutions
 
     from trl_stepwise.engines import SamplingConfig
@@ -52,7 +58,7 @@ def measure(block_size: int, forcing: bool, args) -> dict:
     rows, groups = repeat_rows(problems, 4)
     make_env = env_factory("gsm8k", 256)
     sampling = SamplingConfig(temperature=0.7, max_step_tokens=64, batch_size=64, seed=args.seed)
-    engine = colocated_vllm(model, tokenizer, args.seed)
+    engine = colocated_vllm(model, tokenizer, args.seed, dtype)
     assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
     engine.forces_in_place = engine.forces_in_place and forcing
     run_stepwise("warm-up", None, tokenizer, builder, rows[:2], groups[:2], make_env, sampling, engine=engine)
@@ -69,7 +75,7 @@ def measure(block_size: int, forcing: bool, args) -> dict:
                 "plain_seconds": plain.seconds,
             }
         )
-    return {"block_size": block_size, "forcing": engine.forces_in_place, "runs": runs}
+    return {"block_size": block_size, "forcing": engine.forces_in_place, "dtype": dtype, "runs": runs}
 
 
 def main() -> None:
@@ -82,20 +88,30 @@ def main() -> None:
         default="on",
         help="Comma list of off/on: pauses resend the request (off) or append in place (on).",
     )
+    parser.add_argument(
+        "--dtypes", default="float32", help="Comma list of the engine's weight dtypes (float32, bfloat16)."
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child_forcing", default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--child_dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.num_problems, args.repeats = 2, 1
     if args.child is not None:
-        print("RESULT " + json.dumps(measure(args.child, args.child_forcing == "on", args)), flush=True)
+        result = measure(args.child, args.child_forcing == "on", args, args.child_dtype)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     results = []
     forcings = args.forcing.split(",")
     if not set(forcings) <= {"off", "on"}:
         parser.error(f"--forcing {args.forcing}: use off, on or off,on")
-    for block_size, forcing in ((int(b), f) for b in args.block_sizes.split(",") for f in forcings):
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtypes {args.dtypes}: use float32, bfloat16 or float32,bfloat16")
+    settings = [(int(b), f, d) for b in args.block_sizes.split(",") for f in forcings for d in dtypes]
+    for block_size, forcing, dtype in settings:
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(block_size), "--child_forcing", forcing]
+        argv += ["--child_dtype", dtype]
         argv += ["--num_problems", str(args.num_problems), "--repeats", str(args.repeats), "--seed", str(args.seed)]
         child = subprocess.run(argv, capture_output=True, text=True, check=True)
         line = next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))
@@ -107,13 +123,14 @@ def main() -> None:
             [
                 result["block_size"],
                 "on" if result.get("forcing") else "off",
+                result.get("dtype", "float32"),
                 median([r["stepwise_tokens_per_second"] for r in runs]),
                 median([r["plain_tokens_per_second"] for r in runs]),
                 ", ".join(f"{r['ratio']:.2f}" for r in runs),
             ]
         )
     print_table(
-        ["block size", "forced tokens", "stepwise tok/s (median)", "plain tok/s (median)", "stepwise/plain per run"],
+        ["block size", "forced tokens", "dtype", "stepwise tok/s (median)", "plain tok/s (median)", "per run ratio"],
         rows,
     )
     write_json(

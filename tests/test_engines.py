@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from scripted_engine import ScriptedEngine
 
 from trl_stepwise.algorithms import importance_weights
 from trl_stepwise.engines.config import GenerationEngineArguments
+from trl_stepwise.engines.factory import engine_dtype
 from trl_stepwise.engines.vllm_server import VLLMServerEngine, VLLMServerError
 from trl_stepwise.envs import MathEnv
 from trl_stepwise.prompting import FewShotExample, PromptBuilder
@@ -167,3 +169,22 @@ def test_a_quantized_base_is_refused_for_the_engine(make_tiny_model):
     lora.base_model.model.is_loaded_in_4bit = True
     with pytest.raises(ValueError, match="--use_vllm false"), policy_weights(lora):
         pass
+
+
+@pytest.mark.parametrize(
+    ("vllm_dtype", "bf16", "policy_dtype", "expected"),
+    [
+        ("auto", True, torch.float32, "bfloat16"),  # the precision the trainer's autocast computes in
+        ("auto", False, torch.float32, "float32"),
+        ("auto", False, torch.bfloat16, "bfloat16"),
+        ("float32", True, torch.float32, "float32"),  # the user's choice wins
+    ],
+)
+def test_vllm_computes_in_the_trainers_precision_unless_told(vllm_dtype, bf16, policy_dtype, expected):
+    model = torch.nn.Linear(2, 2).to(policy_dtype)
+    assert engine_dtype(SimpleNamespace(vllm_dtype=vllm_dtype, bf16=bf16), model) == expected
+
+
+def test_settings_without_autocast_keep_the_policys_dtype():
+    """``trl-stepwise evaluate`` has no ``bf16``: its engine holds the weights as loaded."""
+    assert engine_dtype(SimpleNamespace(vllm_dtype="auto"), torch.nn.Linear(2, 2)) == "float32"

@@ -73,7 +73,11 @@ class GenerationEngineArguments:
         },
     )
     vllm_dtype: str = field(
-        default="auto", metadata={"help": "dtype of vLLM's weights (auto: the policy's dtype when training)."}
+        default="auto",
+        metadata={
+            "help": "dtype of vLLM's weights. auto: the precision the trainer computes in, bfloat16 under --bf16 "
+            "autocast (faster than float32 on a CPU with bfloat16 hardware), else the policy's dtype."
+        },
     )
     vllm_importance_sampling_correction: bool = field(
         default=True,

@@ -34,11 +34,10 @@ def build_engine(
         )
     from trl_stepwise.engines.vllm_engine import VLLMEngine
 
-    dtype = args.vllm_dtype if args.vllm_dtype != "auto" else str(_dtype_of(model)).removeprefix("torch.")
     return VLLMEngine(
         vllm_model_path(model, tokenizer),
         tokenizer,
-        dtype=dtype,
+        dtype=engine_dtype(args, model),
         max_model_len=args.vllm_max_model_length,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         kv_cache_space_gb=args.vllm_kv_cache_space_gb,
@@ -77,5 +76,13 @@ def vllm_model_path(model: torch.nn.Module, tokenizer: Any) -> str:
     return str(folder)
 
 
-def _dtype_of(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+def engine_dtype(args: Any, model: torch.nn.Module) -> str:
+    """The dtype of vLLM's weights: ``vllm_dtype``, or for "auto" the precision the trainer computes in, so that the
+    engine samples the policy the loss sees: bfloat16 under ``bf16`` autocast (the trainer's matrix products round
+    the float32 weights to bfloat16 too; faster than float32 on a CPU with bfloat16 hardware: vllm_block_size.py),
+    else the policy's own dtype."""
+    if args.vllm_dtype != "auto":
+        return args.vllm_dtype
+    if getattr(args, "bf16", False):
+        return "bfloat16"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
