@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -211,7 +212,36 @@ def _forcing_ratios(forcing: bool) -> str:
     return ", ".join(f"{run['ratio']:.2f}" for run in runs)
 
 
+def _dtype_figures() -> tuple:
+    """Median stepwise and plain tokens/s of the bfloat16 and float32 engines, their ratios and the per-run ratios."""
+    results = {r["dtype"]: r["runs"] for r in _results("vllm_dtype.json")["results"]}
+
+    def tokens(dtype: str, kind: str) -> float:
+        return statistics.median(run[f"{kind}_tokens_per_second"] for run in results[dtype])
+
+    def ratios(dtype: str) -> str:
+        return ", ".join(f"{run['ratio']:.2f}" for run in results[dtype])
+
+    return (
+        round(tokens("bfloat16", "stepwise")),
+        round(tokens("float32", "stepwise")),
+        f"{tokens('bfloat16', 'stepwise') / tokens('float32', 'stepwise'):.2f}",
+        round(tokens("bfloat16", "plain")),
+        round(tokens("float32", "plain")),
+        f"{tokens('bfloat16', 'plain') / tokens('float32', 'plain'):.2f}",
+        ratios("bfloat16"),
+        ratios("float32"),
+    )
+
+
 FACTS = [
+    Fact(
+        "vLLM: the engine's weights in bfloat16 against float32",
+        r"stepwise (\d+) tokens/s against (\d+) in float32 \((\d\.\d\d)x\), plain (\d+) against (\d+) \((\d\.\d\d)x\),"
+        r" stepwise/plain per run (\d\.\d\d, \d\.\d\d, \d\.\d\d) against (\d\.\d\d, \d\.\d\d, \d\.\d\d)",
+        _dtype_figures,
+        "vllm_dtype.json",
+    ),
     Fact(
         "vLLM: tokens appended in place against resent requests",
         r"stepwise/plain per run (\d\.\d\d, \d\.\d\d, \d\.\d\d) against (\d\.\d\d, \d\.\d\d, \d\.\d\d)\.",
@@ -503,7 +533,7 @@ FACTS = [
     Fact(
         "benchmarks: bf16 autocast speed",
         r"bfloat16 autocast makes the CPU training step (\d+\.\d\d)x faster for a [\d.]+% change of the loss, but"
-        r" slows decoding \((\d+\.\d\d)x\)",
+        r" slows the transformers engine's decoding \((\d+\.\d\d)x\)",
         lambda: (
             f"{_results('precision.json')['comparison']['train_step_speedup']:.2f}",
             f"{_results('precision.json')['comparison']['rollout_speedup']:.2f}",
