@@ -153,8 +153,7 @@ def proxy_sets(n: int) -> tuple[dict[str, list[dict]], dict[str, str]]:
 def training_sets(prepared: PreparedRun) -> list[Any]:
     """Every problem set a run can train on or take worked examples from, except generated stages (held out by
     seed)."""
-    few_shot = prepared.few_shot
-    sets = [prepared.train, *(few_shot.sources if isinstance(few_shot, AlternatingExamples) else [few_shot])]
+    sets = [prepared.train, *AlternatingExamples.sources_of(prepared.few_shot)]
     for stage in prepared.curriculum.stages if prepared.curriculum is not None else []:
         if not stage.source.startswith("arithmetic"):
             sets.append(prepared.curriculum.pool(stage.source))

@@ -49,6 +49,18 @@ def test_the_key_follows_weights_problems_and_evaluation_settings_but_not_traini
         assert key_of(other, rows) != key, setting
 
 
+def test_the_key_follows_the_cpus_instruction_set(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch
+):
+    """torch and vLLM pick their kernels by the CPU's instructions (AVX2, AVX-512, bfloat16): a cache folder copied
+    to another machine must not hand over numbers that machine would not reproduce."""
+    rows = [dict(r) for r in arithmetic_problems.select(range(4))]
+    trainer = make_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path)
+    key = key_of(trainer, rows)
+    monkeypatch.setattr(evaluation_cache, "machine_kernels", lambda: {"cpu_capability": "OTHER", "cuda": None})
+    assert key_of(trainer, rows) != key
+
+
 def test_the_start_evaluation_is_computed_once_and_reused_with_the_same_metrics(
     make_tiny_model, tokenizer, arithmetic_problems, tmp_path, monkeypatch
 ):

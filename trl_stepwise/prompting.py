@@ -248,6 +248,11 @@ class AlternatingExamples:
     max_example_chars: int | None = None
     shots: int | None = None
 
+    @staticmethod
+    def sources_of(examples: Any) -> tuple:
+        """The example sets behind a few-shot value: its sources when it alternates, else the one set."""
+        return examples.sources if isinstance(examples, AlternatingExamples) else (examples,)
+
 
 def with_worked_examples(
     rows: Sequence[Mapping[str, Any]], flavour: str, source: str = "the few-shot source"

@@ -171,8 +171,7 @@ def prepare_reinforce(
         curriculum.check_sources()
     train, evaluation, few_shot = load_problem_sets(script_args)
     named = script_args.few_shot_dataset_name
-    sources = few_shot.sources if isinstance(few_shot, AlternatingExamples) else (few_shot,)
-    for name, rows in zip(_few_shot_names(script_args), sources, strict=False):
+    for name, rows in zip(_few_shot_names(script_args), AlternatingExamples.sources_of(few_shot), strict=False):
         if named and training_args.n_few_shot != 0 and not has_worked_solutions(rows, training_args.env_flavour):
             raise UsageError(
                 f"--few_shot_dataset_name {name}: its rows have no worked solutions (final answers only), so the "

@@ -4,8 +4,9 @@ An evaluation before training (``eval_on_start``) gives the same numbers every t
 problems, prompts, environment, engine and code, so its summary is stored under a key that hashes all of them: the
 weights themselves (not their name), the tokenizer, every problem and its rendered prompt, every trainer setting
 except those that only shape training (``TRAINING_ONLY_SETTINGS`` and the objective's), the sampling, the engine,
-the process count, the versions of the libraries that generate and grade, and the source of this package. Any change
-to any of them is another key: a stored evaluation is reused only where it would come out the same, never stale.
+the process count, the CPU's instruction set and the GPU (they pick the kernels), the versions of the libraries that
+generate and grade, and the source of this package. Any change to any of them is another key: a stored evaluation is
+reused only where it would come out the same, never stale.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def start_evaluation_key(trainer: Any, rows: list[dict], sampling: Any, engine: 
         "sampling": repr(sampling),
         "engine": type(engine).__name__,
         "processes": trainer.accelerator.num_processes,
+        "kernels": machine_kernels(),
         "tokenizer": _tokenizer_text(trainer.processing_class),
         "rows": rows,
         "prompts": [trainer.prompt_builder.render_parts(str(row.get("question", ""))) for row in rows],
@@ -76,6 +78,15 @@ def start_evaluation_key(trainer: Any, rows: list[dict], sampling: Any, engine: 
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def machine_kernels() -> dict[str, Any]:
+    """What picks the kernels the evaluation runs on: the CPU's instruction set as torch sees it (vLLM's CPU
+    backend picks by it too) and the GPU's model and compute capability."""
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = [torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())]
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda": cuda}
 
 
 def load(key: str) -> dict[str, Any] | None:
