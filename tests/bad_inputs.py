@@ -105,6 +105,7 @@ CASES = [
     _c("reinforce", "--few_shot_dataset_name nope.jsonl", "--few_shot_dataset_name nope.jsonl", "does not exist"),
     _c("reinforce", "--few_shot_dataset_name {tmp}/plain.jsonl", "--few_shot_dataset_name", "no worked solutions"),
     _c("reinforce", "--few_shot_dataset_name gsm8k {tmp}/plain.jsonl", "plain.jsonl: its rows have no worked"),
+    _c("reinforce", "--run_budget_minutes 0", "--run_budget_minutes 0", "more than 0 minutes"),
     _c("reinforce", "--question_field nosuch", "--question_field 'nosuch'", "Pass --question_field"),
     _c("reinforce", "--system_prompt nofile.txt", "--system_prompt nofile.txt", "bundled prompt"),
     _c("reinforce", "--load_in_4bit true --load_in_8bit true --use_peft true", "8 bit and 4 bit"),

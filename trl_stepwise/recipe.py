@@ -25,6 +25,7 @@ from trl_stepwise.prompting import AlternatingExamples, has_worked_solutions, lo
 from trl_stepwise.quiet import quiet_data_progress_bars
 from trl_stepwise.trainer import StepwiseReinforceConfig, StepwiseReinforceTrainer
 from trl_stepwise.trainer.checkpoints import resolve_resume_checkpoint
+from trl_stepwise.trainer.run_budget import RunBudget
 from trl_stepwise.trainer.setup import check_engine_setup
 from trl_stepwise.usage import UsageError, check_writable, parse_recipe_args, report_usage_error
 
@@ -62,6 +63,14 @@ class ReinforceScriptArguments:
     answer_field: str | None = field(default=None, metadata={"help": "Dataset field holding the final answer."})
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
     eval_at_end: bool = field(default=True, metadata={"help": "Evaluate once more after training."})
+    run_budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock minutes for the whole run, start-up to the end of the final evaluation: training "
+            "also stops (max_steps stays the upper bound) at the first step end after which one more step and the "
+            "final evaluation (as long as the one before training) would run past it. Default: max_steps alone."
+        },
+    )
 
 
 def _load(flag: str, name: str, **kwargs: Any):
@@ -144,6 +153,11 @@ def prepare_reinforce(
             "quantization_config": quantization,
         }
     check_writable(training_args.output_dir, "--output_dir", is_dir=True)
+    if script_args.run_budget_minutes is not None and not script_args.run_budget_minutes > 0:
+        raise UsageError(
+            f"--run_budget_minutes {script_args.run_budget_minutes}: a budget must be more than 0 minutes; drop the "
+            "flag to train for max_steps."
+        )
     try:
         check_engine_setup(
             training_args, get_peft_config(model_args), model_args.load_in_4bit, model_args.load_in_8bit
@@ -210,16 +224,31 @@ def run_reinforce(
     training_args: StepwiseReinforceConfig,
     model_args: ModelConfig,
     prepared: PreparedRun | None = None,
+    started_at: float | None = None,
 ) -> dict:
-    """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics."""
+    """Train with stepwise REINFORCE, evaluating before (``eval_on_start``) and after; returns the final metrics.
+    ``started_at``: when the run began (``time.monotonic``), for ``run_budget_minutes`` (default: now)."""
+    started = time.monotonic()
     prepared = prepared or prepare_reinforce(script_args, training_args, model_args)
-    started = time.perf_counter()
-    trainer = build_reinforce_trainer(training_args, model_args, prepared)
+    budget = None
+    if script_args.run_budget_minutes is not None:
+        budget = RunBudget(
+            60 * script_args.run_budget_minutes, started=started_at if started_at is not None else started
+        )
+    trainer = build_reinforce_trainer(training_args, model_args, prepared, callbacks=[budget] if budget else None)
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
+    if budget is not None and budget.stopped_at is not None:
+        logger.warning(
+            "Training stopped at step %d of %d: one more step and the final evaluation would pass "
+            "--run_budget_minutes %g.",
+            budget.stopped_at,
+            training_args.max_steps,
+            script_args.run_budget_minutes,
+        )
     metrics = trainer.evaluate() if script_args.eval_at_end else {}
     trainer.plot_curves()  # again, now with the final evaluation
     trainer.save_model(training_args.output_dir)
-    summary = {"wall_seconds": time.perf_counter() - started, **metrics}
+    summary = {"wall_seconds": time.monotonic() - started, **metrics}
     if trainer.is_world_process_zero():
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(training_args.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
@@ -238,6 +267,7 @@ def main(
 ) -> int:
     """A reinforce recipe end to end: parse flags and ``--config``, check every input before the model loads (one
     line and exit code 2 on a mistake), then train. ``default_*`` replace the gsm8k defaults (the MATH recipe)."""
+    started = time.monotonic()
     prog = prog or Path(sys.argv[0]).name
     quiet_data_progress_bars()
     try:
@@ -250,5 +280,5 @@ def main(
         prepared = prepare_reinforce(script_args, training_args, model_args)
     except INPUT_ERRORS as err:
         return report_usage_error(prog, err)
-    run_reinforce(script_args, training_args, model_args, prepared)
+    run_reinforce(script_args, training_args, model_args, prepared, started_at=started)
     return 0

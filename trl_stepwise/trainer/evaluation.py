@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_SUMMARY_KEYS", "evaluate_policy", "named_eval_set"]
 
-EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total")
+# logged as eval[_<set>]_<key>, and kept for a reused evaluation (its wall time: how long the final one will take)
+EVAL_SUMMARY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "correct", "total", "wall_seconds")
 
 
 def evaluate_policy(trainer: Any, dataset: Dataset) -> dict[str, Any]:

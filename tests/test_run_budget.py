@@ -1,0 +1,67 @@
+"""A run with a wall-clock budget stops training where one more step and the final evaluation would pass it."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_training import make_config
+from transformers import TrainerControl, TrainerState
+
+from trl_stepwise import StepwiseReinforceTrainer
+from trl_stepwise.trainer.run_budget import RunBudget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _step(budget: RunBudget, clock: Clock, step: int, seconds: float) -> bool:
+    clock.now += seconds
+    control = TrainerControl()
+    budget.on_step_end(None, TrainerState(global_step=step), control)
+    return control.should_training_stop
+
+
+def test_stops_at_the_last_step_that_leaves_time_for_the_final_evaluation():
+    clock = Clock()
+    budget = RunBudget(100.0, started=0.0, clock=clock)
+    clock.now = 20.0  # start-up, then the evaluations before training: 20 s in two sets
+    budget.on_evaluate(None, TrainerState(global_step=0), None, metrics={"eval_a_wall_seconds": 12.0})
+    budget.on_evaluate(None, TrainerState(global_step=0), None, metrics={"eval_b_wall_seconds": 8.0, "x": 5.0})
+    assert budget.evaluation_seconds == 20.0
+    stops = [_step(budget, clock, step, 10.0) for step in range(1, 6)]  # steps end at 30, 40, 50, 60, 70 s
+    # at 70 s: one more step (10 s) and the final evaluation (20 s) end at 100 s, within the budget
+    assert stops == [False] * 5
+    assert _step(budget, clock, 6, 10.0) and budget.stopped_at == 6  # at 80 s: they would end at 110 s
+
+
+def test_a_slow_step_counts_for_the_next_and_later_evaluations_do_not():
+    clock = Clock()
+    budget = RunBudget(70.0, started=0.0, clock=clock)
+    budget.on_evaluate(None, TrainerState(global_step=4), None, metrics={"eval_wall_seconds": 50.0})
+    assert budget.evaluation_seconds == 0.0
+    assert not _step(budget, clock, 1, 10.0)  # the first step: nothing measured yet
+    assert not _step(budget, clock, 2, 30.0)  # at 40 s: one more 30 s step ends at 70 s, within the budget
+    assert _step(budget, clock, 3, 5.0)  # at 45 s: the slowest recent step (30 s), not this one (5 s), counts
+
+
+@pytest.mark.parametrize("budget_seconds", [1e9, 1e-3])
+def test_the_trainer_stops_early_only_when_the_budget_says_so(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path, budget_seconds
+):
+    args = make_config(tmp_path, max_steps=4)
+    budget = RunBudget(budget_seconds, started=0.0)
+    budget.started = budget.clock()
+    trainer = StepwiseReinforceTrainer(
+        model=make_tiny_model(),
+        args=args,
+        train_dataset=arithmetic_problems,
+        processing_class=tokenizer,
+        callbacks=[budget],
+    )
+    trainer.train()
+    # a budget that is already spent stops at the first step with a measured step time (the second)
+    assert trainer.state.global_step == (4 if budget_seconds > 1 else 2)

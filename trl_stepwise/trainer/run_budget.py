@@ -1,0 +1,61 @@
+"""Train for a wall-clock budget: stop where one more step would leave no time for the final evaluation.
+
+How many steps fit into a run's minutes depends on the machine (a CPU with bfloat16 hardware trains a main-job step
+~1.5x faster than one without). ``max_steps`` stays the upper bound; with a budget, training also stops at the first
+step end after which one more step (the slowest of the last few) and the final evaluation (as long as the
+evaluations before the first step took, stored with them when they were reused) would run past it. Every process
+stops at the same step: the main process decides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from transformers import TrainerCallback
+
+RECENT_STEPS = 3  # the slowest of the last few steps: one long episode can make a step much longer than the median
+
+
+class RunBudget(TrainerCallback):
+    """Stops training so that the run, started at ``started`` (``clock`` seconds), ends within ``budget_seconds``."""
+
+    def __init__(self, budget_seconds: float, started: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget_seconds = budget_seconds
+        self.started = started
+        self.clock = clock
+        self.evaluation_seconds = 0.0  # the evaluations before the first step: what the final one will take
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.last_step_end: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0 and metrics:
+            self.evaluation_seconds += sum(v for k, v in metrics.items() if k.endswith("_wall_seconds"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self.clock()
+        if self.last_step_end is not None:
+            self.recent_steps.append(now - self.last_step_end)
+        self.last_step_end = now
+        if self.recent_steps and _agreed(self._out_of_time(now)):
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def _out_of_time(self, now: float) -> bool:
+        needed = max(self.recent_steps) + self.evaluation_seconds
+        return now - self.started + needed > self.budget_seconds
+
+
+def _agreed(decision: bool) -> bool:
+    """The main process's decision, on every process (clocks differ a little; all must stop at the same step)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decision
+    flag = torch.tensor([1.0 if decision else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
