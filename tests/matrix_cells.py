@@ -208,7 +208,7 @@ def peft_config(cell: Cell):
     if cell.weights == "dora":
         extra["use_dora"] = True
     if cell.weights == "lora_modules_to_save":
-        extra["modules_to_save"] = ["norm"]  # peft matches every norm layer
+        extra["modules_to_save"] = ["input_layernorm", "post_attention_layernorm", "norm"]  # every norm layer
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **extra)
 
 

@@ -95,12 +95,16 @@ def _refused_push(model: torch.nn.Module, match: str) -> str:
     return message
 
 
+# every norm layer of a Llama-shaped model: peft < 0.22 matched any module name ending in "norm", peft 0.22 matches
+# whole names ("norm" is then the final norm alone), so the three kinds are named
+EVERY_NORM = ["input_layernorm", "post_attention_layernorm", "norm"]
+
 LORA_SETUPS = {
     "lora": dict(target_modules=TARGETS),
     "rslora": dict(target_modules=TARGETS, use_rslora=True, lora_alpha=32),
     "dora": dict(target_modules=TARGETS, use_dora=True),
     "modules_to_save_lm_head": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
-    "modules_to_save_norm": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["norm"]),
+    "modules_to_save_norm": dict(target_modules=["q_proj", "v_proj"], modules_to_save=EVERY_NORM),
     "embed_tokens_target": dict(target_modules=["embed_tokens", "q_proj", "v_proj"]),
     "dora_with_embed_tokens": dict(target_modules=["embed_tokens", "q_proj"], use_dora=True),
     "trainable_tokens": dict(target_modules=["q_proj"], trainable_token_indices=[1, 5, 7]),
@@ -115,8 +119,8 @@ def test_lora_set_ups_push_merge_and_unload(make_tiny_model, setup):
 
 
 def test_modules_to_save_sends_the_trained_copy_under_the_original_name(make_tiny_model):
-    """``norm`` matches every norm layer: each is sent as its trained copy, none as the frozen original."""
-    model = _peft_model(make_tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    """Every norm layer is sent as its trained copy, none as the frozen original."""
+    model = _peft_model(make_tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=EVERY_NORM))
     pushed = _pushed(model)
     wrappers = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)}
     assert len(wrappers) == 5  # 2 per layer + the final norm
@@ -242,7 +246,7 @@ def test_the_reference_adapter_is_never_pushed(make_tiny_model):
 def test_the_reference_adapter_next_to_modules_to_save(make_tiny_model):
     from trl_stepwise.trainer.reference import copy_policy_to_reference
 
-    model = _peft_model(make_tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    model = _peft_model(make_tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=EVERY_NORM))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         copy_policy_to_reference(model, "default")
@@ -364,14 +368,14 @@ def test_a_model_without_peft_is_pushed_as_is(make_tiny_model):
 
 
 def test_the_embedded_model_with_dora_and_modules_to_save(tmp_path):
-    """The measured gaps of the old push on the real model: DoRA magnitudes left out, modules_to_save=["norm"] (all
-    61 norm layers) never sent. Both now equal merge_and_unload."""
+    """The measured gaps of the old push on the real model: DoRA magnitudes left out, every norm layer saved as a
+    module (all 61) never sent. Both now equal merge_and_unload."""
     from trl_stepwise.models import load_model
 
     torch.manual_seed(0)
     model = _peft_model(
         load_model(None).float(),
-        peft.LoraConfig(r=8, target_modules="all-linear", use_dora=True, modules_to_save=["norm"]),
+        peft.LoraConfig(r=8, target_modules="all-linear", use_dora=True, modules_to_save=EVERY_NORM),
     )
     assert sum(isinstance(m, ModulesToSaveWrapper) for m in model.modules()) == 61
     _assert_pushes_merge_and_unload(model)
