@@ -13,7 +13,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
 from transformers import TrainerCallback
 
 RECENT_STEPS = 3  # the slowest of the last few steps: one long episode can make a step much longer than the median
@@ -52,10 +51,11 @@ class RunBudget(TrainerCallback):
 
 def _agreed(decision: bool) -> bool:
     """The main process's decision, on every process (clocks differ a little; all must stop at the same step)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    if PartialState().num_processes == 1:
         return decision
-    flag = torch.tensor([1.0 if decision else 0.0])
-    if torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+    box = [decision]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
