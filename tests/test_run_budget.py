@@ -38,6 +38,15 @@ def test_stops_at_the_last_step_that_leaves_time_for_the_final_evaluation():
     assert _step(budget, clock, 6, 10.0) and budget.stopped_at == 6  # at 80 s: they would end at 110 s
 
 
+def test_no_time_is_kept_for_a_final_evaluation_that_will_not_run():
+    clock = Clock()
+    budget = RunBudget(100.0, started=0.0, clock=clock, final_evaluation=False)
+    clock.now = 20.0
+    budget.on_evaluate(None, TrainerState(global_step=0), None, metrics={"eval_wall_seconds": 20.0})
+    assert [_step(budget, clock, step, 10.0) for step in range(1, 8)] == [False] * 7  # at 90 s: one more ends at 100
+    assert _step(budget, clock, 8, 10.0)
+
+
 def test_a_slow_step_counts_for_the_next_and_later_evaluations_do_not():
     clock = Clock()
     budget = RunBudget(70.0, started=0.0, clock=clock)

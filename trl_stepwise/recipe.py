@@ -233,7 +233,9 @@ def run_reinforce(
     budget = None
     if script_args.run_budget_minutes is not None:
         budget = RunBudget(
-            60 * script_args.run_budget_minutes, started=started_at if started_at is not None else started
+            60 * script_args.run_budget_minutes,
+            started=started_at if started_at is not None else started,
+            final_evaluation=script_args.eval_at_end,
         )
     trainer = build_reinforce_trainer(training_args, model_args, prepared, callbacks=[budget] if budget else None)
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)

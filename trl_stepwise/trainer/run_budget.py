@@ -21,8 +21,15 @@ RECENT_STEPS = 3  # the slowest of the last few steps: one long episode can make
 class RunBudget(TrainerCallback):
     """Stops training so that the run, started at ``started`` (``clock`` seconds), ends within ``budget_seconds``."""
 
-    def __init__(self, budget_seconds: float, started: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        budget_seconds: float,
+        started: float,
+        clock: Callable[[], float] = time.monotonic,
+        final_evaluation: bool = True,
+    ) -> None:
         self.budget_seconds = budget_seconds
+        self.final_evaluation = final_evaluation  # without one (eval_at_end false), no time is kept for it
         self.started = started
         self.clock = clock
         self.evaluation_seconds = 0.0  # the evaluations before the first step: what the final one will take
@@ -45,7 +52,7 @@ class RunBudget(TrainerCallback):
         return control
 
     def _out_of_time(self, now: float) -> bool:
-        needed = max(self.recent_steps) + self.evaluation_seconds
+        needed = max(self.recent_steps) + (self.evaluation_seconds if self.final_evaluation else 0.0)
         return now - self.started + needed > self.budget_seconds
 
 
