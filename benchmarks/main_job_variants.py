@@ -119,6 +119,34 @@ VARIANTS: dict[str, Variant] = {
     ),
     "shots0": Variant({"n_few_shot": 0}, "training prompts without worked examples (evaluation keeps 2)"),
     "shots1": Variant({"n_few_shot": 1}, "training prompts with 1 worked example (evaluation keeps 2)"),
+    # The main job's own problems (base is their baseline: loss_type dapo, one optimizer step per batch). With one
+    # process, one micro-batch and one iteration, bnpo divides by the same token count as dapo and cispo's weight is
+    # the ratio 1, so both give dapo's gradient there; cispo is compared where the ratio moves (two iterations)
+    "loss_grpo": Variant(
+        {"loss_type": "grpo"}, "loss_type grpo: each episode's token mean, then the mean over episodes"
+    ),
+    "loss_dr_grpo": Variant(
+        {"loss_type": "dr_grpo"}, "loss_type dr_grpo: summed token losses over episodes x max_episode_tokens"
+    ),
+    "two_iterations": Variant(
+        {"num_iterations": 2}, "2 optimizer steps per batch of rollouts (the second is off-policy: the clip acts)"
+    ),
+    "two_iterations_clip_higher": Variant(
+        {"num_iterations": 2, "epsilon_high": 0.28},
+        "2 optimizer steps per batch, the ratio clipped at 1.28 above instead of 1.2 (DAPO's clip-higher)",
+    ),
+    "two_iterations_cispo": Variant(
+        {"num_iterations": 2, "loss_type": "cispo"},
+        "2 optimizer steps per batch, loss_type cispo (the ratio weighs the gradient, capped at 5, not clipped away)",
+    ),
+    "dynamic_sampling": Variant(
+        {"dynamic_sampling": True},
+        "groups whose episodes all earned the same at every step are dropped and more problems played, up to 3 extra "
+        "rounds per step (DAPO's dynamic sampling)",
+    ),
+    "gen16": Variant(
+        {"num_generations": 16}, "16 episodes per problem (1 problem per step) instead of 4 problems x 4"
+    ),
     # On the mixed problems (gsm8k_easy_guided is their baseline: loss_type dapo, 4 episodes per problem)
     "mixed_dynamic_sampling": Variant(
         {**MIXED, "dynamic_sampling": True},
