@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from tiny_training import make_config
 from transformers import TrainerControl, TrainerState
@@ -74,3 +76,19 @@ def test_the_trainer_stops_early_only_when_the_budget_says_so(
     trainer.train()
     # a budget that is already spent stops at the first step with a measured step time (the second)
     assert trainer.state.global_step == (4 if budget_seconds > 1 else 2)
+
+
+@pytest.mark.parametrize("eval_on_start", [False, True])
+def test_a_budget_without_a_start_evaluation_says_the_final_one_is_not_covered(eval_on_start, caplog):
+    budget = RunBudget(600.0, started=0.0)
+    with caplog.at_level("WARNING", logger="trl_stepwise.trainer.run_budget"):
+        budget.on_train_begin(SimpleNamespace(eval_on_start=eval_on_start), TrainerState(), TrainerControl())
+    warned = [r.getMessage() for r in caplog.records if "--eval_on_start false" in r.getMessage()]
+    assert len(warned) == (0 if eval_on_start else 1)
+    assert eval_on_start or "--run_budget_minutes 10 " in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_stepwise.trainer.run_budget"):
+        RunBudget(600.0, started=0.0, final_evaluation=False).on_train_begin(
+            SimpleNamespace(eval_on_start=False), TrainerState(), TrainerControl()
+        )
+    assert not caplog.records  # no final evaluation: nothing is left out

@@ -9,12 +9,14 @@ stops at the same step: the main process decides.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+logger = logging.getLogger(__name__)
 RECENT_STEPS = 3  # the slowest of the last few steps: one long episode can make a step much longer than the median
 
 
@@ -36,6 +38,15 @@ class RunBudget(TrainerCallback):
         self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
         self.last_step_end: float | None = None
         self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.final_evaluation and not getattr(args, "eval_on_start", False):
+            logger.warning(
+                "--run_budget_minutes %g with --eval_on_start false: no evaluation before training measures how long "
+                "the final one takes, so the budget keeps no time for it and the run ends that much later; use "
+                "--eval_on_start true (computed once, then reused) or a smaller budget.",
+                self.budget_seconds / 60,
+            )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.global_step == 0 and metrics:
