@@ -39,8 +39,6 @@ from functools import partial
 from typing import Any
 
 from common import (
-    BudgetCallback,
-    CurveCallback,
     base_parser,
     give_model_a_path,
     load_policy,
@@ -52,6 +50,7 @@ from common import (
     write_json,
 )
 from datasets import Dataset
+from training_budget import BudgetCallback, CurveCallback
 
 from trl_stepwise.data import dataset_flavour
 from trl_stepwise.envs import make_limited

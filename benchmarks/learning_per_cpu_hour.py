@@ -26,20 +26,16 @@ from typing import Any
 
 import torch
 from common import (
-    BudgetCallback,
-    CurveCallback,
     base_parser,
     env_factory,
     few_shot_rows,
     give_model_a_path,
     load_policy,
     load_problems,
-    plot_reward_curves,
     print_table,
     prompt_builder,
     ratio,
     result_path,
-    run_on_cores,
     setup_torch,
     shared_trainer_settings,
     stepwise_side_settings,
@@ -47,6 +43,7 @@ from common import (
     write_json,
 )
 from datasets import Dataset
+from training_budget import BudgetCallback, CurveCallback, plot_reward_curves, run_on_cores
 
 from trl_stepwise.data import dataset_flavour
 from trl_stepwise.evaluation import evaluate_problems

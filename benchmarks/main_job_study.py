@@ -30,23 +30,20 @@ from typing import Any
 from common import (
     GIB,
     ROOT,
-    BudgetCallback,
-    CurveCallback,
     base_parser,
     env_factory,
     load_policy,
     mcnemar_p_value,
     peak_rss_bytes,
-    plot_reward_curves,
     print_table,
     result_path,
-    run_on_cores,
     setup_torch,
     tiny_model,
     with_interval,
     write_json,
 )
 from main_job_variants import VARIANTS
+from training_budget import BudgetCallback, CurveCallback, episodes_played, plot_reward_curves, run_on_cores
 from trl import ModelConfig, get_peft_config
 
 from trl_stepwise.arithmetic import SPLIT_SEED_RANGES, split_of_question
@@ -273,6 +270,7 @@ def train_phase(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "steps": budget.steps,
         "episodes_per_step": episodes_per_step,
         "episodes": budget.steps * episodes_per_step,
+        "episodes_played": episodes_played(trainer.state.log_history, budget.steps, training_args, episodes_per_step),
         "train_seconds": budget.elapsed,
         "train_cpu_seconds": budget.cpu_seconds,
         "seconds_per_step": budget.elapsed / budget.steps if budget.steps else float("nan"),
@@ -345,11 +343,20 @@ def report(
 ) -> None:
     """The table, the reward curves and the JSON."""
     proxies = [p for p in PROXIES if p in before]
-    headers = ["config", "steps", "episodes", "s/step", "stage", "peak RSS GiB"]
+    headers = ["config", "steps", "episodes trained", "played", "s/step", "stage", "peak RSS GiB"]
     for proxy in proxies:
         headers += [f"{proxy} [95% CI]", "change pts (p)"]
     rows = [
-        ["before (untrained)", "-", "-", "-", "-", "-", *[c for p in proxies for c in (with_interval(before[p]), "")]]
+        [
+            "before (untrained)",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            *[c for p in proxies for c in (with_interval(before[p]), "")],
+        ]
     ]
     for name in names:
         if name in failed:
@@ -367,6 +374,7 @@ def report(
                 name,
                 run["steps"],
                 run["episodes"],
+                run.get("episodes_played", "-"),
                 run["seconds_per_step"],
                 stage,
                 run["peak_rss_bytes"] / GIB,
