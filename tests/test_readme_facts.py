@@ -234,7 +234,31 @@ def _dtype_figures() -> tuple:
     )
 
 
+def _study_accuracy(file: str, *configs: str, proxy: str = "arith_L1-3") -> tuple[str, ...]:
+    """A study's accuracy on ``proxy`` before training, then after each of ``configs``, as the README writes it."""
+    study = _results(file)
+    return (_pct(study["before"][proxy]), *(_pct(study["runs"][name]["after"][proxy]) for name in configs))
+
+
 FACTS = [
+    Fact(
+        "loss types: the main job's levers side by side",
+        r"levels 1-3 went from (\d+\.\d)% to (\d+\.\d)% with `dapo`, (\d+\.\d)% with `grpo`,"
+        r" (\d+\.\d)% with `dr_grpo`, (\d+\.\d)% with two iterations per batch"
+        r" \((\d+\.\d)% with `epsilon_high` 0.28, (\d+\.\d)% with `cispo`\) and"
+        r" (\d+\.\d)% with `dynamic_sampling`",
+        lambda: _study_accuracy(
+            "main_job_study_losses.json",
+            "base",
+            "loss_grpo",
+            "loss_dr_grpo",
+            "two_iterations",
+            "two_iterations_clip_higher",
+            "two_iterations_cispo",
+            "dynamic_sampling",
+        ),
+        "main_job_study_losses.json",
+    ),
     Fact(
         "vLLM: the engine's weights in bfloat16 against float32",
         r"stepwise (\d+) tokens/s against (\d+) in float32 \((\d\.\d\d)x\), plain (\d+) against (\d+) \((\d\.\d\d)x\),"
