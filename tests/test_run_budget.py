@@ -92,3 +92,18 @@ def test_a_budget_without_a_start_evaluation_says_the_final_one_is_not_covered(e
             SimpleNamespace(eval_on_start=False), TrainerState(), TrainerControl()
         )
     assert not caplog.records  # no final evaluation: nothing is left out
+
+
+def test_a_resumed_run_keeps_time_for_its_final_evaluation():
+    """On resume the evaluation before training runs at the checkpoint's step, not at step 0: it still measures the
+    final one."""
+    clock = Clock()
+    budget = RunBudget(100.0, started=0.0, clock=clock)
+    budget.on_train_begin(SimpleNamespace(eval_on_start=True), TrainerState(global_step=16), TrainerControl())
+    clock.now = 20.0
+    budget.on_evaluate(None, TrainerState(global_step=16), None, metrics={"eval_wall_seconds": 20.0})
+    assert budget.evaluation_seconds == 20.0
+    assert [_step(budget, clock, step, 10.0) for step in range(17, 22)] == [False] * 5  # at 70 s: ends at 100 s
+    assert _step(budget, clock, 22, 10.0)
+    budget.on_evaluate(None, TrainerState(global_step=22), None, metrics={"eval_wall_seconds": 50.0})
+    assert budget.evaluation_seconds == 20.0  # an evaluation after a step of this run does not count

@@ -3,8 +3,8 @@
 How many steps fit into a run's minutes depends on the machine (a CPU with bfloat16 hardware trains a main-job step
 ~1.5x faster than one without). ``max_steps`` stays the upper bound; with a budget, training also stops at the first
 step end after which one more step (the slowest of the last few) and the final evaluation (as long as the
-evaluations before the first step took, stored with them when they were reused) would run past it. Every process
-stops at the same step: the main process decides.
+evaluations before the first step took, on resume too, stored with them when they were reused) would run past it.
+Every process stops at the same step: the main process decides.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ class RunBudget(TrainerCallback):
         self.started = started
         self.clock = clock
         self.evaluation_seconds = 0.0  # the evaluations before the first step: what the final one will take
+        self.first_step = 0  # the global step training (re)starts from: a resumed run evaluates there
         self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
         self.last_step_end: float | None = None
         self.stopped_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
         if self.final_evaluation and not getattr(args, "eval_on_start", False):
             logger.warning(
                 "--run_budget_minutes %g with --eval_on_start false: no evaluation before training measures how long "
@@ -49,7 +51,7 @@ class RunBudget(TrainerCallback):
             )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.global_step == 0 and metrics:
+        if state.global_step == self.first_step and self.last_step_end is None and metrics:
             self.evaluation_seconds += sum(v for k, v in metrics.items() if k.endswith("_wall_seconds"))
 
     def on_step_end(self, args, state, control, **kwargs):
