@@ -270,7 +270,9 @@ def train_phase(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "steps": budget.steps,
         "episodes_per_step": episodes_per_step,
         "episodes": budget.steps * episodes_per_step,
-        "episodes_played": episodes_played(trainer.state.log_history, budget.steps, training_args, episodes_per_step),
+        "episodes_played": episodes_played(
+            trainer.state.log_history, budget.steps, training_args.num_iterations, episodes_per_step
+        ),
         "train_seconds": budget.elapsed,
         "train_cpu_seconds": budget.cpu_seconds,
         "seconds_per_step": budget.elapsed / budget.steps if budget.steps else float("nan"),
@@ -346,18 +348,7 @@ def report(
     headers = ["config", "steps", "episodes trained", "played", "s/step", "stage", "peak RSS GiB"]
     for proxy in proxies:
         headers += [f"{proxy} [95% CI]", "change pts (p)"]
-    rows = [
-        [
-            "before (untrained)",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-            *[c for p in proxies for c in (with_interval(before[p]), "")],
-        ]
-    ]
+    rows = [["before (untrained)", *["-"] * 6, *[c for p in proxies for c in (with_interval(before[p]), "")]]]
     for name in names:
         if name in failed:
             rows.append([name, f"failed (exit {failed[name]})", *["-"] * (len(headers) - 2)])

@@ -7,7 +7,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainerCallback
 
@@ -38,14 +37,13 @@ class BudgetCallback(TrainerCallback):
 EPISODES_RATIO = "dynamic_sampling/episodes_generated_per_trained"
 
 
-def episodes_played(log_history: list[dict], steps: int, training_args: Any, episodes_per_step: int) -> int:
+def episodes_played(log_history: list[dict], steps: int, num_iterations: int, episodes_per_step: int) -> int:
     """Episodes generated, not trained on: a batch serves ``num_iterations`` optimizer steps, and dynamic sampling
-    plays more than it trains on (its logged ratio, one entry per batch)."""
+    plays more than it trains on (its logged generated/trained ratio, averaged over the logs)."""
+    batches = -(-steps // num_iterations)
     ratios = [e[EPISODES_RATIO] for e in log_history if EPISODES_RATIO in e]
-    batches = -(-steps // training_args.num_iterations)
-    if ratios:
-        return round(sum(ratios[:batches]) * episodes_per_step)
-    return batches * episodes_per_step
+    mean_ratio = sum(ratios) / len(ratios) if ratios else 1.0
+    return round(batches * mean_ratio * episodes_per_step)
 
 
 class CurveCallback(TrainerCallback):

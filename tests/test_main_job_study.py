@@ -105,14 +105,11 @@ def test_mcnemar_p_value() -> None:
 
 
 def test_episodes_played_counts_batches_not_optimizer_steps(study) -> None:
-    from types import SimpleNamespace
-
     from training_budget import episodes_played
 
-    once, twice = SimpleNamespace(num_iterations=1), SimpleNamespace(num_iterations=2)
-    assert episodes_played([], 29, once, 16) == 29 * 16
-    assert episodes_played([], 31, twice, 16) == 16 * 16  # 16 batches, the last one trained on once
+    assert episodes_played([], 29, 1, 16) == 29 * 16
+    assert episodes_played([], 31, 2, 16) == 16 * 16  # 16 batches, the last one trained on once
     # dynamic sampling played 1.5x then 1x the batch (one logged ratio per batch)
     logs = [{"loss": 0.1}, {"dynamic_sampling/episodes_generated_per_trained": 1.5}]
     logs.append({"dynamic_sampling/episodes_generated_per_trained": 1.0})
-    assert episodes_played(logs, 2, once, 16) == 40
+    assert episodes_played(logs, 2, 1, 16) == 40
