@@ -385,6 +385,11 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         )
 
     # ------------------------------------------------------------------ loss
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        """The whole loss pass in one autocast region (HF's hook, a no-op there): each weight is cast to bfloat16
+        once per step, not once per forward call (prefix, prompts, length buckets); the same log-probs."""
+        return self.accelerator.autocast()
+
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         scores = score_completions(
