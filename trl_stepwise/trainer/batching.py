@@ -16,12 +16,14 @@ import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
+from trl_stepwise.trainer.attention import masked_gqa_on_cpu
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
 from trl_stepwise.trainer.shared_prompts import behind_cache, encode_prefix, encode_prompts, positions, rows_view
 
@@ -131,7 +133,14 @@ class CompletionScores:
     sampling_logps: torch.Tensor | None = None  # under the engine's top-k / top-p filter, renormalised (no grad)
 
 
-def score_completions(
+def score_completions(model: torch.nn.Module, *args: Any, **kwargs: Any) -> CompletionScores:
+    """``_score_completions`` with grouped-query attention unrepeated on a CPU (``masked_gqa_on_cpu``), except
+    under activation checkpointing, whose recomputation in the backward runs outside this call."""
+    with contextlib.nullcontext() if _checkpointing(model) else masked_gqa_on_cpu():
+        return _score_completions(model, *args, **kwargs)
+
+
+def _score_completions(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor | int],
     temperature: float = 1.0,

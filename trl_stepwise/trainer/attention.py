@@ -1,0 +1,41 @@
+"""Grouped-query attention on a CPU without copying keys and values for every query head.
+
+transformers' SDPA attention hands grouped-query keys and values to torch as they are (``enable_gqa``) only where no
+attention mask is given, because CUDA's fast kernels take no mask with it. The scoring passes always have a mask
+(padding, the shared prefix's cache), so on a CPU every layer copied its keys and values once per query head
+(``repeat_kv``) and summed the copies' gradients back. torch's CPU kernel takes masked grouped-query attention
+itself, with the same results: 0.4-0.5 s less of a ~5 s main-job loss pass (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import transformers.integrations.sdpa_attention as sdpa_attention
+from packaging.version import Version
+
+# enable_gqa in torch.nn.functional.scaled_dot_product_attention
+TORCH_HAS_GQA = Version(torch.__version__.split("+")[0]) >= Version("2.5")
+
+
+@contextlib.contextmanager
+def masked_gqa_on_cpu() -> Iterator[None]:
+    """Within the block, transformers' SDPA attention passes grouped-query keys and values on a CPU to torch
+    unrepeated, mask or not; elsewhere (other devices, equal head dims not given) it decides as it does."""
+    original = sdpa_attention.use_gqa_in_sdpa
+    if not TORCH_HAS_GQA or getattr(original, "masked_gqa_on_cpu", False):  # nested: the outer block decides
+        yield
+        return
+
+    def use_gqa(attention_mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor) -> bool:
+        on_cpu = key.device.type == "cpu" and key.shape[-1] == value.shape[-1]
+        return on_cpu or original(attention_mask, key, value)
+
+    use_gqa.masked_gqa_on_cpu = True  # type: ignore[attr-defined]
+    sdpa_attention.use_gqa_in_sdpa = use_gqa
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
