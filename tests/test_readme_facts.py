@@ -240,6 +240,13 @@ def _study_accuracy(file: str, *configs: str, proxy: str = "arith_L1-3") -> tupl
     return (_pct(study["before"][proxy]), *(_pct(study["runs"][name]["after"][proxy]) for name in configs))
 
 
+def _engine_study() -> tuple[str, ...]:
+    """Levels 1-3 after 6.5 min: the bfloat16 engine's three runs, then the float32 engine's two."""
+    first, second = _results("main_job_study_engine.json")["runs"], _results("main_job_study_engine_gqa.json")["runs"]
+    bf16 = (first["bf16_engine"], first["bf16_engine_seed43"], second["bf16_engine"])
+    return tuple(_pct(run["after"]["arith_L1-3"]) for run in (*bf16, first["base"], second["base"]))
+
+
 FACTS = [
     Fact(
         "loss types: the main job's levers side by side",
@@ -258,6 +265,13 @@ FACTS = [
             "dynamic_sampling",
         ),
         "main_job_study_losses.json",
+    ),
+    Fact(
+        "vLLM: the bfloat16 engine under the study's budget",
+        r"levels 1-3 reached (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% with it"
+        r" against (\d+\.\d)% and (\d+\.\d)% with float32",
+        _engine_study,
+        "main_job_study_engine.json, main_job_study_engine_gqa.json",
     ),
     Fact(
         "vLLM: the engine's weights in bfloat16 against float32",
