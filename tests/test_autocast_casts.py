@@ -2,7 +2,8 @@
 
 A main-job loss pass makes several forward calls (the shared few-shot prefix, the groups' prompts, the completions in
 length buckets). Autocast caches a weight's bfloat16 copy only within one autocast region; with one region per
-forward call every call re-cast all 135M weights (~0.5 s of a ~6 s loss pass on the main job, benchmarks/README.md).
+forward call every call re-cast all 135M weights (7.26 s against 7.08 s for a main-job bfloat16 loss pass,
+benchmarks/README.md).
 """
 
 from __future__ import annotations

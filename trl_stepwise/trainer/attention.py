@@ -4,7 +4,7 @@ transformers' SDPA attention hands grouped-query keys and values to torch as the
 attention mask is given, because CUDA's fast kernels take no mask with it. The scoring passes always have a mask
 (padding, the shared prefix's cache), so on a CPU every layer copied its keys and values once per query head
 (``repeat_kv``) and summed the copies' gradients back. torch's CPU kernel takes masked grouped-query attention
-itself, with the same results: 0.4-0.5 s less of a ~5 s main-job loss pass (benchmarks/README.md).
+itself, with the same results: 6.05 s against 7.08 s for a main-job bfloat16 loss pass (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
-from packaging.version import Version
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 # enable_gqa in torch.nn.functional.scaled_dot_product_attention
-TORCH_HAS_GQA = Version(torch.__version__.split("+")[0]) >= Version("2.5")
+TORCH_HAS_GQA = is_torch_greater_or_equal("2.5", accept_dev=True)
 
 
 @contextlib.contextmanager
