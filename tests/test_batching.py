@@ -77,7 +77,7 @@ def unchunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_chunked_logprobs_match_the_full_log_softmax_in_value_and_gradient(make_tiny_model, monkeypatch, temperature):
-    from trl_stepwise.trainer import batching
+    from trl_stepwise.trainer import batching, vocab_logprobs
 
     model = make_tiny_model().train()
     batch = make_batch(model.config.vocab_size)
@@ -90,7 +90,7 @@ def test_chunked_logprobs_match_the_full_log_softmax_in_value_and_gradient(make_
 
     model.register_forward_hook(keep_logits)
     # chunks of 2 positions: several chunks per row, and a short last one (7, 6 and 5 columns)
-    monkeypatch.setattr(batching, "CHUNK_ELEMENTS", 2 * model.config.vocab_size)
+    monkeypatch.setattr(vocab_logprobs, "CHUNK_ELEMENTS", 2 * model.config.vocab_size)
     got, entropy = completion_logprobs(model, batch, temperature=temperature, with_entropy=True)
     (got * weights).sum().backward()
     got_grads = [p.grad.clone() for p in model.parameters()]
@@ -197,7 +197,7 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
 
     calls = []
     model.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+        lambda module, args, kwargs, out: calls.append(call_columns(kwargs).shape), with_kwargs=True
     )
     one, one_grads = scored(10**9)
     assert len(calls) == 2  # the prefix, then every row in one call
@@ -211,6 +211,12 @@ def test_length_buckets_give_the_one_padded_forward_pass_in_value_and_gradient(m
         assert torch.allclose(got[mask], expected[mask], atol=1e-5), name
     for a, b in zip(split_grads, one_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def call_columns(kwargs: dict) -> torch.Tensor:
+    """A forward call's new tokens as (rows, columns): its token ids, or its input embeddings without the hidden
+    dimension (the scoring passes look the embeddings of a whole batch up at once)."""
+    return kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"][..., 0]
 
 
 def grouped_batch(vocab: int, prefix: int = 20) -> dict:
@@ -233,7 +239,7 @@ def test_a_groups_prompt_is_encoded_once_with_the_same_values_and_gradients(make
     weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(4))
     mask = batch["completion_mask"]
     calls = []
-    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"]), with_kwargs=True)
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(call_columns(kwargs)), with_kwargs=True)
 
     def scored():
         calls.clear()
@@ -274,7 +280,7 @@ def test_a_sharded_process_makes_as_many_calls_as_the_busiest_and_scores_the_sam
     agreed = []
     monkeypatch.setattr(batching, "agreed_count", lambda count, processes: agreed.append(count) or count + 2)
     calls, backward = [], []
-    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"]), with_kwargs=True)
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(call_columns(kwargs)), with_kwargs=True)
     model.model.norm.register_full_backward_hook(lambda *args: backward.append(1))  # once per call in the graph
 
     def scored(sharded_over: int):

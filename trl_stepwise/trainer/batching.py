@@ -2,8 +2,9 @@
 
 Sequences are laid out ``[pad | prompt | completion | pad]`` so every completion starts at the same column; the
 model is then asked for logits of the completion columns only (``logits_to_keep``), and log-probabilities are
-``logit[token] - logsumexp(logits)`` in float32, computed a chunk of positions at a time (forward and backward), so
-no float32 copy of the vocabulary-sized logits is ever stored.
+``logit[token] - logsumexp(logits)`` in float32, computed a chunk of positions at a time (forward and backward,
+``vocab_logprobs``), so no float32 copy of the vocabulary-sized logits is ever stored, and the logits are neither cut
+nor joined (each would copy them). The input embeddings of a whole batch are looked up at once.
 
 When all rows start with the same few-shot prefix (the usual case: hundreds of tokens), the prefix is encoded once
 and its key/value cache is shared by every row, gradients included; rows that share their whole prompt (a group's
@@ -20,14 +21,12 @@ from typing import Any
 
 import torch
 
-from trl_stepwise.engines.base import filter_logits
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
 from trl_stepwise.trainer.attention import masked_gqa_on_cpu
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
 from trl_stepwise.trainer.shared_prompts import behind_cache, encode_prefix, encode_prompts, positions, rows_view
-
-FILTERED_LOGP_FLOOR = -100.0  # a token outside the trainer's top-k / top-p set: finite, so differences stay finite
+from trl_stepwise.trainer.vocab_logprobs import filtered_logprobs, log_softmax_and_entropy, selective_log_softmax
 
 
 def pad_trajectories(
@@ -166,16 +165,20 @@ def _score_completions(
     inner = prefix_model or model
     prefix = batch.get("prefix_ids")
     has_prefix = prefix is not None and prefix.shape[1] > 0
+    prefix_embeds, embeds = (None, None) if sharded_over else _embedded(inner, prefix, input_ids)
     prefix_cache = None
     shared = None
     padding: list[torch.Tensor] = []  # zero-weight outputs that must be in the backward graph (under sharding)
     if not _checkpointing(model):  # recomputation would re-append to a shared cache
         if has_prefix:
-            prefix_cache, prefix_logits = encode_prefix(inner, prefix)
+            prefix_cache, prefix_logits = encode_prefix(inner, prefix, prefix_embeds)
             if sharded_over:  # the last layer's backward (through the cache) is then announced to FSDP as any other
                 padding.append(prefix_logits.sum())
         prompt_width = input_ids.shape[1] - width
-        shared = encode_prompts(inner, input_ids[:, :prompt_width], attention_mask[:, :prompt_width], prefix_cache)
+        prompt_embeds = None if embeds is None else embeds[:, :prompt_width]
+        shared = encode_prompts(
+            inner, input_ids[:, :prompt_width], attention_mask[:, :prompt_width], prefix_cache, prompt_embeds
+        )
     scale = 1.0 / temperature if temperature > 0 else 1.0
     filtered = top_k > 0 or top_p < 1.0
     parts: list[CompletionScores] = []
@@ -187,33 +190,27 @@ def _score_completions(
     for number, bucket in enumerate(buckets):
         first_logits = None
         if shared is not None:  # rows continue their group's encoded prompt: only the completions are encoded
-            ids, mask, part_width = _completions_only(input_ids[bucket], attention_mask[bucket], width)
+            columns, mask, part_width = _completions_only(attention_mask[bucket], width)
             cache, first_logits = shared.rows(bucket)
         else:
-            ids, mask, part_width = _trim(input_ids[bucket], attention_mask[bucket], width)
-            cache = rows_view(prefix_cache, ids.shape[0]) if prefix_cache is not None else None
-        rows = ids.shape[0]
+            columns, mask, part_width = _trim(attention_mask[bucket], width)
+            cache = rows_view(prefix_cache, len(bucket)) if prefix_cache is not None else None
+        ids = input_ids[bucket][:, columns]
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds[bucket][:, columns]}
         if has_prefix:  # with activation checkpointing (no cache) the prefix goes back in every row
             mask = behind_cache(mask, prefix.shape[1])
             if prefix_cache is None:
-                ids = torch.cat([prefix.expand(rows, -1), ids], dim=1)
+                inputs = _behind_prefix(inputs, prefix, prefix_embeds)
         out = (model if number == 0 else inner)(
-            input_ids=ids,
+            **inputs,
             attention_mask=mask,
-            position_ids=positions(mask, ids.shape[1]),
+            position_ids=positions(mask, _columns(inputs)),
             past_key_values=cache,
             logits_to_keep=part_width + (first_logits is None),
             use_cache=cache is not None,
         )
-        logits = out.logits[:, :-1, :]
-        if first_logits is not None:  # the prompt's last token predicts the first completion token
-            logits = torch.cat([first_logits[:, None, :].to(logits.dtype), logits], dim=1)
         targets = ids[:, -part_width:]
-        part = CompletionScores(selective_log_softmax(logits, targets, scale))
-        if with_entropy:
-            part.entropy = _entropy(logits.detach(), scale)
-        if filtered:
-            part.sampling_logps = _filtered_logprobs(logits.detach(), targets, scale, top_k, top_p)
+        part = _position_scores(out.logits, targets, first_logits, scale, with_entropy, filtered, top_k, top_p)
         parts.append(part)
         order.extend(bucket)
     logps = _assemble([p.logps for p in parts], order, width)
@@ -267,26 +264,93 @@ def length_buckets(attention_mask: torch.Tensor, completion_width: int, device_t
     return buckets[::-1]
 
 
-def _trim(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Drop the columns that are padding in every row: left of the prompts, right of the completions."""
+def _trim(attention_mask: torch.Tensor, completion_width: int) -> tuple[slice, torch.Tensor, int]:
+    """The columns that are not padding in every row (left of the prompts, right of the completions), their mask and
+    the completion columns among them."""
     prompt_width = attention_mask.shape[1] - completion_width
     used = attention_mask[:, :prompt_width].bool().any(0)
     first = int(used.float().argmax()) if bool(used.any()) else prompt_width
     width = _used_completion_width(attention_mask, completion_width)
     end = prompt_width + width
-    return input_ids[:, first:end], attention_mask[:, first:end], width
+    return slice(first, end), attention_mask[:, first:end], width
 
 
-def _completions_only(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _completions_only(attention_mask: torch.Tensor, completion_width: int) -> tuple[slice, torch.Tensor, int]:
     """The completion columns up to the last one any row uses, and the attention mask of the whole rows (the prompt's
     columns are in the cache)."""
-    prompt_width = input_ids.shape[1] - completion_width
+    prompt_width = attention_mask.shape[1] - completion_width
     width = _used_completion_width(attention_mask, completion_width)
-    return input_ids[:, prompt_width : prompt_width + width], attention_mask[:, : prompt_width + width], width
+    return slice(prompt_width, prompt_width + width), attention_mask[:, : prompt_width + width], width
+
+
+def _embedded(
+    model: torch.nn.Module, prefix: torch.Tensor | None, input_ids: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Input embeddings of the prefix (1, P, H) and of the rows (B, W, H) from one lookup, so the pass has one
+    embedding backward instead of one per forward call (each a zero-filled vocabulary x hidden gradient, added to
+    the others); ``(None, None)`` for a model without ``get_input_embeddings`` (its calls then take token ids)."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if embeddings is None:
+        return None, None
+    prefix_width = 0 if prefix is None else prefix.shape[1]
+    ids = input_ids.reshape(-1) if not prefix_width else torch.cat([prefix.reshape(-1), input_ids.reshape(-1)])
+    table = embeddings(ids)
+    rows = table[prefix_width:].view(*input_ids.shape, -1)
+    return (table[None, :prefix_width] if prefix_width else None), rows
+
+
+def _behind_prefix(
+    inputs: dict[str, torch.Tensor], prefix: torch.Tensor, prefix_embeds: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Each row's inputs with the shared prefix in front (activation checkpointing: no cache to continue)."""
+    if "input_ids" in inputs:
+        ids = inputs["input_ids"]
+        return {"input_ids": torch.cat([prefix.expand(ids.shape[0], -1), ids], dim=1)}
+    embeds = inputs["inputs_embeds"]
+    return {"inputs_embeds": torch.cat([prefix_embeds.expand(embeds.shape[0], -1, -1), embeds], dim=1)}
+
+
+def _columns(inputs: dict[str, torch.Tensor]) -> int:
+    """How many new columns a forward call's inputs hold."""
+    return (inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]).shape[1]
+
+
+def _position_scores(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    first_logits: torch.Tensor | None,
+    scale: float,
+    with_entropy: bool,
+    filtered: bool,
+    top_k: int,
+    top_p: float,
+) -> CompletionScores:
+    """Scores of the completion tokens ``targets`` (rows, C) from the logits of one forward call: (rows, C + 1, V)
+    whose last position predicts nothing, or (rows, C, V) after the prompt's own last logits ``first_logits`` (rows,
+    V), which predict the first token. The logits are scored as they are, the last position's result dropped: cutting
+    or joining them would copy a vocabulary-sized tensor forward and fill another in the backward."""
+    if first_logits is not None:
+        settings = (None, scale, with_entropy, filtered, top_k, top_p)
+        first = _position_scores(first_logits[:, None], targets[:, :1], *settings)
+        rest = _position_scores(logits, targets[:, 1:], *settings)
+        return CompletionScores(
+            torch.cat([first.logps, rest.logps], dim=1),
+            entropy=torch.cat([first.entropy, rest.entropy], dim=1) if with_entropy else None,
+            sampling_logps=torch.cat([first.sampling_logps, rest.sampling_logps], dim=1) if filtered else None,
+        )
+    next_tokens = torch.nn.functional.pad(targets, (0, logits.shape[1] - targets.shape[1]))  # the last: any token
+    columns = targets.shape[1]
+    if with_entropy:
+        logps, entropy = log_softmax_and_entropy(logits, next_tokens, scale)
+        scores = CompletionScores(logps[:, :columns], entropy=entropy[:, :columns])
+    else:
+        scores = CompletionScores(selective_log_softmax(logits, next_tokens, scale)[:, :columns])
+    if filtered:
+        scores.sampling_logps = filtered_logprobs(logits.detach(), next_tokens, scale, top_k, top_p)[:, :columns]
+    return scores
 
 
 def _used_completion_width(attention_mask: torch.Tensor, completion_width: int) -> int:
@@ -316,78 +380,6 @@ def completion_logprobs(
     """Log-probabilities (B, C) of the completion tokens; optionally the policy entropy per position (no grad)."""
     scores = score_completions(model, batch, temperature, with_entropy, prefix_model)
     return (scores.logps, scores.entropy) if with_entropy else scores.logps
-
-
-def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``log_softmax(scale * logits)`` at ``targets`` in float32, a few hundred positions at a time.
-
-    The same numbers and gradients as ``(scale * logits.float()).log_softmax(-1).gather(...)``, but no float32 copy
-    of the whole (batch, columns, vocabulary) tensor is ever made, kept for backward, or returned as a temporary: with
-    a 128k vocabulary one such copy is 8.4 GB at 32 x 512 tokens (TRL's ``selective_log_softmax`` has the same aim).
-    """
-    return _SelectiveLogSoftmax.apply(logits, targets, scale)
-
-
-CHUNK_ELEMENTS = 1 << 24
-
-
-def _chunks(logits: torch.Tensor) -> list[tuple[int, slice]]:
-    """(row, columns) slices of about ``CHUNK_ELEMENTS`` logits (64 MB in float32), views with no copy."""
-    rows, columns, vocab = logits.shape
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    return [(b, slice(c, c + step)) for b in range(rows) for c in range(0, columns, step)]
-
-
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """Forward and backward chunk by chunk; only the (already alive) logits are saved for backward."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        picked = torch.empty_like(lse)
-        for b, cols in _chunks(logits):
-            chunk = logits[b, cols].float() * scale
-            lse[b, cols] = torch.logsumexp(chunk, dim=-1)
-            picked[b, cols] = chunk.gather(-1, targets[b, cols, None]).squeeze(-1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.scale = scale
-        return picked - lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        scale = ctx.scale
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for b, cols in _chunks(logits):
-            g = grad_output[b, cols, None].float() * scale
-            # d/dx [s * x_t - logsumexp(s * x)] = s * (onehot_t - softmax(s * x))
-            chunk = torch.exp(logits[b, cols].float() * scale - lse[b, cols, None]).mul_(-g)
-            chunk.scatter_add_(-1, targets[b, cols, None], g)
-            grad[b, cols] = chunk
-        return grad, None, None
-
-
-@torch.no_grad()
-def _entropy(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Entropy of ``softmax(scale * logits)`` per position, chunk by chunk (a vocabulary-sized temporary each)."""
-    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-    for b, cols in _chunks(logits):
-        log_probs = torch.log_softmax(logits[b, cols].float() * scale, dim=-1)
-        out[b, cols] = -(log_probs.exp() * log_probs).sum(-1)
-    return out
-
-
-@torch.no_grad()
-def _filtered_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, scale: float, top_k: int, top_p: float
-) -> torch.Tensor:
-    """Log-probs of ``targets`` under the top-k / top-p truncated, renormalised tempered softmax, chunk by chunk."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for b, cols in _chunks(logits):
-        filtered = filter_logits(logits[b, cols].float() * scale, top_k, top_p)
-        out[b, cols] = filtered.log_softmax(-1).gather(-1, targets[b, cols, None]).squeeze(-1)
-    return out.clamp(min=FILTERED_LOGP_FLOOR)
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

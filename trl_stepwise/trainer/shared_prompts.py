@@ -14,10 +14,14 @@ import torch
 from transformers import DynamicCache
 
 
-def encode_prefix(model: torch.nn.Module, prefix: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Encode the shared prefix once (with gradients when enabled): one row of keys/values, and the last logits."""
+def encode_prefix(
+    model: torch.nn.Module, prefix: torch.Tensor, prefix_embeds: torch.Tensor | None = None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Encode the shared prefix once (with gradients when enabled): one row of keys/values, and the last logits.
+    ``prefix_embeds``: its input embeddings, when the caller looked them up (then ``prefix`` is not read again)."""
     cache = DynamicCache(config=config_of(model))
-    out = model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    inputs = {"input_ids": prefix} if prefix_embeds is None else {"inputs_embeds": prefix_embeds}
+    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache, out.logits
 
 
@@ -52,10 +56,15 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tup
 
 
 def encode_prompts(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix_cache: DynamicCache | None
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prefix_cache: DynamicCache | None,
+    prompt_embeds: torch.Tensor | None = None,
 ) -> SharedPrompts | None:
     """Encode each distinct prompt of ``[pad | prompt]`` rows once, after the shared prefix's cache when there is
-    one; None when no two rows share a prompt (nothing to save)."""
+    one; None when no two rows share a prompt (nothing to save). ``prompt_embeds``: the rows' input embeddings, when
+    the caller looked them up."""
     found = distinct_prompts(prompt_ids, prompt_mask)
     if found is None:
         return None
@@ -63,8 +72,9 @@ def encode_prompts(
     ids = prompt_ids[first]
     cache = rows_view(prefix_cache, len(first)) if prefix_cache is not None else DynamicCache(config=config_of(model))
     mask = behind_cache(prompt_mask[first], cache.get_seq_length())
+    inputs = {"input_ids": ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds[first]}
     out = model(
-        input_ids=ids,
+        **inputs,
         attention_mask=mask,
         position_ids=positions(mask, ids.shape[1]),
         past_key_values=cache,
