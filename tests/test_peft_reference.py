@@ -46,7 +46,8 @@ def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
     )
     policy = flat(trainer._logps(model, trajectories))
     # the initial adapter is not zero for PiSSA / OLoRA: the reference is the initial policy, not the bare base
-    *_, reference = trainer._rollout_logps(trajectories)
+    assert trainer.reference.equals_policy  # so the first rollout needs no reference pass; scored anyway here:
+    reference = trainer.reference.score(model, lambda scored: trainer._logps(scored, trajectories))
     assert torch.allclose(flat(reference), policy, atol=1e-5)
 
     with torch.no_grad():  # a training step moved the policy adapter
@@ -62,7 +63,7 @@ def test_reference_snapshot_keeps_base_weights_and_starts_at_the_initial_policy(
     assert all(torch.equal(snapshot[k], policy_adapter[k]) for k in snapshot)
     assert model.active_adapter == "policy"
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
-    *_, reference = trainer._rollout_logps(trajectories)
+    reference = trainer.reference.score(model, lambda scored: trainer._logps(scored, trajectories))
     assert torch.allclose(flat(reference), flat(trainer._logps(model, trajectories)), atol=1e-5)
 
 

@@ -99,3 +99,43 @@ def test_reference_kl_is_exactly_zero_at_step_zero_under_bf16(
     policy, _, reference = scored[0]
     assert policy == reference  # identical weights, identical precision: bit-identical log-probs
     assert logged(trainer, "kl")[1] == 0.0
+
+
+def test_no_reference_pass_while_the_reference_is_the_policy(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path
+):
+    """At the start and on the step after a full refresh the reference's weights are the policy's: its log-probs are
+    the loss pass's own (KL exactly 0) and no reference pass is made."""
+    trainer = make_trainer(make_tiny_model(), tokenizer, arithmetic_problems, tmp_path, max_steps=4, ref_sync_steps=2)
+    scored_at: list[int] = []
+    original = trainer.reference.score
+
+    def spy(*args, **kwargs):
+        scored_at.append(trainer.state.global_step + 1)  # the step whose rollout is scored
+        return original(*args, **kwargs)
+
+    trainer.reference.score = spy
+    trainer.train()
+    assert scored_at == [2, 4]
+    kl = logged(trainer, "kl")
+    assert kl[1] == 0.0 and kl[3] == 0.0
+    assert kl[2] > 1e-6 and kl[4] > 1e-6
+
+
+@pytest.mark.parametrize("kl_in_reward", [False, True], ids=["kl_in_loss", "kl_in_reward"])
+def test_skipping_the_reference_pass_trains_the_same_weights(
+    make_tiny_model, tokenizer, arithmetic_problems, tmp_path, kl_in_reward
+):
+    """A first step with the reference pass skipped (its log-probs are the policy's) gives the weights a first step
+    with the pass gives."""
+    weights = []
+    for skip in (True, False):
+        trainer = make_trainer(
+            make_tiny_model(), tokenizer, arithmetic_problems, tmp_path / str(skip), max_steps=1,
+            kl_in_reward=kl_in_reward, kl_estimator="k1",
+        )  # fmt: skip
+        trainer.reference.equals_policy = skip
+        trainer.train()
+        weights.append([p.detach().clone() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+    for skipped, scored in zip(*weights, strict=True):
+        assert torch.allclose(skipped, scored, atol=1e-6)

@@ -124,15 +124,20 @@ class ReferencePolicy:
         self.has_adapter = False  # peft: the reference lives in its own adapter (else: the adapter-disabled base)
         self.policy_adapter = policy_adapter(model) if self.is_peft else None
         self.last_sync = 0  # global step of the last refresh
+        # the reference's weights are the policy's (a copy just made, or just refreshed): its log-probs need no pass
+        self.equals_policy = False
         # a sharded policy's copy is sharded like it; accelerate shards the policy later, in prepare
         self.copy_when_sharded = self.enabled and not self.is_peft and sharded
         if self.enabled and not self.is_peft and not sharded:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        elif self.copy_when_sharded and is_sharded(model):
-            self.model = sharded_copy(model)
+            self.equals_policy = True
+        elif self.copy_when_sharded:  # copied from the initial weights, now or once sharded (``_copy_sharded``)
+            self.model = sharded_copy(model) if is_sharded(model) else None
+            self.equals_policy = True
         elif self.enabled and needs_initial_snapshot(model, self.policy_adapter):
             copy_policy_to_reference(model, self.policy_adapter)  # PiSSA/OLoRA: the base alone is not it
             self.has_adapter = True
+            self.equals_policy = True
 
     def score(self, policy: Any, logps: Callable[[Any], T]) -> T:
         """``logps(model)`` run on the reference: the frozen copy, the reference adapter or the adapter-less base."""
@@ -147,6 +152,25 @@ class ReferencePolicy:
                 policy.set_adapter(self.policy_adapter)
         with policy.disable_adapter():
             return logps(policy)
+
+    def score_unless_policy(self, policy: Any, logps: Callable[[Any], T], policy_logps: T | None) -> T | None:
+        """The reference's log-probs for a rollout: ``score``'s, or while the reference is the policy (the start, the
+        step after a full refresh) the policy's own ``policy_logps`` without a pass; None without a reference, or
+        when the policy's are not computed before the loss (its pass then serves, ``serves_from_loss``)."""
+        if not self.enabled:
+            return None
+        if self.equals_policy:
+            self._copy_sharded(policy)  # the sharded copy is still made from the initial weights
+            return policy_logps
+        return self.score(policy, logps)
+
+    def serves_from_loss(self, ref_logps: Any) -> bool:
+        """Whether the loss pass's own log-probs (detached) stand for the reference's (see ``score_unless_policy``)."""
+        return self.enabled and self.equals_policy and ref_logps is None
+
+    def policy_changed(self) -> None:
+        """After an optimizer step: the policy has moved away from the reference."""
+        self.equals_policy = False
 
     def _copy_sharded(self, policy: Any) -> None:
         """Make the sharded copy once the policy is sharded (its weights are still the initial ones then: the first
@@ -173,12 +197,13 @@ class ReferencePolicy:
         else:
             copy_policy_to_reference(policy, self.policy_adapter)
             self.has_adapter = True
+        self.equals_policy = self.mixup_alpha >= 1.0
         if step is not None:
             self.last_sync = step
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records besides the weights (``save``)."""
-        return {"ref_syncs": self.last_sync, "has_ref_adapter": self.has_adapter}
+        return {"ref_syncs": self.last_sync, "has_ref_adapter": self.has_adapter, "ref_is_policy": self.equals_policy}
 
     def tensors(self, policy: Any) -> dict[str, torch.Tensor] | None:
         """The reference weights: the full copy's or the reference adapter's; None when it is the base."""
@@ -199,6 +224,7 @@ class ReferencePolicy:
     def restore(self, policy: Any, checkpoint: str | Path, state: dict[str, Any]) -> None:
         """Undo ``save`` and ``state`` on resume; a reference adapter must match this run's peft settings."""
         self.last_sync = state.get("ref_syncs", 0)
+        self.equals_policy = bool(state.get("ref_is_policy", False))  # saved right after a refresh: still the policy
         self._copy_sharded(policy)
         if self.model is None and state.get("has_ref_adapter"):
             add_reference_adapter(policy, self.policy_adapter)

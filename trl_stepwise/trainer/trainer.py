@@ -340,6 +340,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         )
         for batch in batches:
             batch.update(num_tokens=num_tokens, num_sequences=num_sequences, num_micro_batches=len(batches))
+            batch["ref_is_policy"] = self.reference.serves_from_loss(ref_logps)
         if self.sharded:  # every process trains on as many micro-batches as the one with the most
             wanted = agreed_count(len(batches), self.accelerator.num_processes)
             batches += [masked_out(batches[-1]) for _ in range(wanted - len(batches))]
@@ -364,10 +365,8 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         need_policy = args.num_iterations > 1 or (args.kl_coef > 0 and bool(args.kl_in_reward))
         model = self.accelerator.unwrap_model(self.model)
         policy, policy_sampling = self._logps(model, trajectories, filtered=True) if need_policy else (None, None)
-        ref = None
-        if self.reference.enabled:
-            ref = self.reference.score(model, functools.partial(self._logps, trajectories=trajectories))
-        return policy, policy_sampling, ref
+        scorer = functools.partial(self._logps, trajectories=trajectories)
+        return policy, policy_sampling, self.reference.score_unless_policy(model, scorer, policy)
 
     def _logps(self, model: PreTrainedModel, trajectories: list[Trajectory], filtered: bool = False):
         """Log-probs of every completion token; with ``filtered``, a pair: also those under the sampling filter."""
@@ -414,6 +413,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
             mask=inputs["sampled_mask"],
         )
         ref = inputs.get("ref_logps")
+        ref = logps.detach() if ref is None and inputs.get("ref_is_policy") else ref  # the reference is the policy
         token_losses = self.algorithm.token_loss(logps, old, ref, inputs["advantages"], behaviour, mask=mask)
         teacher = inputs.get("teacher_logps")
         distill = None
@@ -440,6 +440,7 @@ class StepwiseReinforceTrainer(CheckpointMixin, BaseTrainer):
         rollout was scored against the previous reference, and the next rollout sees the new one)."""
         step = self.state.global_step
         self.sampler_guard.check(step)
+        self.reference.policy_changed()
         if self.reference.due(step):
             self.sync_reference()
             self.reference.last_sync = step
