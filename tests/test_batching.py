@@ -358,3 +358,79 @@ def test_log_prob_chunks_count_the_shared_prefix_once():
     trajectories = ragged_trajectories(500, completions=(30,) * 16, prefix=300)  # own prompt 1-3, completion 30
     assert [len(c) for c in chunks_by_tokens(trajectories, 1000)] == [16]
     assert [len(c) for c in chunks_by_tokens(trajectories, 600)] == [9, 7]  # 300 + 9 x 33 = 597
+
+
+def graph_nodes(root) -> list:
+    seen, stack, nodes = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return nodes
+
+
+@pytest.mark.parametrize("group_prompts", [True, False], ids=["prompts_encoded_once", "own_prompts"])
+def test_each_calls_logits_go_straight_into_the_chunked_log_softmax(make_tiny_model, monkeypatch, group_prompts):
+    """A call's vocabulary-sized logits are neither cut (the position that predicts nothing) nor joined (the prompt's
+    last logits): either would copy them forward and fill a zeroed gradient of their size backward."""
+    from trl_stepwise.trainer import batching
+
+    monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})  # several buckets
+    if not group_prompts:
+        monkeypatch.setattr(batching, "encode_prompts", lambda *args: None)
+    model = make_tiny_model().train()
+    batch = grouped_batch(model.config.vocab_size)
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out.logits))
+    scores = batching.score_completions(model, batch, temperature=0.7, with_entropy=True)
+
+    bucket_logits = [logits for logits in outputs if logits.shape[1] > 1]  # the prefix and prompts keep one column
+    assert len(bucket_logits) >= 2
+    consumers = {}
+    for node in graph_nodes(scores.logps.grad_fn):
+        for next_node, _ in node.next_functions:
+            consumers.setdefault(next_node, set()).add(type(node).__name__)
+    for logits in bucket_logits:
+        assert consumers[logits.grad_fn] == {"_SelectiveLogSoftmaxBackward"}
+
+
+def test_the_input_embeddings_are_looked_up_once_per_pass(make_tiny_model, monkeypatch):
+    """The prefix, the prompts and every length bucket take their embeddings from one lookup: one dense embedding
+    backward per pass, not one per forward call."""
+    from trl_stepwise.trainer import batching
+
+    monkeypatch.setattr(batching, "BUCKET_CALL_COST_TOKENS", {"cpu": 0})
+    model = make_tiny_model().train()
+    batch = grouped_batch(model.config.vocab_size)
+    lookups, calls = [], []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: lookups.append(args[0].numel()))
+    model.register_forward_hook(lambda module, args, out: calls.append(1))
+    scores = batching.score_completions(model, batch, temperature=0.7)
+    scores.logps.sum().backward()
+    assert len(calls) >= 4  # the prefix, the prompts and at least two length buckets
+    assert lookups == [batch["prefix_ids"].numel() + batch["input_ids"].numel()]
+
+
+def test_the_entropy_from_the_log_softmax_pass_is_the_softmax_entropy(monkeypatch):
+    from trl_stepwise.trainer import vocab_logprobs
+    from trl_stepwise.trainer.vocab_logprobs import log_softmax_and_entropy, selective_log_softmax
+
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 7, 50, generator=generator) * 4).requires_grad_(True)
+    targets = torch.randint(0, 50, (3, 7), generator=generator)
+    monkeypatch.setattr(vocab_logprobs, "CHUNK_ELEMENTS", 4 * 50)  # chunks cut across rows (21 positions, 4 each)
+    logps, entropy = log_softmax_and_entropy(logits, targets, 1 / 0.7)
+    scaled = logits.detach() / 0.7
+    assert torch.allclose(entropy, -(scaled.softmax(-1) * scaled.log_softmax(-1)).sum(-1), atol=1e-5)
+    assert not entropy.requires_grad
+    weights = torch.randn(3, 7, generator=generator)
+    (logps * weights).sum().backward()
+    alone = logits.detach().clone().requires_grad_(True)
+    again = selective_log_softmax(alone, targets, 1 / 0.7)
+    (again * weights).sum().backward()
+    assert torch.equal(logps, again) and torch.equal(logits.grad, alone.grad)
+    expected = scaled.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.allclose(logps, expected, atol=1e-6)
