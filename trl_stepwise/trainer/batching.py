@@ -25,7 +25,14 @@ from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
 from trl_stepwise.trainer.attention import masked_gqa_on_cpu
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
-from trl_stepwise.trainer.shared_prompts import behind_cache, encode_prefix, encode_prompts, positions, rows_view
+from trl_stepwise.trainer.shared_prompts import (
+    behind_cache,
+    encode_prefix,
+    encode_prompts,
+    model_inputs,
+    positions,
+    rows_view,
+)
 from trl_stepwise.trainer.vocab_logprobs import filtered_logprobs, log_softmax_and_entropy, selective_log_softmax
 
 
@@ -196,15 +203,17 @@ def _score_completions(
             columns, mask, part_width = _trim(attention_mask[bucket], width)
             cache = rows_view(prefix_cache, len(bucket)) if prefix_cache is not None else None
         ids = input_ids[bucket][:, columns]
-        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds[bucket][:, columns]}
+        row_embeds = None if embeds is None else embeds[bucket][:, columns]
         if has_prefix:  # with activation checkpointing (no cache) the prefix goes back in every row
             mask = behind_cache(mask, prefix.shape[1])
             if prefix_cache is None:
-                inputs = _behind_prefix(inputs, prefix, prefix_embeds)
+                ids = torch.cat([prefix.expand(len(bucket), -1), ids], dim=1)
+                if row_embeds is not None:
+                    row_embeds = torch.cat([prefix_embeds.expand(len(bucket), -1, -1), row_embeds], dim=1)
         out = (model if number == 0 else inner)(
-            **inputs,
+            **model_inputs(ids, row_embeds),
             attention_mask=mask,
-            position_ids=positions(mask, _columns(inputs)),
+            position_ids=positions(mask, ids.shape[1]),
             past_key_values=cache,
             logits_to_keep=part_width + (first_logits is None),
             use_cache=cache is not None,
@@ -300,22 +309,6 @@ def _embedded(
     table = embeddings(ids)
     rows = table[prefix_width:].view(*input_ids.shape, -1)
     return (table[None, :prefix_width] if prefix_width else None), rows
-
-
-def _behind_prefix(
-    inputs: dict[str, torch.Tensor], prefix: torch.Tensor, prefix_embeds: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Each row's inputs with the shared prefix in front (activation checkpointing: no cache to continue)."""
-    if "input_ids" in inputs:
-        ids = inputs["input_ids"]
-        return {"input_ids": torch.cat([prefix.expand(ids.shape[0], -1), ids], dim=1)}
-    embeds = inputs["inputs_embeds"]
-    return {"inputs_embeds": torch.cat([prefix_embeds.expand(embeds.shape[0], -1, -1), embeds], dim=1)}
-
-
-def _columns(inputs: dict[str, torch.Tensor]) -> int:
-    """How many new columns a forward call's inputs hold."""
-    return (inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]).shape[1]
 
 
 def _position_scores(

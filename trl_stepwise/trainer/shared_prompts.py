@@ -20,8 +20,7 @@ def encode_prefix(
     """Encode the shared prefix once (with gradients when enabled): one row of keys/values, and the last logits.
     ``prefix_embeds``: its input embeddings, when the caller looked them up (then ``prefix`` is not read again)."""
     cache = DynamicCache(config=config_of(model))
-    inputs = {"input_ids": prefix} if prefix_embeds is None else {"inputs_embeds": prefix_embeds}
-    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(**model_inputs(prefix, prefix_embeds), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache, out.logits
 
 
@@ -72,9 +71,8 @@ def encode_prompts(
     ids = prompt_ids[first]
     cache = rows_view(prefix_cache, len(first)) if prefix_cache is not None else DynamicCache(config=config_of(model))
     mask = behind_cache(prompt_mask[first], cache.get_seq_length())
-    inputs = {"input_ids": ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds[first]}
     out = model(
-        **inputs,
+        **model_inputs(ids, None if prompt_embeds is None else prompt_embeds[first]),
         attention_mask=mask,
         position_ids=positions(mask, ids.shape[1]),
         past_key_values=cache,
@@ -82,6 +80,11 @@ def encode_prompts(
         logits_to_keep=1,  # prompts are left-padded: the last column is every prompt's last token
     )
     return SharedPrompts(cache, out.logits[:, -1, :], index.to(prompt_ids.device))
+
+
+def model_inputs(ids: torch.Tensor, embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A forward call's token inputs: the embeddings when the caller looked them up, else the token ids."""
+    return {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
 
 
 def behind_cache(mask: torch.Tensor, cached: int) -> torch.Tensor:
