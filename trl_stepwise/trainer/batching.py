@@ -23,7 +23,7 @@ import torch
 
 from trl_stepwise.kv_cache import shared_prefix_length
 from trl_stepwise.rollout import Trajectory
-from trl_stepwise.trainer.attention import masked_gqa_on_cpu
+from trl_stepwise.trainer.attention import cpu_scoring_attention
 from trl_stepwise.trainer.sharding import agreed_count, padding_call
 from trl_stepwise.trainer.shared_prompts import (
     behind_cache,
@@ -140,9 +140,9 @@ class CompletionScores:
 
 
 def score_completions(model: torch.nn.Module, *args: Any, **kwargs: Any) -> CompletionScores:
-    """``_score_completions`` with grouped-query attention unrepeated on a CPU (``masked_gqa_on_cpu``), except
-    under activation checkpointing, whose recomputation in the backward runs outside this call."""
-    with contextlib.nullcontext() if _checkpointing(model) else masked_gqa_on_cpu():
+    """``_score_completions`` with the CPU's attention for these passes (``cpu_scoring_attention``), except under
+    activation checkpointing, whose recomputation in the backward runs outside this call."""
+    with contextlib.nullcontext() if _checkpointing(model) else cpu_scoring_attention():
         return _score_completions(model, *args, **kwargs)
 
 
