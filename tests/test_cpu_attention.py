@@ -1,5 +1,5 @@
-"""Attention in the scoring passes on a CPU: grouped-query keys and values go to torch unrepeated, small calls run as
-float32 matrix products, both with the same log-probabilities and gradients as transformers' own attention."""
+"""Attention in the scoring passes on a CPU: grouped-query keys and values go to torch unrepeated, with the same
+log-probabilities and gradients as transformers' copies per query head, and in float32 under bfloat16 autocast."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ def scored(model, batch, weights):
 
 
 def test_scoring_on_a_cpu_keeps_grouped_keys_unrepeated_with_the_same_results(make_tiny_model, monkeypatch):
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_KEYS", 0)  # every call on the flash kernel
     model = make_tiny_model(attn_implementation="sdpa").train()
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
     batch = make_batch(model.config.vocab_size)
@@ -55,64 +54,25 @@ def test_the_decision_elsewhere_is_transformers_own():
         assert sdpa_attention.use_gqa_in_sdpa is inner
 
 
-def counted(monkeypatch, module, name):
-    calls = []
-    original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    return calls
+class _Attention(torch.nn.Module):
+    num_key_value_groups = 3
+    is_causal = True
 
 
-def test_small_calls_run_as_matrix_products_with_transformers_results(make_tiny_model, monkeypatch):
-    model = make_tiny_model(attn_implementation="sdpa").train()
-    batch = make_batch(model.config.vocab_size)
-    weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():  # transformers' own attention, outside the scoring passes' block
-        expected_logps = batching._score_completions(model, batch, temperature=0.7).logps
-    model.zero_grad()
-    plain = batching._score_completions(model, batch, temperature=0.7)
-    (plain.logps * weights * batch["completion_mask"]).sum().backward()
-    expected_grads = [p.grad.clone() for p in model.parameters()]
-
-    products = counted(monkeypatch, attention, "matmul_attention")
-    flash = counted(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")
-    logps, grads = scored(model, batch, weights)
-    assert products  # the masked calls (prompts, completions): all small
-    assert len(flash) == model.config.num_hidden_layers  # the prefix's: causal without a mask, as before
-    mask = batch["completion_mask"]
-    assert torch.allclose(logps[mask], expected_logps[mask], atol=1e-5)
-    for got, expected in zip(grads, expected_grads, strict=True):
-        assert torch.allclose(got, expected, atol=1e-5)
-    assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "cpu_scoring_attention", False)  # restored after the pass
-
-    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_KEYS", 0)  # too many keys: the flash kernel
-    products.clear()
-    flash.clear()
-    scored(model, batch, weights)
-    assert len(flash) > model.config.num_hidden_layers and not products
-
-
-def test_matrix_products_stay_float32_under_bfloat16_autocast():
+def test_attention_is_float32_under_bfloat16_autocast_with_or_without_gradients():
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(2, n, 5, 8, generator=generator) for n in (6, 2, 2))
-    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool).tril(2)
-    key, value = torch.cat([key, key[:, :, :2]], 2), torch.cat([value, value[:, :, :2]], 2)
-    plain = attention.matmul_attention(query, key, value, mask, 0.35)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    float32 = sdpa_attention.sdpa_attention_forward(_Attention(), query, key, value, mask)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = attention.matmul_attention(query, key, value, mask, 0.35)
-    assert torch.equal(plain, autocast)  # no matrix product rounded to bfloat16
-    repeated = key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1)
-    reference = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.35)
-    assert torch.allclose(plain, reference, atol=1e-6)  # query heads 0-2 share key/value head 0, 3-5 head 1
-
-
-def test_calls_the_products_cannot_take_stay_on_transformers_path():
-    query, key = torch.zeros(2, 4, 3, 8), torch.zeros(2, 2, 5, 8)
-    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
-    assert attention._matmul_attention_fits(query, key, mask, (), {})
-    blind = mask.clone()
-    blind[1, 0, 2] = False  # a query that sees no key (padding): the flash kernel's convention, not a NaN
-    assert not attention._matmul_attention_fits(query, key, blind, (), {})
-    assert not attention._matmul_attention_fits(query, key, mask.float(), (), {})  # an additive mask
-    assert not attention._matmul_attention_fits(query, key, None, (), {})  # causal without a mask
-    assert not attention._matmul_attention_fits(query, key, mask, (0.1,), {})  # dropout
-    assert not attention._matmul_attention_fits(query, key, mask, (), {"position_bias": torch.zeros(1)})
+        bfloat16 = ALL_ATTENTION_FUNCTIONS["sdpa"](_Attention(), query, key, value, mask)[0]
+    assert (bfloat16.float() - float32).abs().max() > 1e-3  # outside the block: autocast's bfloat16
+    for gradients in (True, False):  # a loss pass, a reference pass: the same precision
+        with attention.cpu_scoring_attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.set_grad_enabled(gradients):
+                out = ALL_ATTENTION_FUNCTIONS["sdpa"](_Attention(), query, key, value, mask)[0]
+                with attention.cpu_scoring_attention():  # nested: the outer block's function stays
+                    assert ALL_ATTENTION_FUNCTIONS["sdpa"].cpu_scoring_attention
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, float32, atol=1e-6)
+    assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "cpu_scoring_attention", False)  # restored after the block
