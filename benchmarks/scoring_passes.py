@@ -81,8 +81,8 @@ def prompts_per_row():
 
 
 def bf16_loss_pass(model, batch: dict, repeats: int) -> dict:
-    """The bfloat16 loss pass four ways (``WAYS``), alternating, and the reference pass on the flash kernel and as the
-    trainer runs it; each way's largest log-prob difference from the float32 pass."""
+    """The bfloat16 loss pass four ways (``WAYS``), alternating, and the reference pass with attention in bfloat16 and
+    as the trainer runs it (``REFERENCE_WAYS``); each way's largest log-prob difference from the float32 pass."""
     with torch.no_grad():
         float32 = batching.score_completions(model.eval(), batch, temperature=0.7).logps
     reference = copy.deepcopy(model).eval().requires_grad_(False)
